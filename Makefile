@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` (the embedded default run) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU torch wheel lives in a local folder on these machines; elsewhere pip finds it on its index.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+CONFIG ?= configs/default.yaml
+ARGS ?=
+
+.PHONY: install demo test test-unit bandit docs clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements/cpu.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(FIND_LINKS) pip==26.3
+	$(PY) -m pip install -q $(FIND_LINKS) --no-deps -r requirements/cpu.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: install
+	$(PY) orchestrator.py --config $(CONFIG) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+bandit: install
+	$(PY) -m moalign.mopo_bandit
+
+docs: install
+	$(PY) -m moalign.config_docs
+
+clean:
+	rm -rf $(VENV) runs

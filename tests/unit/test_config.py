@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moalign.config import ConfigError, RunConfig, load_config, save_resolved
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_presets_exist():
+    assert PRESETS, "configs/ has no presets"
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_parses(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, RunConfig)
+    for path in (cfg.data.train_path, cfg.data.heldout_path):
+        assert (REPO / path).is_file(), f"{preset.name}: data file {path} missing"
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert cfg.objective_names == ["Relevance", "Conciseness", "Positivity"]
+    assert cfg.pairs_per_step == cfg.rollout.prompts_per_step
+
+
+def test_overrides_keep_types_and_nest():
+    cfg = load_config(None, ["rollout.prompts_per_step=16", "algorithm.beta=0.5", "conditioning.alpha=[1, 2, 3]", "logging.tensorboard=false"])
+    assert cfg.rollout.prompts_per_step == 16
+    assert cfg.algorithm.beta == 0.5
+    assert cfg.conditioning.alpha == [1, 2, 3]
+    assert cfg.logging.tensorboard is False
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path):
+    with pytest.raises(ConfigError, match=r"'rolout'.*allowed"):
+        load_config(None, ["rolout.prompts_per_step=4"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rollout:\n  samples_per_promt: 4\n")
+    with pytest.raises(ConfigError, match=r"rollout\.samples_per_promt: unknown key"):
+        load_config(bad)
+
+
+def test_invalid_value_names_field_value_and_allowed():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["algorithm.loss=square"])
+    msg = str(err.value)
+    assert "algorithm.loss" in msg and "'square'" in msg and "sigmoid" in msg
+    with pytest.raises(ConfigError, match=r"rollout\.samples_per_prompt.*greater than or equal to 2.*got 1"):
+        load_config(None, ["rollout.samples_per_prompt=1"])
+    with pytest.raises(ConfigError, match=r"rollout\.temperature"):
+        load_config(None, ["rollout.temperature=0"])
+
+
+def test_batch_arithmetic_checked():
+    with pytest.raises(ConfigError, match=r"batch arithmetic: 6 pairs.*= 4"):
+        load_config(None, ["rollout.prompts_per_step=6", "learner.micro_batch_pairs=2", "actors.num_learners=2"])
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "algorithm.pair_mode=per_objective", "learner.micro_batch_pairs=6"])
+    assert cfg.pairs_per_step == 6
+
+
+def test_cross_field_errors():
+    with pytest.raises(ConfigError, match="alpha: 2 values given for 3"):
+        load_config(None, ["conditioning.alpha=[1, 2]"])
+    with pytest.raises(ConfigError, match="nccl"):
+        load_config(None, ["sync.backend=nccl"])
+    with pytest.raises(ConfigError, match="callable path"):
+        load_config(None, ["objectives=[{name: X, source: callable, path: nocolon}]", "learner.micro_batch_pairs=8"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    f = tmp_path / "list.yaml"
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(f)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["steps"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["steps=3", "algorithm.mopo.tau=0.2"])
+    save_resolved(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["learner"]["lora"]["rank"] == 16
+
+
+def test_configuration_reference_is_current():
+    from moalign.config_docs import render
+
+    doc = REPO / "docs" / "configuration.md"
+    assert doc.read_text() == render(), "docs/configuration.md is stale: run `python -m moalign.config_docs`"

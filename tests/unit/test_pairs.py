@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+
+from moalign.pairs import RewardError, RunningNormalizer, check_rewards, select_pairs
+
+NAMES = ["Relevance", "Conciseness"]
+
+
+def test_scalarised_selection_by_weighted_sum():
+    w = np.array([[0.8, 0.2], [0.1, 0.9]])
+    r = np.array(
+        [
+            [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]],  # scores 0.8, 0.2, 0.5
+            [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]],  # scores 0.1, 0.9, 0.5
+        ]
+    )
+    sel = select_pairs(w, r)
+    assert [(p.prompt, p.chosen, p.rejected) for p in sel.pairs] == [(0, 0, 1), (1, 1, 0)]
+    assert all(p.loss_weight == 1.0 and p.objective is None for p in sel.pairs)
+    assert sel.dropped_ties == 0
+
+
+def test_ties_are_deterministic_and_equal_scores_dropped():
+    w = np.array([[0.5, 0.5], [0.5, 0.5]])
+    r = np.array([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], [[0.3, 0.3], [0.3, 0.3], [0.3, 0.3]]])
+    sel = select_pairs(w, r)
+    # First prompt: samples 0 and 1 tie for best (0.5), lowest index wins; sample 2 is worst.
+    assert [(p.prompt, p.chosen, p.rejected) for p in sel.pairs] == [(0, 0, 2)]
+    assert sel.dropped_ties == 1
+
+
+def test_per_objective_reading():
+    w = np.array([[0.25, 0.75]])
+    r = np.array([[[1.0, 0.0], [0.0, 1.0]]])
+    sel = select_pairs(w, r, "per_objective")
+    assert [(p.chosen, p.rejected, p.loss_weight, p.objective) for p in sel.pairs] == [(0, 1, 0.25, 0), (1, 0, 0.75, 1)]
+
+
+def test_per_objective_drops_zero_weight_and_ties():
+    w = np.array([[1.0, 0.0]])
+    r = np.array([[[0.5, 0.0], [0.5, 1.0]]])
+    sel = select_pairs(w, r, "per_objective")
+    assert sel.pairs == [] and sel.dropped_zero_weight == 1 and sel.dropped_ties == 1
+
+
+def test_selection_rejects_single_sample():
+    with pytest.raises(RewardError, match="at least 2"):
+        select_pairs(np.array([[1.0, 0.0]]), np.zeros((1, 1, 2)))
+
+
+def test_check_rewards_names_objective_and_sample():
+    r = np.zeros((2, 3, 2))
+    r[1, 2, 1] = np.nan
+    with pytest.raises(RewardError, match=r"'Conciseness'.*prompt 1, sample 2"):
+        check_rewards(r, 2, 3, NAMES)
+
+
+def test_check_rewards_shape():
+    with pytest.raises(RewardError, match="shape"):
+        check_rewards(np.zeros((2, 3)), 2, 3, NAMES)
+    with pytest.raises(RewardError, match="not numeric"):
+        check_rewards([["a", "b"]], 1, 1, NAMES)
+    with pytest.raises(RewardError, match="inf"):
+        check_rewards(np.full((1, 2, 2), np.inf), 1, 2, NAMES)
+
+
+def test_normalizer_matches_numpy_and_round_trips():
+    rng = np.random.default_rng(0)
+    data = rng.normal([3.0, -10.0], [2.0, 0.1], size=(50, 4, 2))
+    norm = RunningNormalizer(2)
+    for chunk in np.split(data, 5):
+        norm.update(chunk)
+    flat = data.reshape(-1, 2)
+    np.testing.assert_allclose(norm.mean, flat.mean(0))
+    np.testing.assert_allclose(norm.std, flat.std(0, ddof=1) + 1e-6)
+    z = norm.normalize(flat)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-9)
+
+    restored = RunningNormalizer(2)
+    restored.load_state_dict(norm.state_dict())
+    extra = rng.normal(size=(3, 2, 2))
+    norm.update(extra)
+    restored.update(extra)
+    np.testing.assert_array_equal(restored.mean, norm.mean)
+    np.testing.assert_array_equal(restored.std, norm.std)
+
+
+def test_normalizer_rejects_other_objective_count():
+    with pytest.raises(ValueError, match="objectives"):
+        RunningNormalizer(3).load_state_dict(RunningNormalizer(2).state_dict())

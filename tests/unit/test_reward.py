@@ -1,0 +1,113 @@
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+
+from actors.reward import ClassifierScore, RewardScorer, minilm_dir
+from moalign.config import ObjectiveConfig
+from moalign.pairs import RewardError
+
+BUILTINS = [
+    ObjectiveConfig(name="Relevance", source="relevance"),
+    ObjectiveConfig(name="Conciseness", source="conciseness", target_words=8),
+    ObjectiveConfig(name="Positivity", source="positivity"),
+]
+
+
+@pytest.fixture(scope="module")
+def builtin_scorer():
+    return RewardScorer(BUILTINS)
+
+
+def test_builtin_signals_rank_sensibly(builtin_scorer):
+    prompt = "How do I bake bread at home?"
+    completions = [
+        "Mix flour, water, yeast and salt, knead, let it rise, then bake it in a hot oven.",
+        "The stock market closed lower on Tuesday amid fears about interest rates and weak earnings in the tech sector.",
+        "Wonderful question! Baking bread is a joy.",
+        "",
+    ]
+    r = builtin_scorer.score([prompt] * 4, completions)
+    assert r.shape == (4, 3)
+    assert r[0, 0] > r[1, 0] + 0.2, "on-topic answer must be more relevant"
+    assert r[2, 1] > r[1, 1], "shorter answer must be more concise"
+    assert r[2, 1] == 1.0 and r[3, 1] == -1.0
+    assert r[2, 2] > 0.5 and r[2, 2] > r[1, 2]
+
+
+def test_callable_and_errors_name_objective_and_sample():
+    ok = RewardScorer([ObjectiveConfig(name="Len", source="callable", path="tests.helpers.reward_fns:length_reward")])
+    np.testing.assert_array_equal(ok.score(["p", "p"], ["ab", "abcd"]), [[2.0], [4.0]])
+    nan = RewardScorer([ObjectiveConfig(name="Broken", source="callable", path="tests.helpers.reward_fns:nan_reward")])
+    with pytest.raises(RewardError, match=r"objective 'Broken': score nan for sample 0"):
+        nan.score(["p"], ["c"])
+    short = RewardScorer([ObjectiveConfig(name="Short", source="callable", path="tests.helpers.reward_fns:short_reward")])
+    with pytest.raises(RewardError, match=r"'Short': expected 3 scores"):
+        short.score(["p"] * 3, ["c"] * 3)
+    boom = RewardScorer([ObjectiveConfig(name="Boom", source="callable", path="tests.helpers.reward_fns:raising_reward")])
+    with pytest.raises(RewardError, match=r"'Boom': reward source raised RuntimeError: reward server exploded"):
+        boom.score(["p"], ["c"])
+    with pytest.raises(ValueError, match="no callable 'missing'"):
+        RewardScorer([ObjectiveConfig(name="X", source="callable", path="tests.helpers.reward_fns:missing")])
+    with pytest.raises(ValueError, match="cannot import module"):
+        RewardScorer([ObjectiveConfig(name="X", source="callable", path="no_such_module_xyz:f")])
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path == "/bad":
+            payload = {"oops": 1}
+        else:
+            payload = {"rewards": [len(c) / 10 for c in body["completions"]]}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_http_source_on_loopback():
+    server = HTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        scorer = RewardScorer([ObjectiveConfig(name="Remote", source="http", path=url + "/score", timeout_s=5)])
+        np.testing.assert_allclose(scorer.score(["a", "b"], ["12345", "1"]), [[0.5], [0.1]])
+        bad = RewardScorer([ObjectiveConfig(name="Remote", source="http", path=url + "/bad", timeout_s=5)])
+        with pytest.raises(RewardError, match="'Remote'.*'rewards'"):
+            bad.score(["a"], ["b"])
+    finally:
+        server.shutdown()
+    dead = RewardScorer([ObjectiveConfig(name="Gone", source="http", path=url + "/score", timeout_s=2)])
+    with pytest.raises(RewardError, match="'Gone'.*reward endpoint"):
+        dead.score(["a"], ["b"])
+
+
+def test_hf_classifier_source(tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    model = BertForSequenceClassification(
+        BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=2)
+    )
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    scorer = ClassifierScore(str(tmp_path), label_index=1)
+    out = scorer(["q1", "q2", "q3"], ["a", "bb", "ccc"])
+    assert len(out) == 3 and all(np.isfinite(out))
+    with pytest.raises(ValueError, match="label_index 2 >= num_labels 2"):
+        ClassifierScore(str(tmp_path), label_index=2)
+
+
+def test_mismatched_lengths():
+    scorer = RewardScorer([ObjectiveConfig(name="C", source="conciseness")])
+    with pytest.raises(RewardError, match="2 prompts but 1 completions"):
+        scorer.score(["a", "b"], ["x"])
