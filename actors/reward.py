@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -187,6 +188,9 @@ class RewardScorer:
         self.names = [o.name for o in objectives]
         self.sources = list(sources) if sources is not None else [build_source(o) for o in objectives]
         log.info("reward scorer ready: %s", ", ".join(f"{o.name}={o.source}" for o in objectives))
+
+    def ping(self) -> dict:
+        return {"objectives": self.names, "pid": os.getpid()}
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
         if len(prompts) != len(completions):

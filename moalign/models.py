@@ -87,7 +87,7 @@ def resolve_model_path(path: str, cache_dir: str | os.PathLike = "~/.cache/moali
     return local
 
 
-def build_tiny_model(dest: str | os.PathLike, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> Path:
+def build_tiny_model(dest: str | os.PathLike, seed: int = 0, hidden_size: int = 128, layers: int = 2) -> Path:
     """A random 2-layer Llama with SmolLM2's real tokenizer and chat template, for tests.
 
     It produces gibberish, but through exactly the code paths (vLLM, DeepSpeed, peft, weight

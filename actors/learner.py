@@ -1,0 +1,675 @@
+"""The DPO-family learner: a DeepSpeed engine over a causal LM (LoRA via peft, or full fine-tuning).
+
+A plain class with no Ray import: `actors/ray_actors.py` wraps it as a Ray actor, and it also runs
+as-is on a GPU box (one process per rank). All ranks of a data-parallel group must call
+`train_step`, `save_checkpoint` and `load_checkpoint` together: they are collectives.
+
+Objective per step, over the real pairs i of *all* ranks:  L = sum_i w_i * loss_i / total_weight.
+Each rank pads its shard with zero-weight dummy pairs up to a fixed capacity, so every rank runs
+the same number of forward/backward calls and the optimizer steps exactly once per `train_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moalign.config import RunConfig
+from moalign.losses import dpo_margin, preference_loss
+from moalign.models import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "loss_weights")
+_DS_TAG = "learner"
+_STATE_FILE = "learner_state_rank{rank}.pt"
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+
+def _local_bucketize(named_tensors: Sequence[tuple[str, torch.Tensor]], bucket_mb: float) -> list[NamedTensors]:
+    # Fallback with the same contract as moalign.weight_sync.bucketize: order kept, a tensor larger
+    # than a bucket travels alone.
+    if not bucket_mb > 0:
+        raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+    limit = bucket_mb * 1024 * 1024
+    buckets: list[NamedTensors] = []
+    current: NamedTensors = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > limit:
+            buckets.append(current)
+            current, size = [], 0
+        current.append((name, tensor))
+        size += nbytes
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def _bucketize(named_tensors: Sequence[tuple[str, torch.Tensor]], bucket_mb: float) -> list[NamedTensors]:
+    try:
+        from moalign.weight_sync import bucketize
+    except ImportError:
+        return _local_bucketize(named_tensors, bucket_mb)
+    return bucketize(named_tensors, bucket_mb)
+
+
+def checkpoint_keys(model_dir: str | os.PathLike) -> set[str] | None:
+    """Tensor names stored in a Hugging Face checkpoint directory (safetensors), or None if unknown."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        return set(json.loads(index.read_text())["weight_map"])
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as f:
+            return set(f.keys())
+    return None
+
+
+class Learner:
+    """One data-parallel rank of the DPO learner."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model_path: str,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 29500,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.step = 0
+        self.engine: Any = None
+        self.dtype = _DTYPES[cfg.model.dtype]
+        if self.dtype == torch.float16:
+            # fp16 training needs dynamic loss scaling, whose skipped steps would break the
+            # one-optimizer-step-per-train_step contract; bf16 has the range without it.
+            raise ValueError("model.dtype: float16 is not supported by the learner; use bfloat16 or float32")
+
+        use_cuda = torch.cuda.is_available()
+        local_rank = rank % torch.cuda.device_count() if use_cuda else 0
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+            self.device = torch.device("cuda", local_rank)
+        else:
+            # DeepSpeed otherwise probes for accelerators it cannot use here.
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            self.device = torch.device("cpu")
+        os.environ.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(local_rank),
+            MASTER_ADDR=str(master_addr),
+            MASTER_PORT=str(master_port),
+        )
+
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        try:
+            self._setup(model_path)
+        except BaseException:
+            # A half-built learner must not keep the process group: the next one here could not start.
+            self.close()
+            raise
+
+    def _setup(self, model_path: str) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        cfg, world_size, rank = self.cfg, self.world_size, self.rank
+        lcfg = cfg.learner
+        self.micro = lcfg.micro_batch_pairs
+        self.grad_accum = math.ceil(cfg.pairs_per_step / (world_size * self.micro))
+        self.capacity = self.grad_accum * self.micro
+        self.zero_stage = lcfg.zero_stage
+        self.lora = lcfg.lora.enabled
+
+        torch.manual_seed(cfg.seed)
+        path = resolve_model_path(model_path, cfg.model.cache_dir)
+        self.model_path = str(path)
+        self._ckpt_keys = checkpoint_keys(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        model.config.use_cache = False
+        # The base model's dropout off (as TRL's DPO does): with LoRA the reference is this same
+        # network run in train mode, and it must not be noisy. LoRA's own dropout still applies.
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = 0.0
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        eos = model.config.eos_token_id
+        self._dummy_token = int((eos[0] if isinstance(eos, list) else eos) or 0)
+        if self._ckpt_keys is None:
+            # No safetensors to read names from: the model's own names, minus a tied head the
+            # checkpoint would not store.
+            keys = set(model.state_dict())
+            if getattr(model.config, "tie_word_embeddings", False):
+                keys -= {n for n in keys if n.startswith("lm_head.")}
+            self._ckpt_keys = keys
+
+        self.ref_model = None
+        if self.lora:
+            from peft import LoraConfig, get_peft_model
+
+            lc = lcfg.lora
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=lc.rank,
+                    lora_alpha=lc.alpha,
+                    lora_dropout=lc.dropout,
+                    target_modules=list(lc.target_modules),
+                    bias="none",
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        else:
+            ref = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+            ref.config.use_cache = False
+            ref.requires_grad_(False)
+            self.ref_model = ref.eval().to(self.device)
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("no trainable parameters: check learner.lora.target_modules against the model's module names")
+        n_trainable = sum(p.numel() for p in trainable)
+        optimizer = torch.optim.AdamW(trainable, lr=lcfg.lr, weight_decay=lcfg.weight_decay)
+        # One bucket holds all LoRA gradients; DeepSpeed's 5e8-element default only matters for full models.
+        bucket = int(min(5e8, max(1e6, n_trainable)))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": self.micro,
+            "gradient_accumulation_steps": self.grad_accum,
+            "train_batch_size": self.micro * self.grad_accum * world_size,
+            "gradient_clipping": lcfg.grad_clip,
+            "zero_optimization": {
+                "stage": self.zero_stage,
+                "reduce_bucket_size": bucket,
+                "allgather_bucket_size": bucket,
+            },
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            # torch AdamW rather than DeepSpeed's fused/CPU Adam, which JIT-compile C++/CUDA at start-up.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.engine.train()
+        log.info(
+            "learner rank %d/%d on %s: %s, %s, %d trainable params, ZeRO-%d, %d micro-batches x %d pairs per step",
+            rank,
+            world_size,
+            self.device,
+            self.model_path,
+            f"LoRA r={lcfg.lora.rank}" if self.lora else "full fine-tuning",
+            n_trainable,
+            self.zero_stage,
+            self.grad_accum,
+            self.micro,
+        )
+
+    # ------------------------------------------------------------------ batches
+
+    def _validate(self, batch: dict) -> tuple[int, list[float], float]:
+        if not isinstance(batch, dict):
+            raise ValueError(f"batch must be a dict, got {type(batch).__name__}")
+        for key in (*_PAIR_FIELDS, "total_weight"):
+            if key not in batch:
+                raise ValueError(f"batch: missing field {key!r}")
+        n = len(batch["prompt_ids"])
+        for key in _PAIR_FIELDS[1:]:
+            if len(batch[key]) != n:
+                raise ValueError(f"batch[{key!r}] has {len(batch[key])} entries, batch['prompt_ids'] has {n}")
+        if n > self.capacity:
+            raise ValueError(
+                f"batch: {n} pairs exceed this rank's capacity of {self.capacity} "
+                f"({self.grad_accum} micro-batches x {self.micro} pairs, from pairs_per_step / num_learners)"
+            )
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            for i, ids in enumerate(batch[key]):
+                if not isinstance(ids, (list, tuple)) or len(ids) == 0:
+                    raise ValueError(f"batch[{key!r}][{i}] must be a non-empty list of token ids")
+                for t in ids:
+                    if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size:
+                        raise ValueError(f"batch[{key!r}][{i}] holds {t!r}, not a token id in [0, {self.vocab_size})")
+        if self.max_positions:
+            for i, p in enumerate(batch["prompt_ids"]):
+                for key in ("chosen_ids", "rejected_ids"):
+                    if len(p) + len(batch[key][i]) > self.max_positions:
+                        raise ValueError(
+                            f"batch[{key!r}][{i}]: prompt + completion = {len(p) + len(batch[key][i])} tokens "
+                            f"exceeds the model's {self.max_positions} positions"
+                        )
+        weights = []
+        for i, w in enumerate(batch["loss_weights"]):
+            try:
+                w = float(w)
+            except (TypeError, ValueError):
+                raise ValueError(f"batch['loss_weights'][{i}] = {w!r} is not a number") from None
+            if not math.isfinite(w) or w < 0:
+                raise ValueError(f"batch['loss_weights'][{i}] = {w} must be finite and >= 0")
+            weights.append(w)
+        try:
+            total = float(batch["total_weight"])
+        except (TypeError, ValueError):
+            raise ValueError(f"batch['total_weight'] = {batch['total_weight']!r} is not a number") from None
+        if not math.isfinite(total) or total < 0:
+            raise ValueError(f"batch['total_weight'] = {total} must be finite and >= 0")
+        local = sum(weights)
+        if local > total * (1 + 1e-6) + 1e-12:
+            raise ValueError(
+                f"batch['total_weight'] = {total} is smaller than this rank's sum of loss_weights ({local}); "
+                "it must be the sum over all ranks"
+            )
+        return n, weights, total
+
+    def _encode(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]):
+        """Right-padded ids, attention mask and completion-token mask."""
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+        n, width = len(lengths), max(lengths)
+        ids = torch.zeros(n, width, dtype=torch.long)
+        attn = torch.zeros(n, width, dtype=torch.long)
+        target = torch.zeros(n, width, dtype=torch.bool)
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            ids[i, : lengths[i]] = torch.tensor([*p, *c], dtype=torch.long)
+            attn[i, : lengths[i]] = 1
+            target[i, len(p) : lengths[i]] = True
+        first = min(len(p) for p in prompts)
+        return ids.to(self.device), attn.to(self.device), target.to(self.device), first
+
+    def _token_logps(self, forward, prompts, completions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position log-probs of the completion tokens (0 elsewhere) and their mask."""
+        ids, attn, target, first = self._encode(prompts, completions)
+        width = ids.shape[1]
+        # Logits only from the first completion position on: the vocabulary projection dominates the
+        # cost of a small model, and prompt positions are never scored.
+        keep = width - first + 1
+        logits = forward(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits
+        start = width - keep
+        logits = logits[:, :-1].float()
+        tokens = ids[:, start + 1 :]
+        mask = target[:, start + 1 :]
+        logp = torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+        return torch.where(mask, logp, torch.zeros_like(logp)), mask
+
+    def _sequence_logps(self, forward, prompts, completions) -> torch.Tensor:
+        logp, _ = self._token_logps(forward, prompts, completions)
+        return logp.sum(-1)
+
+    def _reference_logps(self, prompts, completions) -> torch.Tensor:
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self._sequence_logps(self.ref_model, prompts, completions)
+            with self.engine.module.disable_adapter():
+                return self._sequence_logps(self.engine.module, prompts, completions)
+
+    def _pair_losses(
+        self,
+        policy_c: torch.Tensor,
+        policy_r: torch.Tensor,
+        ref_c: torch.Tensor,
+        ref_r: torch.Tensor,
+        batch_slice: dict,
+    ) -> torch.Tensor:
+        """Per-pair loss of one micro-batch; the hook MODPO/MOPO learners override.
+
+        `batch_slice`: `index` (LongTensor, the pair's position in the step's batch, -1 for a
+        dummy pair), `weights` (its loss weights, 0 for dummies) and `batch` (the whole batch, for
+        extra per-pair fields). Dummy rows must produce finite values; their weight is 0.
+        """
+        a = self.cfg.algorithm
+        return preference_loss(dpo_margin(policy_c, policy_r, ref_c, ref_r), a.beta, a.loss, a.label_smoothing)
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, batch: dict) -> dict:
+        """One optimizer step on this rank's shard; every rank must call it with the same total_weight."""
+        t0 = time.perf_counter()
+        n, weights, total_weight = self._validate(batch)
+        beta = self.cfg.algorithm.beta
+        sums = dict.fromkeys(
+            ("loss_sum", "chosen_reward_sum", "rejected_reward_sum", "margin_sum", "accuracy_sum", "kl_sum", "unweighted_loss_sum"),
+            0.0,
+        )
+        grad_norm = float("nan")
+        skipped = total_weight == 0
+        if skipped:
+            # total_weight is global, so every rank skips together; stepping Adam on zero gradients
+            # would still move the weights through momentum and weight decay.
+            log.warning("train_step %d: no pair carries weight on any rank; optimizer step skipped", self.step + 1)
+        else:
+            # DeepSpeed averages gradients over data-parallel ranks, hence the world-size factor;
+            # backward(scale_wrt_gas=False) keeps it from also dividing by the accumulation steps.
+            scale = self.engine.dp_world_size / total_weight
+            index = list(range(n)) + [-1] * (self.capacity - n)
+            tok = self._dummy_token
+            own_norm = self.zero_stage == 0 and self.dtype == torch.float32
+            for k in range(self.grad_accum):
+                idx = index[k * self.micro : (k + 1) * self.micro]
+                # A dummy prompt as long as the shortest real one keeps logits_to_keep tight.
+                real_lens = [len(batch["prompt_ids"][i]) for i in idx if i >= 0]
+                dummy_prompt = [tok] * (min(real_lens) if real_lens else 1)
+                dummy = [tok]
+                prompts = [batch["prompt_ids"][i] if i >= 0 else dummy_prompt for i in idx]
+                chosen = [batch["chosen_ids"][i] if i >= 0 else dummy for i in idx]
+                rejected = [batch["rejected_ids"][i] if i >= 0 else dummy for i in idx]
+                w = torch.tensor([weights[i] if i >= 0 else 0.0 for i in idx], dtype=torch.float32, device=self.device)
+                m = len(idx)
+                # Chosen and rejected in one forward: half the kernel launches, one padding pass.
+                policy = self._sequence_logps(self.engine, prompts + prompts, chosen + rejected).float()
+                ref = self._reference_logps(prompts + prompts, chosen + rejected).float()
+                pc, pr, rc, rr = policy[:m], policy[m:], ref[:m], ref[m:]
+                slice_ = {"index": torch.tensor(idx, dtype=torch.long), "weights": w, "batch": batch}
+                losses = self._pair_losses(pc, pr, rc, rr, slice_)
+                self.engine.backward((w * losses).sum() * scale, scale_wrt_gas=False)
+                if own_norm and k == self.grad_accum - 1:
+                    grad_norm = self._local_grad_norm()
+                self.engine.step()
+                with torch.no_grad():
+                    real = torch.tensor([i >= 0 for i in idx], device=self.device)
+                    if real.any():
+                        cr = beta * (pc - rc)[real]
+                        rj = beta * (pr - rr)[real]
+                        sums["loss_sum"] += float((w * losses)[real].sum())
+                        sums["unweighted_loss_sum"] += float(losses[real].sum())
+                        sums["chosen_reward_sum"] += float(cr.sum())
+                        sums["rejected_reward_sum"] += float(rj.sum())
+                        sums["margin_sum"] += float((cr - rj).sum())
+                        sums["accuracy_sum"] += float((cr > rj).float().sum())
+                        sums["kl_sum"] += float(((pc - rc)[real].sum() + (pr - rr)[real].sum()))
+            ds_norm = self.engine.get_global_grad_norm()
+            if ds_norm is not None and not own_norm:
+                grad_norm = float(ds_norm)
+            self.step += 1
+
+        weight_sum = sum(weights)
+        nan = float("nan")
+        unweighted = sums.pop("unweighted_loss_sum")
+        metrics = {
+            "step": self.step,
+            "rank": self.rank,
+            "pairs": n,
+            "capacity": self.capacity,
+            "weight_sum": weight_sum,
+            "total_weight": total_weight,
+            **sums,
+            # This rank's share of the global objective: summing it over ranks gives the step's loss.
+            "objective": sums["loss_sum"] / total_weight if total_weight > 0 else 0.0,
+            "loss": sums["loss_sum"] / weight_sum if weight_sum > 0 else (unweighted / n if n and not skipped else nan),
+            "chosen_reward": sums["chosen_reward_sum"] / n if n and not skipped else nan,
+            "rejected_reward": sums["rejected_reward_sum"] / n if n and not skipped else nan,
+            "margin": sums["margin_sum"] / n if n and not skipped else nan,
+            "accuracy": sums["accuracy_sum"] / n if n and not skipped else nan,
+            "kl": sums["kl_sum"] / (2 * n) if n and not skipped else nan,
+            "grad_norm": grad_norm,
+            "lr": float(self.engine.get_lr()[0]),
+            "skipped": int(skipped),
+            "seconds": time.perf_counter() - t0,
+        }
+        return metrics
+
+    def _local_grad_norm(self) -> float:
+        # ZeRO-0 in fp32 clips inside DeepSpeed without reporting the norm; after the boundary
+        # backward the gradients are already all-reduced, so every rank computes the global norm.
+        sq = 0.0
+        for p in self.engine.module.parameters():
+            if p.requires_grad and p.grad is not None:
+                sq += float(p.grad.detach().float().pow(2).sum())
+        return math.sqrt(sq)
+
+    # ------------------------------------------------------------------ scoring
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            module.train(was_training)
+
+    def sequence_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[float]:
+        """Summed completion log-probs under the current policy (adapters on, dropout off)."""
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+        for name, seqs in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
+            for i, s in enumerate(seqs):
+                if len(s) == 0:
+                    raise ValueError(f"{name}[{i}] is empty")
+        out: list[float] = []
+        chunk = 2 * self.micro
+        with self._eval_mode():
+            for s in range(0, len(prompt_ids), chunk):
+                lp = self._sequence_logps(self.engine.module, prompt_ids[s : s + chunk], completion_ids[s : s + chunk])
+                out.extend(lp.float().cpu().tolist())
+        return out
+
+    def token_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """Log-prob of every token after the first, under the current policy (adapters on, dropout off)."""
+        for i, s in enumerate(token_ids):
+            if len(s) < 2:
+                raise ValueError(f"token_ids[{i}] needs at least 2 tokens, got {len(s)}")
+        out: list[list[float]] = []
+        chunk = 2 * self.micro
+        with self._eval_mode():
+            for s in range(0, len(token_ids), chunk):
+                seqs = token_ids[s : s + chunk]
+                logp, _ = self._token_logps(self.engine.module, [q[:1] for q in seqs], [q[1:] for q in seqs])
+                logp = logp.float().cpu()
+                out.extend(logp[i, : len(q) - 1].tolist() for i, q in enumerate(seqs))
+        return out
+
+    # ------------------------------------------------------------------ weights
+
+    def _hf_model(self) -> torch.nn.Module:
+        module = self.engine.module
+        return module.get_base_model() if self.lora else module
+
+    def _gathered(self, params: list[torch.nn.Parameter]):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.zero_stage == 3)
+
+    def _export_copy(self, t: torch.Tensor) -> torch.Tensor:
+        # copy=True: on CPU .to() may return the training storage itself, which the caller must never alias.
+        return t.detach().to(device="cpu", dtype=self.dtype, copy=True).contiguous()
+
+    def _merged_lora_weight(self, module: torch.nn.Module) -> torch.Tensor:
+        """W + sum_adapters scaling * B @ A, into a new tensor: the training weights are never touched."""
+        from peft.tuners.lora import Linear as LoraLinear
+
+        weight = module.base_layer.weight
+        merged = weight.detach().float().clone()
+        for adapter in module.active_adapters:
+            if adapter not in module.lora_A:
+                continue
+            if module.use_dora.get(adapter, False):
+                raise NotImplementedError("exporting DoRA adapters is not supported")
+            if isinstance(module, LoraLinear):
+                delta = module.lora_B[adapter].weight.float() @ module.lora_A[adapter].weight.float()
+                if module.fan_in_fan_out:
+                    delta = delta.T
+                delta = delta * module.scaling[adapter]
+            else:
+                delta = module.get_delta_weight(adapter).float()
+            merged += delta.to(merged.device).reshape(merged.shape)
+        return merged.to(device="cpu", dtype=self.dtype).contiguous()
+
+    def _named_full_weights(self) -> NamedTensors:
+        from peft.tuners.lora import LoraLayer
+
+        wanted = self._ckpt_keys
+        out: NamedTensors = []
+
+        def walk(module: torch.nn.Module, prefix: str) -> None:
+            if isinstance(module, LoraLayer):
+                with self._gathered(list(module.parameters())):
+                    for pname, p in module.base_layer.named_parameters(recurse=False):
+                        name = prefix + pname
+                        if name in wanted:
+                            out.append((name, self._merged_lora_weight(module) if pname == "weight" else self._export_copy(p)))
+                return
+            own = [(prefix + k, p) for k, p in module._parameters.items() if p is not None]
+            own += [
+                (prefix + k, b)
+                for k, b in module._buffers.items()
+                if b is not None and k not in module._non_persistent_buffers_set
+            ]
+            own = [(k, t) for k, t in own if k in wanted]
+            if own:
+                with self._gathered([t for _, t in own if isinstance(t, torch.nn.Parameter)]):
+                    out.extend((k, self._export_copy(t)) for k, t in own)
+            for cname, child in module.named_children():
+                walk(child, f"{prefix}{cname}.")
+
+        walk(self._hf_model(), "")
+        names = [k for k, _ in out]
+        missing, dupes = wanted - set(names), len(names) - len(set(names))
+        if missing or dupes:
+            raise RuntimeError(
+                f"weight export does not match the checkpoint's names: {len(missing)} missing "
+                f"(e.g. {sorted(missing)[:3]}), {dupes} duplicated"
+            )
+        return out
+
+    @torch.no_grad()
+    def export_weights(self, bucket_mb: float) -> list[NamedTensors]:
+        """Full policy weights (LoRA merged out of place) under the checkpoint's Hugging Face names,
+        as detached contiguous CPU tensors in the model dtype, in buckets of about `bucket_mb` MiB."""
+        return _bucketize(self._named_full_weights(), bucket_mb)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path: str) -> None:
+        """Module, optimizer and scheduler (DeepSpeed) plus RNG and step; a collective on all ranks."""
+        import deepspeed.comm as dist
+
+        Path(path).mkdir(parents=True, exist_ok=True)
+        # With LoRA the frozen base is the model file itself: only adapters and their optimizer state
+        # are saved. DeepSpeed's exclude_frozen_parameters misses a tied head (named_parameters()
+        # lists the shared tensor once), so the state dict is filtered down to trainable names here.
+        original = self.engine.module_state_dict
+        if self.lora:
+            keep = {n for n, p in self.engine.module.named_parameters() if p.requires_grad}
+
+            def trainable_state_dict(*args: Any, **kwargs: Any) -> dict:
+                sd = original(*args, **kwargs)
+                for name in [k for k in sd if k not in keep]:
+                    del sd[name]
+                return sd
+
+            self.engine.module_state_dict = trainable_state_dict
+        try:
+            self.engine.save_checkpoint(
+                path, tag=_DS_TAG, client_state={"learner_step": self.step}, exclude_frozen_parameters=self.lora
+            )
+        finally:
+            if self.lora:
+                del self.engine.module_state_dict
+        np_state = np.random.get_state()
+        state = {
+            "step": self.step,
+            "world_size": self.world_size,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # Stored as tensors and plain values so the file loads with weights_only=True.
+            "numpy_rng": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])),
+            "python_rng": random.getstate(),
+        }
+        # Every rank writes its own RNG; rank 0's file is the one a different world size falls back to.
+        target = Path(path) / _STATE_FILE.format(rank=self.rank)
+        tmp = target.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, target)
+        dist.barrier()
+        log.info("rank %d saved learner checkpoint at step %d to %s", self.rank, self.step, path)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore what `save_checkpoint` wrote; a collective on all ranks."""
+        state_file = Path(path) / _STATE_FILE.format(rank=self.rank)
+        if not state_file.is_file():
+            fallback = Path(path) / _STATE_FILE.format(rank=0)
+            if not fallback.is_file():
+                raise FileNotFoundError(f"{path}: no learner checkpoint ({state_file.name} missing)")
+            log.warning("rank %d: %s missing, using rank 0's RNG state", self.rank, state_file.name)
+            state_file = fallback
+        load_path, client = self.engine.load_checkpoint(
+            path,
+            tag=_DS_TAG,
+            load_module_strict=not self.lora,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint with tag {_DS_TAG!r}")
+        state = torch.load(state_file, weights_only=True)
+        self.step = int(state["step"])
+        if client and int(client.get("learner_step", self.step)) != self.step:
+            raise RuntimeError(f"{path}: engine checkpoint is at step {client['learner_step']}, learner state at {self.step}")
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        name, keys, pos, has_gauss, cached = state["numpy_rng"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+        py = state["python_rng"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        log.info("rank %d resumed learner from %s at step %d", self.rank, path, self.step)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def ping(self) -> dict:
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "step": self.step,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": str(self.device),
+        }
+
+    def close(self) -> None:
+        """Free the engine and the process group, so another Learner can start in this process."""
+        import deepspeed.comm as dist
+
+        if self.engine is not None:
+            destroy = getattr(self.engine, "destroy", None)
+            if destroy is not None:
+                destroy()
+            self.engine = None
+        self.ref_model = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __enter__(self) -> Learner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

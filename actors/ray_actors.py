@@ -1,0 +1,118 @@
+"""Ray wrappers: thin `@ray.remote` subclasses of the plain classes, and actor groups whose every
+remote call has a timeout and whose failures say which actor, which step and why."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from actors.generator import Generator
+from actors.learner import Learner
+from actors.reward import RewardScorer
+from moalign.weight_sync import LazyBuckets
+
+log = logging.getLogger(__name__)
+
+
+class ActorFailure(RuntimeError):
+    """A remote call that failed, timed out, or whose actor died; the message names role, index,
+    step, method and cause."""
+
+    def __init__(self, role: str, index: int, step: int | None, method: str, cause: str):
+        self.role, self.index, self.step, self.method, self.cause = role, index, step, method, cause
+        at = f" at step {step}" if step is not None else ""
+        super().__init__(f"{role} actor #{index}{at}, in {method}(): {cause}")
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, RayTaskError):
+        inner = exc.cause if getattr(exc, "cause", None) is not None else exc
+        return f"{type(inner).__name__}: {inner}".split("\n\n")[0]
+    if isinstance(exc, RayActorError):
+        return f"the actor died ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if isinstance(exc, GetTimeoutError):
+        return "no answer within the timeout (ray_timeout_s); the actor may be hung"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class GeneratorActor(Generator):
+    def load_weight_refs(self, bucket_refs: list[ray.ObjectRef], version: int, timeout_s: float) -> dict:
+        # Buckets are fetched one at a time so a generator never holds two copies of the model.
+        return self.load_weights(LazyBuckets(bucket_refs, functools.partial(ray.get, timeout=timeout_s)), version)
+
+
+class LearnerActor(Learner):
+    def export_weight_refs(self, bucket_mb: float) -> list[ray.ObjectRef]:
+        # Refs are owned by this actor: the driver never copies the weights through itself.
+        return [ray.put(bucket) for bucket in self.export_weights(bucket_mb)]
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+
+class RewardActor(RewardScorer):
+    pass
+
+
+class ActorGroup:
+    """N actors of one role; `call` runs a method on each and waits with a timeout."""
+
+    def __init__(
+        self,
+        role: str,
+        cls: type,
+        count: int,
+        options: dict[str, Any],
+        make_args: Callable[[int], tuple[tuple, dict]],
+        timeout_s: float,
+    ):
+        self.role = role
+        self.timeout_s = timeout_s
+        remote_cls = ray.remote(cls)
+        self.actors = []
+        for i in range(count):
+            args, kwargs = make_args(i)
+            # Named so the Ray dashboard shows role and index; the suffix keeps runs apart.
+            name = f"moalign-{role}-{i}-{uuid.uuid4().hex[:6]}"
+            self.actors.append(remote_cls.options(name=name, **options).remote(*args, **kwargs))
+        log.info("started %d %s actor(s) with %s", count, role, options)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def wait(self, refs: Sequence[ray.ObjectRef], method: str, step: int | None, indices: Sequence[int] | None = None) -> list[Any]:
+        """ray.get each ref with the group's timeout; the first failure becomes an ActorFailure."""
+        indices = list(indices) if indices is not None else list(range(len(refs)))
+        results = []
+        for i, ref in zip(indices, refs):
+            try:
+                results.append(ray.get(ref, timeout=self.timeout_s))
+            except (RayTaskError, RayActorError, GetTimeoutError) as exc:
+                raise ActorFailure(self.role, i, step, method, _cause(exc)) from exc
+        return results
+
+    def call(self, method: str, *args: Any, step: int | None = None, **kwargs: Any) -> list[Any]:
+        """The same call on every actor."""
+        refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+        return self.wait(refs, method, step)
+
+    def call_each(self, method: str, per_actor_args: Sequence[tuple], step: int | None = None) -> list[Any]:
+        """Actor i gets per_actor_args[i]; actors without an entry are skipped."""
+        refs = [getattr(self.actors[i], method).remote(*a) for i, a in enumerate(per_actor_args)]
+        return self.wait(refs, method, step)
+
+    def submit_each(self, method: str, per_actor_args: Sequence[tuple]) -> list[ray.ObjectRef]:
+        return [getattr(self.actors[i], method).remote(*a) for i, a in enumerate(per_actor_args)]
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as exc:  # noqa: BLE001 - best effort at shutdown; the error is logged
+                log.warning("could not kill %s actor: %s", self.role, exc)

@@ -1,0 +1,435 @@
+"""moalign orchestrator: the MO-ODPO loop on Ray.
+
+    python orchestrator.py --config configs/default.yaml [key=value ...]
+    ray job submit --working-dir . -- python orchestrator.py --config configs/default.yaml
+
+One step: draw prompts and Dirichlet weights -> write the weights into the prompts -> vLLM
+generator actors sample n completions each -> reward actors score them on K objectives ->
+normalise, scalarise, pick chosen/rejected -> DeepSpeed learner actors take a DPO step ->
+every `sync.every_steps` the learner's weights go to the generators. A run directory that
+already holds a checkpoint is resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moalign.checkpoint import latest_checkpoint, publish, read_state, staging_dir
+from moalign.conditioning import DirichletSampler, condition_messages, round_weights
+from moalign.config import ConfigError, RunConfig, load_config, save_resolved
+from moalign.data import PromptCursor, load_prompts
+from moalign.pairs import RewardError, RunningNormalizer, check_rewards, select_pairs
+
+log = logging.getLogger("moalign")
+
+
+@dataclass
+class LoopState:
+    """Everything besides the learner that a resumed run needs to continue as if never stopped."""
+
+    sampler: DirichletSampler
+    cursor: PromptCursor
+    normalizer: RunningNormalizer
+    step: int = 0
+    version: int = 0
+    first_rewards: dict[str, float] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "version": self.version,
+            "sampler": self.sampler.state_dict(),
+            "cursor": self.cursor.state_dict(),
+            "normalizer": self.normalizer.state_dict(),
+            "first_rewards": self.first_rewards,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.version = state["step"], state["version"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.cursor.load_state_dict(state["cursor"])
+        self.normalizer.load_state_dict(state["normalizer"])
+        self.first_rewards = state["first_rewards"]
+
+
+def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
+    """Train for cfg.steps (resuming from cfg.run_dir if it holds a checkpoint); returns a summary."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from actors.metrics import MetricsSink, read_metrics
+    from actors.ray_actors import ActorFailure
+    from moalign.models import resolve_model_path
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None:
+        _check_resume_config(cfg, run_dir / "config.yaml")
+    save_resolved(cfg, run_dir / "config.yaml")
+    _start_ray(cfg, ray_address)
+
+    model_path = str(resolve_model_path(cfg.model.path, cfg.model.cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = load_prompts(cfg.data.train_path)
+    names = cfg.objective_names
+
+    # Wiring: three independently sized actor groups, killed when the run ends or fails.
+    with _actor_groups(cfg, model_path) as (generators, scorers, learners):
+        state = LoopState(
+            sampler=DirichletSampler(len(names), cfg.conditioning.alpha, seed=cfg.seed),
+            cursor=PromptCursor(len(prompts), seed=cfg.seed, shuffle=cfg.data.shuffle),
+            normalizer=RunningNormalizer(len(names)),
+        )
+        if resume_from is not None:
+            state.load_state_dict(read_state(resume_from))
+            learners.call("load_checkpoint", str(resume_from / "learner"), step=state.step)
+            _sync_weights(cfg, learners, generators, state.version, state.step)
+            log.info("resumed from %s at step %d (policy version %d)", resume_from, state.step, state.version)
+
+        sink = MetricsSink(run_dir, run_dir.name, cfg.logging.tensorboard, cfg.logging.ray_metrics, resume_step=state.step)
+        progress = _progress(cfg, state.step)
+        try:
+            for step in range(state.step + 1, cfg.steps + 1):
+                timings: dict[str, float] = {}
+                t0 = time.perf_counter()
+
+                # 1-2. Prompts, Dirichlet weights (rounded as written), conditioned prompt token ids.
+                batch = [prompts[i] for i in state.cursor.next(cfg.rollout.prompts_per_step)]
+                weights = round_weights(state.sampler.sample(len(batch)), cfg.conditioning.decimals)
+                prompt_ids = [_render(tokenizer, p.prompt, names, w, cfg) for p, w in zip(batch, weights)]
+
+                # 3. On-policy samples, n per prompt, tagged with the policy version.
+                t = time.perf_counter()
+                samples = _generate(cfg, generators, prompt_ids, step)
+                timings["time/generate_s"] = time.perf_counter() - t
+
+                # 4. Rewards on the unconditioned prompt; per-objective running normalisation.
+                t = time.perf_counter()
+                raw = _score(cfg, scorers, [p.prompt for p in batch], samples, step)
+                state.normalizer.update(raw)
+                normalized = state.normalizer.normalize(raw)
+                timings["time/score_s"] = time.perf_counter() - t
+
+                # 5. Chosen / rejected by the weighted (normalised) reward.
+                selection = select_pairs(weights, normalized, cfg.algorithm.pair_mode)
+
+                # 6. One learner step on the conditioned prompts.
+                t = time.perf_counter()
+                learn = _learn(cfg, learners, prompt_ids, samples, selection.pairs, step)
+                timings["time/learn_s"] = time.perf_counter() - t
+
+                # 7. Weight sync; also before every checkpoint so a resumed run's generators hold
+                #    exactly the weights the uninterrupted run's generators held.
+                checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == cfg.steps
+                t = time.perf_counter()
+                if step % cfg.sync.every_steps == 0 or checkpoint_due:
+                    state.version += 1
+                    timings.update(_sync_weights(cfg, learners, generators, state.version, step))
+                timings["time/sync_s"] = time.perf_counter() - t
+
+                # 8. Metrics, progress, checkpoint.
+                state.step = step
+                timings["time/step_s"] = time.perf_counter() - t0
+                metrics = _step_metrics(names, raw, samples, selection, learn, timings, state.version)
+                if not state.first_rewards:
+                    state.first_rewards = {n: metrics[f"reward/{n}"] for n in names}
+                sink.log(step, metrics)
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", pairs=metrics["pairs"], v=state.version)
+                if checkpoint_due:
+                    _checkpoint(cfg, run_dir, learners, state)
+        except (ActorFailure, RewardError) as exc:
+            log.error("step %d failed, nothing from it was trained on or checkpointed: %s", state.step + 1, exc)
+            raise
+        finally:
+            progress.close()
+            sink.close()
+
+    history = read_metrics(run_dir)
+    last = history[-1] if history else {}
+    return {
+        "run_dir": str(run_dir),
+        "steps": state.step,
+        "version": state.version,
+        "reward_start": state.first_rewards,
+        "reward_end": {n: last.get(f"reward/{n}") for n in names},
+        "history": history,
+        "checkpoint": str(latest_checkpoint(run_dir)),
+    }
+
+
+# Changing these between the stop and the resume does not change what is trained.
+_RESUMABLE_CHANGES = {"steps", "logging", "ray_timeout_s", "checkpoint"}
+
+
+def _check_resume_config(cfg: RunConfig, saved_path: Path) -> None:
+    """A resumed run must train the same problem; otherwise 'continue as if never stopped' is false."""
+    saved = load_config(saved_path).model_dump(mode="json")
+    now = cfg.model_dump(mode="json")
+    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and now[k] != saved.get(k))
+    if changed:
+        raise ConfigError(
+            f"run_dir {cfg.run_dir} holds a checkpoint made with a different configuration (changed: {', '.join(changed)}); "
+            f"resume with the saved {saved_path} or choose a new run_dir"
+        )
+
+
+def _start_ray(cfg: RunConfig, address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"])
+        return
+    # A local cluster: logical CPUs are scheduling tokens; the loop's phases run one after
+    # another, so reserving more tokens than cores oversubscribes nothing at a time.
+    a = cfg.actors
+    wanted = a.num_generators * a.generator_cpus + a.num_reward_workers * a.reward_cpus + a.num_learners * a.learner_cpus
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(wanted))), include_dashboard=False)
+
+
+@contextlib.contextmanager
+def _actor_groups(cfg: RunConfig, model_path: str):
+    groups: list = []
+    try:
+        yield _build_actors(cfg, model_path, groups)
+    finally:
+        for group in groups:
+            group.kill()
+
+
+def _build_actors(cfg: RunConfig, model_path: str, started: list):
+    from actors.ray_actors import ActorGroup, GeneratorActor, LearnerActor, RewardActor
+
+    a = cfg.actors
+    threads = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    env = {"env_vars": {**threads, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}}
+    timeout = cfg.ray_timeout_s
+    generators = ActorGroup(
+        "generator",
+        GeneratorActor,
+        a.num_generators,
+        {"num_cpus": a.generator_cpus, "num_gpus": a.generator_gpus * a.tensor_parallel_size, "runtime_env": env},
+        lambda i: (
+            (model_path,),
+            {
+                "seed": cfg.seed + i,
+                "dtype": cfg.model.dtype,
+                "max_model_len": cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                "tensor_parallel_size": a.tensor_parallel_size,
+                "gpu_memory_utilization": a.gpu_memory_utilization,
+                "cpu_kvcache_gb": a.cpu_kvcache_gb,
+            },
+        ),
+        timeout,
+    )
+    started.append(generators)
+    scorers = ActorGroup(
+        "reward",
+        RewardActor,
+        a.num_reward_workers,
+        {"num_cpus": a.reward_cpus, "num_gpus": a.reward_gpus, "runtime_env": env},
+        lambda i: ((cfg.objectives,), {}),
+        timeout,
+    )
+    started.append(scorers)
+    port = _free_port()
+    learners = ActorGroup(
+        "learner",
+        LearnerActor,
+        a.num_learners,
+        {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": env},
+        lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, "master_port": port}),
+        timeout,
+    )
+    started.append(learners)
+    # Construction errors (bad model path, OOM) surface here, named by role, not at step 1.
+    for group in (generators, scorers, learners):
+        group.call("ping")
+    return generators, scorers, learners
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _render(tokenizer, prompt: str, names: list[str], weights: np.ndarray, cfg: RunConfig) -> list[int]:
+    messages = condition_messages(prompt, names, weights, cfg.conditioning.style, cfg.conditioning.decimals)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) > cfg.model.max_prompt_tokens:
+        raise ConfigError(
+            f"prompt {prompt[:60]!r} is {len(ids)} tokens after conditioning, over model.max_prompt_tokens={cfg.model.max_prompt_tokens}"
+        )
+    return ids
+
+
+def _chunks(n: int, parts: int) -> list[slice]:
+    """`parts` contiguous slices covering range(n), sizes differing by at most one."""
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _generate(cfg: RunConfig, generators, prompt_ids: list[list[int]], step: int) -> list[list[dict]]:
+    r = cfg.rollout
+    # Per-prompt seeds depend only on (seed, step, prompt): the same completions whatever the
+    # number of generators, and again after a resume.
+    seeds = [int(np.random.SeedSequence([cfg.seed, step, i]).generate_state(1)[0]) for i in range(len(prompt_ids))]
+    parts = [s for s in _chunks(len(prompt_ids), len(generators)) if s.stop > s.start]
+    args = [(prompt_ids[s], r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, seeds[s]) for s in parts]
+    out: list[list[dict]] = []
+    for chunk in generators.call_each("generate", args, step=step):
+        out += chunk
+    return out
+
+
+def _score(cfg: RunConfig, scorers, prompts: list[str], samples: list[list[dict]], step: int) -> np.ndarray:
+    flat_prompts = [p for p, group in zip(prompts, samples) for _ in group]
+    flat_texts = [s["text"] for group in samples for s in group]
+    parts = [s for s in _chunks(len(flat_texts), len(scorers)) if s.stop > s.start]
+    scores = scorers.call_each("score", [(flat_prompts[s], flat_texts[s]) for s in parts], step=step)
+    stacked = np.concatenate(scores, axis=0)
+    return check_rewards(stacked.reshape(len(prompts), cfg.rollout.samples_per_prompt, -1), len(prompts), cfg.rollout.samples_per_prompt, cfg.objective_names)
+
+
+def _learn(cfg: RunConfig, learners, prompt_ids, samples, pairs, step: int) -> dict[str, float]:
+    if not pairs:
+        log.warning("step %d: every candidate pair was a tie; no learner update", step)
+        return {}
+    total_weight = float(sum(p.loss_weight for p in pairs))
+    shards = []
+    for s in _chunks(len(pairs), len(learners)):
+        part = pairs[s]
+        shards.append(
+            (
+                {
+                    "prompt_ids": [prompt_ids[p.prompt] for p in part],
+                    "chosen_ids": [samples[p.prompt][p.chosen]["token_ids"] for p in part],
+                    "rejected_ids": [samples[p.prompt][p.rejected]["token_ids"] for p in part],
+                    "loss_weights": [p.loss_weight for p in part],
+                    "total_weight": total_weight,
+                },
+            )
+        )
+    return _merge_rank_metrics(learners.call_each("train_step", shards, step=step))
+
+
+def _merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Step metrics from the data-parallel ranks' sums: the loss is sum_i w_i l_i / sum_i w_i over
+    all ranks' pairs; per-pair means divide the ranks' sums by the total pair count."""
+    pairs = sum(m["pairs"] for m in per_rank)
+    per_pair = max(pairs, 1)
+    first = per_rank[0]
+    return {
+        "loss": sum(m["objective"] for m in per_rank),
+        "chosen_reward": sum(m["chosen_reward_sum"] for m in per_rank) / per_pair,
+        "rejected_reward": sum(m["rejected_reward_sum"] for m in per_rank) / per_pair,
+        "margin": sum(m["margin_sum"] for m in per_rank) / per_pair,
+        "accuracy": sum(m["accuracy_sum"] for m in per_rank) / per_pair,
+        "kl": sum(m["kl_sum"] for m in per_rank) / (2 * per_pair),
+        "grad_norm": first["grad_norm"],
+        "lr": first["lr"],
+        "learner_step": first["step"],
+        "time/learner_compute_s": max(m["seconds"] for m in per_rank),
+    }
+
+
+def _sync_weights(cfg: RunConfig, learners, generators, version: int, step: int) -> dict[str, float]:
+    t = time.perf_counter()
+    refs = learners.wait([learners.actors[0].export_weight_refs.remote(cfg.sync.bucket_mb)], "export_weight_refs", step)[0]
+    exported = time.perf_counter() - t
+    loaded = generators.call("load_weight_refs", refs, version, cfg.ray_timeout_s, step=step)
+    return {"time/sync_export_s": exported, "sync/buckets": len(refs), "sync/bytes": loaded[0].get("bytes", 0)}
+
+
+def _step_metrics(names, raw, samples, selection, learn, timings, version) -> dict[str, float]:
+    metrics: dict[str, float] = {f"reward/{n}": float(raw[:, :, k].mean()) for k, n in enumerate(names)}
+    tokens = sum(len(s["token_ids"]) for group in samples for s in group)
+    metrics.update(
+        {
+            "version": version,
+            "pairs": len(selection.pairs),
+            "dropped_ties": selection.dropped_ties,
+            "dropped_zero_weight": selection.dropped_zero_weight,
+            "tokens_generated": tokens,
+            "tokens_per_s": tokens / max(timings["time/generate_s"], 1e-9),
+            "pairs_per_s": len(selection.pairs) / max(timings["time/step_s"], 1e-9),
+            "completion_tokens_mean": tokens / max(1, sum(len(g) for g in samples)),
+        }
+    )
+    metrics.update(timings)
+    metrics.update({k: float(v) for k, v in learn.items()})
+    return metrics
+
+
+def _checkpoint(cfg: RunConfig, run_dir: Path, learners, state: LoopState) -> None:
+    staging = staging_dir(run_dir, state.step)
+    learners.call("save_checkpoint", str(staging / "learner"), step=state.step)
+    final = publish(staging, state.step, state.state_dict(), cfg.checkpoint.keep_last)
+    log.info("checkpoint %s", final)
+
+
+def _progress(cfg: RunConfig, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=start, desc="mo-odpo", unit="step", disable=not cfg.logging.progress_bar, file=sys.stderr)
+
+
+def _setup_logging(cfg: RunConfig) -> None:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=cfg.logging.level, format=fmt, force=True)
+    handler = logging.FileHandler(run_dir / "orchestrator.log")
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.getLogger().addHandler(handler)
+
+
+def _report(summary: dict[str, Any]) -> None:
+    log.info("run directory: %s (checkpoint %s)", summary["run_dir"], summary["checkpoint"])
+    history = summary["history"]
+    if history:
+        keys = ["time/generate_s", "time/score_s", "time/learn_s", "time/sync_s", "time/step_s", "pairs_per_s", "tokens_per_s"]
+        means = {k: np.mean([h[k] for h in history if k in h]) for k in keys}
+        log.info("mean per step: " + ", ".join(f"{k}={v:.2f}" for k, v in means.items()))
+    for name, start in summary["reward_start"].items():
+        end = summary["reward_end"].get(name)
+        log.info("reward %-12s start %+.4f  end %+.4f  change %+.4f", name, start, end, end - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML preset (see configs/); defaults apply when omitted")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.prompts_per_step=16")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        logging.basicConfig(format="%(levelname)s: %(message)s")
+        log.error("%s", exc)
+        return 2
+    _setup_logging(cfg)
+    summary = run(cfg, args.address)
+    _report(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

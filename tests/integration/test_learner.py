@@ -1,0 +1,326 @@
+"""The DeepSpeed learner on a tiny random Llama (CPU, gloo).
+
+Only one Learner (one process group) lives at a time in this process: each test closes its own.
+The data-parallel test runs its two ranks as subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from actors.learner import Learner, checkpoint_keys
+from moalign.config import load_config
+from moalign.models import build_tiny_model
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = ["learner.micro_batch_pairs=2", "rollout.prompts_per_step=4", "learner.lora.rank=4", "learner.lora.alpha=8"]
+
+# Hand-made pairs with different prompt/completion lengths, so padding and masking matter.
+PAIRS = [
+    ([1, 2, 3], [10, 11], [20]),
+    ([4, 5], [12], [21, 22, 23]),
+    ([6, 7, 8, 9], [13, 14, 15], [24, 25]),
+    ([30, 31], [32, 33, 34, 35], [36]),
+]
+
+
+def make_batch(pairs, weights, total=None) -> dict:
+    return {
+        "prompt_ids": [list(p) for p, _, _ in pairs],
+        "chosen_ids": [list(c) for _, c, _ in pairs],
+        "rejected_ids": [list(r) for _, _, r in pairs],
+        "loss_weights": list(weights),
+        "total_weight": float(sum(weights) if total is None else total),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_learner(model_dir, overrides=(), **kw) -> Learner:
+    cfg = load_config(None, [*BASE, *overrides])
+    return Learner(cfg, str(model_dir), master_port=free_port(), **kw)
+
+
+def trainable(learner: Learner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in learner.engine.module.named_parameters() if p.requires_grad}
+
+
+def assert_finite_metrics(m: dict) -> None:
+    for key in ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "kl", "grad_norm", "objective"):
+        assert math.isfinite(m[key]), (key, m[key])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tiny) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(tiny / "model.safetensors"))
+
+
+def _seq_logp(model, prompt, completion) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion])
+    logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    picked = logp.gather(-1, ids[0, 1:, None]).squeeze(-1)
+    return picked[len(prompt) - 1 :].sum()
+
+
+def test_first_step_matches_closed_form(tiny):
+    """At step 0 policy == reference, so every pair's sigmoid loss is log 2; the gradient norm the
+    learner reports must be that of sum_i w_i l_i / total_weight computed by plain HF forwards."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    learner = new_learner(tiny)
+    try:
+        pairs, weights = PAIRS[:2], [1.0, 3.0]
+        before = trainable(learner)
+
+        # An independent computation: no padding, no logits_to_keep, one sequence at a time.
+        lc = learner.cfg.learner.lora
+        manual = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32),
+            LoraConfig(r=lc.rank, lora_alpha=lc.alpha, lora_dropout=0.0, target_modules=list(lc.target_modules), task_type="CAUSAL_LM"),
+        )
+        params = dict(manual.named_parameters())
+        with torch.no_grad():
+            for n, t in before.items():
+                params[n].copy_(t)
+        beta = learner.cfg.algorithm.beta
+        total = 0.0
+        for (p, c, r), w in zip(pairs, weights):
+            pc, pr = _seq_logp(manual, p, c), _seq_logp(manual, p, r)
+            with torch.no_grad(), manual.disable_adapter():
+                rc, rr = _seq_logp(manual, p, c), _seq_logp(manual, p, r)
+            loss_i = -F.logsigmoid(beta * ((pc - rc) - (pr - rr)))
+            assert loss_i.item() == pytest.approx(math.log(2), abs=1e-6)
+            total = total + w * loss_i / sum(weights)
+        grads = torch.autograd.grad(total, [params[n] for n in before])
+        manual_norm = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+        assert manual_norm > 0
+
+        m = learner.train_step(make_batch(pairs, weights))
+        assert_finite_metrics(m)
+        assert m["step"] == 1 and m["pairs"] == 2 and m["capacity"] == 4
+        assert m["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert m["objective"] == pytest.approx(total.item(), abs=1e-6)
+        assert m["chosen_reward"] == pytest.approx(0.0, abs=1e-6) and m["kl"] == pytest.approx(0.0, abs=1e-6)
+        assert m["grad_norm"] == pytest.approx(manual_norm, rel=1e-4)
+
+        after = trainable(learner)
+        assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+        assert learner.ping()["step"] == 1
+
+        m2 = learner.train_step(make_batch(pairs, weights))
+        assert_finite_metrics(m2)
+        assert m2["step"] == 2 and m2["loss"] < m["loss"] and m2["margin"] > 0
+    finally:
+        learner.close()
+
+
+def _one_step(model_dir, overrides, batch) -> tuple[dict, dict[str, torch.Tensor]]:
+    learner = new_learner(model_dir, overrides)
+    try:
+        metrics = learner.train_step(batch)
+        return metrics, trainable(learner)
+    finally:
+        learner.close()
+
+
+LR = 1e-3
+# Adam's first update is lr * g / (|g| + eps): scale-free (grad_norm checks the scale), and for the
+# rare element with |g| near eps it turns float-level differences of g into ~1e-7-sized ones.
+WEIGHT_ATOL = 1e-2 * LR
+
+
+def _assert_same_step(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
+    (ma, wa), (mb, wb) = a, b
+    assert ma["loss"] == pytest.approx(mb["loss"], abs=1e-6)
+    assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-5)
+    assert wa.keys() == wb.keys()
+    for n in wa:
+        torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=WEIGHT_ATOL, msg=n)
+
+
+def test_zero_weight_padding_changes_nothing(tiny, tmp_path):
+    """3 real pairs in a capacity-4 step (one dummy, 2 accumulation steps) == the same 3 pairs in a
+    capacity-3 step (no dummy, 3 accumulation steps); a 2-rank run of them must agree too."""
+    weights = [1.0, 0.5, 2.0]
+    batch = make_batch(PAIRS[:3], weights)
+    padded = _one_step(tiny, [f"learner.lr={LR}"], batch)
+    exact = _one_step(tiny, [f"learner.lr={LR}", "learner.micro_batch_pairs=1", "rollout.prompts_per_step=3"], batch)
+    assert padded[0]["capacity"] == 4 and exact[0]["capacity"] == 3
+    _assert_same_step(padded, exact)
+
+    # Data parallel: rank 0 holds two pairs, rank 1 one pair and a dummy; total_weight is global.
+    port = free_port()
+    shards = [make_batch(PAIRS[:2], weights[:2], total=sum(weights)), make_batch(PAIRS[2:3], weights[2:], total=sum(weights))]
+    procs = []
+    for rank, shard in enumerate(shards):
+        spec = {"model": str(tiny), "rank": rank, "port": port, "batch": shard, "out": str(tmp_path / f"rank{rank}.pt")}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-c", f"from tests.integration.test_learner import _dp_worker; _dp_worker({json.dumps(spec)!r})"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["metrics"]["pairs"] for r in results] == [2, 1]
+    assert sum(r["metrics"]["objective"] for r in results) == pytest.approx(padded[0]["objective"], abs=1e-6)
+    for r in results:
+        assert r["metrics"]["grad_norm"] == pytest.approx(padded[0]["grad_norm"], rel=1e-5)
+        for n, t in padded[1].items():
+            torch.testing.assert_close(r["weights"][n], t, rtol=0, atol=WEIGHT_ATOL, msg=n)
+
+
+def _dp_worker(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    cfg = load_config(None, [*BASE, f"learner.lr={LR}", "actors.num_learners=2"])
+    learner = Learner(cfg, spec["model"], rank=spec["rank"], world_size=2, master_port=spec["port"])
+    try:
+        metrics = learner.train_step(spec["batch"])
+        torch.save({"metrics": metrics, "weights": trainable(learner)}, spec["out"])
+    finally:
+        learner.close()
+
+
+def test_export_weights_match_checkpoint_and_policy(tiny, tiny_weights):
+    from transformers import AutoModelForCausalLM
+
+    learner = new_learner(tiny, ["learner.lr=1e-2"])
+    try:
+        learner.train_step(make_batch(PAIRS, [1.0, 1.0, 1.0, 1.0]))
+        buckets = learner.export_weights(bucket_mb=0.05)
+        assert len(buckets) > 1
+        flat = [nt for b in buckets for nt in b]
+        exported = dict(flat)
+        assert len(exported) == len(flat)
+        assert set(exported) == set(tiny_weights) == checkpoint_keys(tiny)
+        for name, t in exported.items():
+            assert t.shape == tiny_weights[name].shape and t.dtype == torch.float32, name
+            assert t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad, name
+        # LoRA targets moved, everything else is the checkpoint's.
+        assert not torch.equal(exported["model.layers.0.self_attn.q_proj.weight"], tiny_weights["model.layers.0.self_attn.q_proj.weight"])
+        torch.testing.assert_close(exported["model.embed_tokens.weight"], tiny_weights["model.embed_tokens.weight"], rtol=0, atol=0)
+
+        # The merge is out of place: the training base weights are still the checkpoint's, and the
+        # exported tensors share no storage with them.
+        base = learner.engine.module.get_base_model()
+        q = base.model.layers[0].self_attn.q_proj
+        torch.testing.assert_close(q.base_layer.weight.detach(), tiny_weights["model.layers.0.self_attn.q_proj.weight"], rtol=0, atol=0)
+        exported["model.embed_tokens.weight"].add_(1.0)
+        torch.testing.assert_close(base.model.embed_tokens.weight.detach(), tiny_weights["model.embed_tokens.weight"], rtol=0, atol=0)
+        exported["model.embed_tokens.weight"].sub_(1.0)
+
+        plain = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+        missing, unexpected = plain.load_state_dict(exported, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}
+        seqs = [[1, 5, 9, 200, 3000, 7], [42, 43, 44]]
+        ours = learner.token_logprobs(seqs)
+        with torch.no_grad():
+            for seq, lp in zip(seqs, ours):
+                ids = torch.tensor([seq])
+                ref = F.log_softmax(plain(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+                torch.testing.assert_close(torch.tensor(lp), ref, rtol=0, atol=1e-5)
+        # Summed completion log-probs agree with the per-token ones.
+        seq_lp = learner.sequence_logprobs([seqs[0][:2]], [seqs[0][2:]])
+        assert seq_lp[0] == pytest.approx(sum(ours[0][1:]), abs=1e-5)
+    finally:
+        learner.close()
+
+
+def test_full_finetuning_keeps_reference_frozen(tiny, tiny_weights):
+    learner = new_learner(tiny, ["learner.lora.enabled=false", "learner.lr=1e-3"])
+    try:
+        assert learner.ref_model is not None and not any(p.requires_grad for p in learner.ref_model.parameters())
+        batch = make_batch(PAIRS, [1.0, 2.0, 1.0, 0.5])
+        m1 = learner.train_step(batch)
+        m2 = learner.train_step(batch)
+        for m in (m1, m2):
+            assert_finite_metrics(m)
+        assert m1["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert m2["loss"] < m1["loss"] and m2["kl"] != 0.0
+        ref = dict(learner.ref_model.named_parameters())
+        for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+            torch.testing.assert_close(ref[name].detach(), tiny_weights[name], rtol=0, atol=0)
+        exported = dict(nt for b in learner.export_weights(64) for nt in b)
+        assert set(exported) == set(tiny_weights)
+        assert not torch.equal(exported["model.layers.0.mlp.up_proj.weight"], tiny_weights["model.layers.0.mlp.up_proj.weight"])
+    finally:
+        learner.close()
+
+
+def test_resume_matches_uninterrupted_run(tiny, tmp_path):
+    # LoRA dropout makes step 3 depend on the restored RNG, not only on weights and Adam state.
+    overrides = ["learner.lr=1e-2", "learner.lora.dropout=0.1"]
+    batches = [make_batch(PAIRS[i:] + PAIRS[:i], [1.0, 0.5, 2.0, 1.5]) for i in range(3)]
+    ckpt = tmp_path / "ckpt"
+    learner = new_learner(tiny, overrides)
+    try:
+        learner.train_step(batches[0])
+        learner.train_step(batches[1])
+        learner.save_checkpoint(str(ckpt))
+        straight = learner.train_step(batches[2])
+    finally:
+        learner.close()
+    assert (ckpt / "learner_state_rank0.pt").is_file()
+    # Only adapters are saved: the tied embedding (12.6 MB here) must not sneak in as lm_head.weight.
+    assert (ckpt / "learner" / "mp_rank_00_model_states.pt").stat().st_size < 1_000_000
+
+    resumed = new_learner(tiny, overrides)
+    try:
+        resumed.load_checkpoint(str(ckpt))
+        assert resumed.ping()["step"] == 2
+        again = resumed.train_step(batches[2])
+    finally:
+        resumed.close()
+    assert again["step"] == straight["step"] == 3
+    assert again["loss"] == pytest.approx(straight["loss"], abs=1e-6)
+    assert again["grad_norm"] == pytest.approx(straight["grad_norm"], rel=1e-5)
+
+
+def test_bad_batches_raise_value_error(tiny, tmp_path):
+    # A learner that fails to start releases its process group, so the next one can start.
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        new_learner(tmp_path / "missing")
+    learner = new_learner(tiny)
+    try:
+        good = make_batch(PAIRS[:2], [1.0, 1.0])
+        cases = {
+            "chosen_ids": {**good, "chosen_ids": [[10]]},
+            r"rejected_ids'\]\[1\]": {**good, "rejected_ids": [[20], []]},
+            r"loss_weights'\]\[0\]": {**good, "loss_weights": [float("nan"), 1.0]},
+            r"loss_weights'\]\[1\]": {**good, "loss_weights": [1.0, -1.0]},
+            "total_weight": {**good, "total_weight": 1.0},
+            "capacity": make_batch(PAIRS + PAIRS[:1], [1.0] * 5),
+            "prompt_ids": {**good, "prompt_ids": [[1], [10**9]]},
+            "missing field": {k: v for k, v in good.items() if k != "loss_weights"},
+        }
+        for pattern, batch in cases.items():
+            with pytest.raises(ValueError, match=pattern):
+                learner.train_step(batch)
+        assert learner.step == 0
+        m = learner.train_step(make_batch(PAIRS[:1], [0.0], total=0.0))
+        assert m["skipped"] == 1 and learner.step == 0
+    finally:
+        learner.close()
