@@ -20,7 +20,6 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -43,33 +42,6 @@ def sample_seed(prompt_seed: int, sample: int) -> int:
     """
     digest = hashlib.blake2b(f"{prompt_seed}:{sample}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # the engine wants a non-negative int64
-
-
-def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]] | None:
-    """Tensor names and shapes of an HF checkpoint, read from headers only (no weights).
-
-    None when the directory holds no format we can read cheaply; weight names are then
-    checked by vLLM alone.
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-    files = sorted(model_dir.glob("*.safetensors"))
-    if files:
-        from safetensors import safe_open
-
-        for f in files:
-            with safe_open(str(f), framework="pt") as handle:
-                for name in handle.keys():
-                    shapes[name] = tuple(handle.get_slice(name).get_shape())
-        return shapes
-    bins = sorted(model_dir.glob("pytorch_model*.bin"))
-    if bins:
-        import torch
-
-        for f in bins:
-            state = torch.load(f, map_location="meta", weights_only=True, mmap=True)
-            shapes.update({k: tuple(v.shape) for k, v in state.items()})
-        return shapes
-    return None
 
 
 def _finalize_failed_reload(wrapper: Any) -> None:
@@ -138,7 +110,7 @@ class Generator:
         import vllm
         from vllm.platforms import current_platform
 
-        from moalign.models import resolve_model_path
+        from moalign.models import checkpoint_shapes, resolve_model_path
 
         if _LIVE:
             gc.collect()  # a dropped Generator may linger in a reference cycle

@@ -27,7 +27,8 @@ import torch
 
 from moalign.config import RunConfig
 from moalign.losses import dpo_margin, preference_loss
-from moalign.models import resolve_model_path
+from moalign.models import checkpoint_shapes, resolve_model_path
+from moalign.weight_sync import bucketize
 
 log = logging.getLogger(__name__)
 
@@ -37,52 +38,6 @@ _DS_TAG = "learner"
 _STATE_FILE = "learner_state_rank{rank}.pt"
 
 NamedTensors = list[tuple[str, torch.Tensor]]
-
-
-def _local_bucketize(named_tensors: Sequence[tuple[str, torch.Tensor]], bucket_mb: float) -> list[NamedTensors]:
-    # Fallback with the same contract as moalign.weight_sync.bucketize: order kept, a tensor larger
-    # than a bucket travels alone.
-    if not bucket_mb > 0:
-        raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
-    limit = bucket_mb * 1024 * 1024
-    buckets: list[NamedTensors] = []
-    current: NamedTensors = []
-    size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > limit:
-            buckets.append(current)
-            current, size = [], 0
-        current.append((name, tensor))
-        size += nbytes
-    if current:
-        buckets.append(current)
-    return buckets
-
-
-def _bucketize(named_tensors: Sequence[tuple[str, torch.Tensor]], bucket_mb: float) -> list[NamedTensors]:
-    try:
-        from moalign.weight_sync import bucketize
-    except ImportError:
-        return _local_bucketize(named_tensors, bucket_mb)
-    return bucketize(named_tensors, bucket_mb)
-
-
-def checkpoint_keys(model_dir: str | os.PathLike) -> set[str] | None:
-    """Tensor names stored in a Hugging Face checkpoint directory (safetensors), or None if unknown."""
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        import json
-
-        return set(json.loads(index.read_text())["weight_map"])
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), "pt") as f:
-            return set(f.keys())
-    return None
 
 
 class Learner:
@@ -152,7 +107,8 @@ class Learner:
         torch.manual_seed(cfg.seed)
         path = resolve_model_path(model_path, cfg.model.cache_dir)
         self.model_path = str(path)
-        self._ckpt_keys = checkpoint_keys(path)
+        shapes = checkpoint_shapes(path)
+        self._ckpt_keys = set(shapes) if shapes is not None else None
         model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         model.config.use_cache = False
         # The base model's dropout off (as TRL's DPO does): with LoRA the reference is this same
@@ -564,7 +520,7 @@ class Learner:
     def export_weights(self, bucket_mb: float) -> list[NamedTensors]:
         """Full policy weights (LoRA merged out of place) under the checkpoint's Hugging Face names,
         as detached contiguous CPU tensors in the model dtype, in buckets of about `bucket_mb` MiB."""
-        return _bucketize(self._named_full_weights(), bucket_mb)
+        return bucketize(self._named_full_weights(), bucket_mb)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -117,3 +117,31 @@ def build_tiny_model(dest: str | os.PathLike, seed: int = 0, hidden_size: int = 
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
     return dest
+
+
+def checkpoint_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
+    """Tensor names and shapes of an HF checkpoint, read from headers only (no weights).
+
+    None when the directory holds no format we can read cheaply; weight names are then
+    checked by vLLM alone.
+    """
+    model_dir = Path(model_dir)
+    shapes: dict[str, tuple[int, ...]] = {}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        return shapes
+    bins = sorted(model_dir.glob("pytorch_model*.bin"))
+    if bins:
+        import torch
+
+        for f in bins:
+            state = torch.load(f, map_location="meta", weights_only=True, mmap=True)
+            shapes.update({k: tuple(v.shape) for k, v in state.items()})
+        return shapes
+    return None

@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actors.learner import Learner, checkpoint_keys
+from actors.learner import Learner
+from moalign.models import checkpoint_shapes
 from moalign.config import load_config
 from moalign.models import build_tiny_model
 
@@ -215,7 +216,7 @@ def test_export_weights_match_checkpoint_and_policy(tiny, tiny_weights):
         flat = [nt for b in buckets for nt in b]
         exported = dict(flat)
         assert len(exported) == len(flat)
-        assert set(exported) == set(tiny_weights) == checkpoint_keys(tiny)
+        assert set(exported) == set(tiny_weights) == set(checkpoint_shapes(tiny))
         for name, t in exported.items():
             assert t.shape == tiny_weights[name].shape and t.dtype == torch.float32, name
             assert t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad, name
