@@ -347,6 +347,11 @@ def _merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _sync_weights(cfg: RunConfig, learners, generators, version: int, step: int) -> dict[str, float]:
+    if cfg.sync.backend == "broadcast":
+        from actors.ray_actors import broadcast_sync
+
+        # The collective's own timeout below the Ray one: a dead peer is then reported as the cause.
+        return broadcast_sync(learners, generators, cfg.sync.bucket_mb, version, step, timeout_s=0.8 * cfg.ray_timeout_s)
     t = time.perf_counter()
     refs = learners.wait([learners.actors[0].export_weight_refs.remote(cfg.sync.bucket_mb)], "export_weight_refs", step)[0]
     exported = time.perf_counter() - t

@@ -85,6 +85,14 @@ def _refresh_tied_heads(wrapper: Any) -> int:
     return refreshed
 
 
+class _ExpectedReloadWarnings(logging.Filter):
+    """Drops vLLM's per-reload warning for layers that have nothing to load by design: rotary
+    embeddings (recomputed) and a tied LM head (it aliases the embedding; refreshed below)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage() in ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights"))
+
+
 class Generator:
     """A vLLM engine that samples completions and swaps in new weights without restarting.
 
@@ -146,6 +154,7 @@ class Generator:
             # The engine argument, not VLLM_CPU_KVCACHE_SPACE: that legacy variable takes whole
             # GiB only and, when set, overrides this value (vllm/platforms/cpu.py).
             engine_args["kv_cache_memory_bytes"] = int(cpu_kvcache_gb * (1 << 30))
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_ExpectedReloadWarnings())
         started = time.perf_counter()
         self.llm = vllm.LLM(**engine_args)
         self._sampling_params_cls = vllm.SamplingParams
@@ -158,6 +167,7 @@ class Generator:
             self._expected.setdefault("lm_head.weight", self._expected["model.embed_tokens.weight"])
             self._optional.add("lm_head.weight")
         self.version = 0
+        self._broadcast: Any = None  # a moalign.weight_sync.BroadcastGroup once open_broadcast ran
         _LIVE.add(self)
         log.info(
             "generator ready: %s (%s, tp=%d, %s) in %.1fs",
@@ -340,6 +350,99 @@ class Generator:
         except Exception as exc:
             # Raised from inside the caller's except block, so the original error stays chained.
             raise RuntimeError("generator could not restore its weights after a failed load; restart it") from exc
+
+    # ------------------------------------------------------------------ broadcast weight sync
+
+    def open_broadcast(
+        self, master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float, backend: str | None = None
+    ) -> dict:
+        """Join the learner's broadcast group as `rank` (>= 1); blocks until every rank joined.
+        `backend`: default NCCL when the engine runs on a GPU, else gloo."""
+        from moalign.weight_sync import open_broadcast_group
+
+        if rank < 1:
+            raise ValueError(f"generator ranks start at 1 (rank 0 is the learner), got {rank}")
+        self.close_broadcast()
+        backend = backend or ("gloo" if self.on_cpu else "nccl")
+        self._broadcast = open_broadcast_group(master_addr, master_port, rank, world_size, backend, timeout_s)
+        return {"backend": backend, "rank": rank}
+
+    def close_broadcast(self) -> None:
+        group, self._broadcast = self._broadcast, None
+        if group is not None:
+            group.close()
+
+    def _check_manifest(self, manifest: Sequence[Sequence[tuple]]) -> None:
+        """load_weights' checks, on the manifest alone: a bad set is refused before any byte
+        arrives, so the engine keeps its weights instead of falling back to the checkpoint."""
+        import torch
+
+        from moalign.weight_sync import dtype_from_name
+
+        seen: set[str] = set()
+        for index, entries in enumerate(manifest):
+            bucket = [(name, torch.empty(tuple(shape), dtype=dtype_from_name(dtype), device="meta")) for name, shape, dtype, _, _ in entries]
+            self._check_bucket(index, bucket, seen)
+        if self._expected is not None:
+            missing = sorted(set(self._expected) - self._optional - seen)
+            if missing:
+                raise ValueError(f"incomplete weights: {len(missing)} missing, e.g. {missing[:5]}")
+
+    def receive_weights(self, manifest: Sequence[Sequence[tuple]], version: int) -> dict:
+        """Receive the learner's `broadcast_weights` (one flat buffer per bucket of `manifest`,
+        from `learner.weight_manifest`) and load it as `version`, like `load_weights`.
+
+        Buckets are received on demand as vLLM consumes them, so about one bucket is resident.
+        If this generator refuses the weights (bad manifest, bad version, failed load), it still
+        receives the remaining buckets before raising: the learner and the other generators
+        then finish the broadcast instead of waiting for a timeout, and the group stays usable.
+        A failure of the collective itself (peer gone, timeout) closes the group.
+        """
+        import torch
+
+        from moalign.weight_sync import BroadcastError, manifest_nbytes, unflatten_bucket
+
+        group = self._broadcast
+        if group is None or not group.is_open:
+            raise RuntimeError("no open broadcast group: call open_broadcast first (a failed broadcast closes it)")
+        device = torch.device("cpu") if group.backend == "gloo" else torch.device("cuda", torch.cuda.current_device())
+        sizes = [manifest_nbytes(entries) for entries in manifest]
+        received = 0
+        waited = 0.0
+
+        def receive(i: int) -> torch.Tensor:
+            nonlocal received, waited
+            # A fresh buffer per bucket: vLLM may still hold views of the previous one until
+            # every part of a layer (q/k/v, gate/up) has arrived.
+            flat = torch.empty(sizes[i], dtype=torch.uint8, device=device)
+            t = time.perf_counter()
+            group.broadcast(flat, root=0)
+            waited += time.perf_counter() - t
+            received += 1
+            return flat
+
+        def buckets():
+            for i, entries in enumerate(manifest):
+                yield unflatten_bucket(receive(i), entries)
+
+        started = time.perf_counter()
+        try:
+            self._check_manifest(manifest)
+            result = self.load_weights(buckets(), version)
+            if received != len(manifest):
+                raise RuntimeError(f"the weight load stopped after {received} of {len(manifest)} buckets")
+        except BroadcastError:
+            self.close_broadcast()
+            raise
+        except BaseException:
+            try:
+                while received < len(manifest):
+                    receive(received)
+            except BroadcastError:
+                self.close_broadcast()
+            raise
+        result.update(seconds=time.perf_counter() - started, receive_wait_s=waited, buckets=received)
+        return result
 
     # ------------------------------------------------------------------ health
 

@@ -28,7 +28,7 @@ import torch
 from moalign.config import RunConfig
 from moalign.losses import dpo_margin, preference_loss
 from moalign.models import checkpoint_shapes, resolve_model_path
-from moalign.weight_sync import bucketize
+from moalign.weight_sync import BroadcastGroup, bucket_manifest, bucketize, flatten_bucket, open_broadcast_group
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ class Learner:
         self.world_size = world_size
         self.step = 0
         self.engine: Any = None
+        self._broadcast: BroadcastGroup | None = None
+        # Buckets computed by weight_manifest() for the broadcast_weights() that follows: (step, bucket_mb, buckets).
+        self._staged: tuple[int, float, list[NamedTensors]] | None = None
         self.dtype = _DTYPES[cfg.model.dtype]
         if self.dtype == torch.float16:
             # fp16 training needs dynamic loss scaling, whose skipped steps would break the
@@ -522,6 +525,67 @@ class Learner:
         as detached contiguous CPU tensors in the model dtype, in buckets of about `bucket_mb` MiB."""
         return bucketize(self._named_full_weights(), bucket_mb)
 
+    # ------------------------------------------------------------------ broadcast weight sync
+
+    def open_broadcast(
+        self, master_addr: str, master_port: int, world_size: int, timeout_s: float, backend: str | None = None
+    ) -> dict:
+        """Host a broadcast group as its rank 0 (the generators are ranks 1..world_size-1); blocks
+        until every rank joined. `backend`: default NCCL when this learner is on CUDA, else gloo."""
+        if self.rank != 0:
+            raise RuntimeError(f"only learner rank 0 broadcasts weights; this is rank {self.rank}")
+        self.close_broadcast()
+        backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        self._broadcast = open_broadcast_group(master_addr, master_port, 0, world_size, backend, timeout_s)
+        return {"backend": backend, "world_size": world_size}
+
+    def close_broadcast(self) -> None:
+        group, self._broadcast = self._broadcast, None
+        self._staged = None
+        if group is not None:
+            group.close()
+
+    @torch.no_grad()
+    def weight_manifest(self, bucket_mb: float) -> list[list[tuple]]:
+        """Per bucket, the flat-buffer manifest (name, shape, dtype, byte offset, numel) that the
+        next `broadcast_weights(bucket_mb)` sends, in order. The receivers need it before the
+        broadcast starts to allocate their buffers, so this is a separate call; the weights it
+        computes are kept for that broadcast rather than merged twice."""
+        buckets = bucketize(self._named_full_weights(), bucket_mb)
+        self._staged = (self.step, bucket_mb, buckets)
+        return [bucket_manifest(b) for b in buckets]
+
+    @torch.no_grad()
+    def broadcast_weights(self, bucket_mb: float) -> dict:
+        """Broadcast the weights described by the last `weight_manifest(bucket_mb)`, one flat
+        buffer per bucket; every generator must be in `receive_weights` with that manifest."""
+        group = self._broadcast
+        if group is None or not group.is_open:
+            raise RuntimeError("no open broadcast group: call open_broadcast first (a failed broadcast closes it)")
+        staged, self._staged = self._staged, None
+        if staged is not None and staged[:2] == (self.step, bucket_mb):
+            buckets = staged[2]
+        else:
+            # Names, shapes and order never change between steps, so the receivers' manifest
+            # still matches; only the values are recomputed.
+            log.warning("broadcast_weights: no weights staged for step %d at %s MiB; recomputing", self.step, bucket_mb)
+            buckets = bucketize(self._named_full_weights(), bucket_mb)
+        device = self.device if group.backend == "nccl" else torch.device("cpu")
+        started, sent = time.perf_counter(), 0
+        try:
+            for i in range(len(buckets)):
+                flat, _ = flatten_bucket(buckets[i], device=device)
+                buckets[i] = []  # the CPU copy is in `flat` now; drop it so memory shrinks as we go
+                group.broadcast(flat, root=0)
+                sent += flat.numel()
+        except BaseException:
+            # The peers are at unknown points of the sequence: the group cannot be reused.
+            self.close_broadcast()
+            raise
+        seconds = time.perf_counter() - started
+        log.info("broadcast %d buckets (%.1f MB) over %s in %.2fs", len(buckets), sent / 1e6, group.backend, seconds)
+        return {"seconds": seconds, "bytes": sent, "buckets": len(buckets)}
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, path: str) -> None:
@@ -615,6 +679,7 @@ class Learner:
         """Free the engine and the process group, so another Learner can start in this process."""
         import deepspeed.comm as dist
 
+        self.close_broadcast()
         if self.engine is not None:
             destroy = getattr(self.engine, "destroy", None)
             if destroy is not None:

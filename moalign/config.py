@@ -191,8 +191,8 @@ class SyncConfig(_Section):
     """Push learner weights to the generators every this many steps."""
     bucket_mb: float = Field(64.0, gt=0, le=65536)
     """Weights travel in buckets of about this many MiB."""
-    backend: Literal["object_store", "nccl"] = "object_store"
-    """`object_store` (Ray, any host) or `nccl` (GPU broadcast)."""
+    backend: Literal["object_store", "broadcast"] = "object_store"
+    """`object_store`: buckets through Ray's object store; `broadcast`: a torch.distributed broadcast from learner rank 0 to every generator (NCCL on GPUs, gloo on CPU)."""
 
 
 class CheckpointConfig(_Section):
@@ -268,8 +268,6 @@ class RunConfig(_Section):
             raise ValueError(f"algorithm.modpo_objective: {self.algorithm.modpo_objective} is not an objective index (0..{k - 1})")
         if self.algorithm.mopo.primary >= k:
             raise ValueError(f"algorithm.mopo.primary: {self.algorithm.mopo.primary} is not an objective index (0..{k - 1})")
-        if self.sync.backend == "nccl" and self.actors.learner_gpus == 0:
-            raise ValueError("sync.backend: 'nccl' needs GPUs (actors.learner_gpus > 0); use 'object_store' on CPU hosts")
         pairs = self.pairs_per_step
         shard = self.actors.num_learners * self.learner.micro_batch_pairs
         if pairs % shard:

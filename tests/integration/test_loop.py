@@ -119,3 +119,20 @@ def test_dead_actor_is_reported_with_role_step_and_cause(tiny_model, ray_cluster
         run(cfg)
     assert err.value.role == "reward" and err.value.step == 1 and "died" in err.value.cause
     assert list_checkpoints(tmp_path / "run") == []
+
+
+def test_actor_groups_scale_independently(tiny_model, ray_cluster, tmp_path):
+    cfg = tiny_config(
+        tiny_model,
+        tmp_path / "run",
+        "steps=2",
+        "actors.num_generators=2",
+        "actors.num_reward_workers=2",
+        "actors.num_learners=2",
+        "learner.micro_batch_pairs=1",
+        "objectives=[{name: Conciseness, source: conciseness}, {name: Positivity, source: positivity}]",
+    )
+    run(cfg)
+    history = read_metrics(tmp_path / "run")
+    assert [h["step"] for h in history] == [1, 2]
+    assert all(math.isfinite(h["loss"]) and h["version"] == h["step"] for h in history)

@@ -1,9 +1,12 @@
 """Weight sync through Ray: after a learner step and a sync, the vLLM generator computes the same
 token log-probs as the learner's policy; before the sync it does not."""
 
-import pytest
+import time
 
-from actors.ray_actors import ActorGroup, GeneratorActor, LearnerActor
+import pytest
+import ray
+
+from actors.ray_actors import ActorFailure, ActorGroup, GeneratorActor, LearnerActor, broadcast_sync
 from moalign.config import load_config
 from orchestrator import _sync_weights
 
@@ -44,6 +47,73 @@ def test_synced_generator_equals_learner(tiny_model, ray_cluster):
         for got, want in zip(synced, trained):
             assert got == pytest.approx(want, abs=1e-4)
         assert generators.call("ping")[0]["version"] == 1
+    finally:
+        learners.kill()
+        generators.kill()
+
+
+def test_broadcast_sync_two_generators(tiny_model, ray_cluster):
+    cfg = load_config(
+        None,
+        [f"model.path={tiny_model}", "rollout.prompts_per_step=2", "learner.micro_batch_pairs=2", "learner.lr=0.05", "sync.bucket_mb=1"],
+    )
+    env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+    learners = ActorGroup("learner", LearnerActor, 1, {"num_cpus": 1, "runtime_env": env}, lambda i: ((cfg, tiny_model), {}), 300)
+    generators = ActorGroup(
+        "generator", GeneratorActor, 2, {"num_cpus": 1, "runtime_env": env}, lambda i: ((tiny_model,), {"cpu_kvcache_gb": 0.25}), 300
+    )
+    probe = [[1, 200, 300, 400, 500, 600, 700], [2, 20, 30, 40]]
+    batch = {
+        "prompt_ids": [[1, 2, 3, 4], [5, 6, 7]],
+        "chosen_ids": [[10, 11, 12], [13, 14]],
+        "rejected_ids": [[20, 21], [22, 23, 24]],
+        "loss_weights": [1.0, 1.0],
+        "total_weight": 2.0,
+    }
+
+    def assert_synced(version):
+        trained = learners.call("token_logprobs", probe)[0]
+        for synced in generators.call("prompt_logprobs", probe):
+            for got, want in zip(synced, trained):
+                assert got == pytest.approx(want, abs=1e-4)
+        assert [p["version"] for p in generators.call("ping")] == [version, version]
+
+    try:
+        for _ in range(3):
+            learners.call("train_step", batch)
+        stale = generators.call("prompt_logprobs", probe)[0]
+        trained = learners.call("token_logprobs", probe)[0]
+        assert max(abs(a - b) for a, b in zip(trained[0], stale[0])) > 1e-3, "the learner step must change the policy"
+
+        first = broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=1, step=3, timeout_s=30)
+        assert first["sync/buckets"] > 1, "weights must travel in several buckets at bucket_mb=1"
+        assert first["sync/bytes"] > 0 and "time/sync_open_s" in first
+        assert_synced(1)
+
+        learners.call("train_step", batch)
+        second = broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=2, step=4, timeout_s=30)
+        assert "time/sync_open_s" not in second, "the second sync must reuse the group"
+        assert second["sync/buckets"] == first["sync/buckets"]
+        assert_synced(2)
+
+        # A generator that refuses the weights still drains the broadcast: nobody waits for a
+        # timeout, the engines keep version 2, and the next sync works (on a new group).
+        started = time.monotonic()
+        with pytest.raises(ActorFailure, match=r"generator actor #0 at step 5.*version must be >= 0"):
+            broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=-1, step=5, timeout_s=30)
+        assert time.monotonic() - started < 20
+        assert [p["version"] for p in generators.call("ping")] == [2, 2]
+        learners.call("train_step", batch)
+        assert "time/sync_open_s" in broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=3, step=6, timeout_s=30)
+        assert_synced(3)
+
+        # A generator that died: the sync fails within the collective's timeout and blames it.
+        ray.kill(generators.actors[1], no_restart=True)
+        started = time.monotonic()
+        with pytest.raises(ActorFailure, match=r"generator actor #1 at step 7.*the actor died") as failure:
+            broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=4, step=7, timeout_s=10)
+        assert time.monotonic() - started < 60
+        assert failure.value.role == "generator" and failure.value.step == 7
     finally:
         learners.kill()
         generators.kill()

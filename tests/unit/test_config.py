@@ -65,8 +65,10 @@ def test_batch_arithmetic_checked():
 def test_cross_field_errors():
     with pytest.raises(ConfigError, match="alpha: 2 values given for 3"):
         load_config(None, ["conditioning.alpha=[1, 2]"])
-    with pytest.raises(ConfigError, match="nccl"):
+    # `nccl` was the old name; the broadcast now picks NCCL or gloo from the device itself.
+    with pytest.raises(ConfigError, match=r"sync\.backend.*allowed: 'object_store' or 'broadcast'"):
         load_config(None, ["sync.backend=nccl"])
+    assert load_config(None, ["sync.backend=broadcast"]).sync.backend == "broadcast"
     with pytest.raises(ConfigError, match="callable path"):
         load_config(None, ["objectives=[{name: X, source: callable, path: nocolon}]", "learner.micro_batch_pairs=8"])
 
