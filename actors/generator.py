@@ -381,7 +381,9 @@ class Generator:
 
         seen: set[str] = set()
         for index, entries in enumerate(manifest):
-            bucket = [(name, torch.empty(tuple(shape), dtype=dtype_from_name(dtype), device="meta")) for name, shape, dtype, _, _ in entries]
+            bucket = [
+                (name, torch.empty(tuple(shape), dtype=dtype_from_name(dtype), device="meta")) for name, shape, dtype, _, _ in entries
+            ]
             self._check_bucket(index, bucket, seen)
         if self._expected is not None:
             missing = sorted(set(self._expected) - self._optional - seen)

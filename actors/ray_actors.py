@@ -192,10 +192,11 @@ def broadcast_sync(
             t = time.perf_counter()
             addr, port = learners.wait([learner.node_ip.remote(), learner.free_port.remote()], "free_port", step, [0, 0])
             world = 1 + len(generators)
+            joins = [g.open_broadcast.remote(addr, port, i + 1, world, timeout_s) for i, g in enumerate(generators.actors)]
             _wait_collective(
                 [
                     (learners, [learner.open_broadcast.remote(addr, port, world, timeout_s)], [0]),
-                    (generators, [g.open_broadcast.remote(addr, port, i + 1, world, timeout_s) for i, g in enumerate(generators.actors)], list(range(len(generators)))),
+                    (generators, joins, list(range(len(generators)))),
                 ],
                 "open_broadcast",
                 step,

@@ -268,6 +268,11 @@ class RunConfig(_Section):
             raise ValueError(f"algorithm.modpo_objective: {self.algorithm.modpo_objective} is not an objective index (0..{k - 1})")
         if self.algorithm.mopo.primary >= k:
             raise ValueError(f"algorithm.mopo.primary: {self.algorithm.mopo.primary} is not an objective index (0..{k - 1})")
+        if self.learner.zero_stage == 3 and self.actors.num_learners > 1:
+            raise ValueError(
+                "learner.zero_stage: 3 with actors.num_learners > 1 is not supported yet: weight export gathers "
+                "parameters from learner 0 only; use zero_stage <= 2 or one learner"
+            )
         pairs = self.pairs_per_step
         shard = self.actors.num_learners * self.learner.micro_batch_pairs
         if pairs % shard:

@@ -130,6 +130,7 @@ def test_actor_groups_scale_independently(tiny_model, ray_cluster, tmp_path):
         "actors.num_reward_workers=2",
         "actors.num_learners=2",
         "learner.micro_batch_pairs=1",
+        "sync.backend=broadcast",
         "objectives=[{name: Conciseness, source: conciseness}, {name: Positivity, source: positivity}]",
     )
     run(cfg)

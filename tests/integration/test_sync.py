@@ -107,12 +107,14 @@ def test_broadcast_sync_two_generators(tiny_model, ray_cluster):
         assert "time/sync_open_s" in broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=3, step=6, timeout_s=30)
         assert_synced(3)
 
-        # A generator that died: the sync fails within the collective's timeout and blames it.
+        # A generator that died: the sync fails within the collective's timeout and blames it
+        # (the learner sees the closed connection at once; the surviving generator waits out
+        # its 5 s timeout, as nothing tells it the learner gave up).
         ray.kill(generators.actors[1], no_restart=True)
         started = time.monotonic()
         with pytest.raises(ActorFailure, match=r"generator actor #1 at step 7.*the actor died") as failure:
-            broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=4, step=7, timeout_s=10)
-        assert time.monotonic() - started < 60
+            broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=4, step=7, timeout_s=5)
+        assert time.monotonic() - started < 30
         assert failure.value.role == "generator" and failure.value.step == 7
     finally:
         learners.kill()
