@@ -207,7 +207,11 @@ def _actor_groups(cfg: RunConfig, model_path: str):
 
 
 def _build_actors(cfg: RunConfig, model_path: str, started: list):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     from actors.ray_actors import ActorGroup, GeneratorActor, LearnerActor, RewardActor
+    from moalign.weight_sync import free_port
 
     a = cfg.actors
     threads = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
@@ -241,28 +245,24 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list):
         timeout,
     )
     started.append(scorers)
-    port = _free_port()
+    # Data-parallel ranks meet at learner 0, which is pinned to this (the driver's) node so the
+    # rendezvous address and port picked here are the right ones.
+    address, port = ray.util.get_node_ip_address(), free_port()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     learners = ActorGroup(
         "learner",
         LearnerActor,
         a.num_learners,
         {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": env},
-        lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, "master_port": port}),
+        lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, "master_addr": address, "master_port": port}),
         timeout,
+        first_actor_options={"scheduling_strategy": here} if a.num_learners > 1 else None,
     )
     started.append(learners)
     # Construction errors (bad model path, OOM) surface here, named by role, not at step 1.
     for group in (generators, scorers, learners):
         group.call("ping")
     return generators, scorers, learners
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _render(tokenizer, prompt: str, names: list[str], weights: np.ndarray, cfg: RunConfig) -> list[int]:

@@ -28,7 +28,7 @@ import torch
 from moalign.config import RunConfig
 from moalign.losses import dpo_margin, preference_loss
 from moalign.models import checkpoint_shapes, resolve_model_path
-from moalign.weight_sync import BroadcastGroup, bucket_manifest, bucketize, flatten_bucket, open_broadcast_group
+from moalign.weight_sync import BroadcastGroup, bucket_manifest, bucketize, flatten_bucket, free_port, open_broadcast_group
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,15 @@ class Learner:
         rank: int = 0,
         world_size: int = 1,
         master_addr: str = "127.0.0.1",
-        master_port: int = 29500,
+        master_port: int | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        if master_port is None:
+            if world_size > 1:
+                raise ValueError("master_port is required when world_size > 1: every rank must meet on the same port")
+            # A fixed default port collides with a learner that is still shutting down.
+            master_port = free_port()
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size

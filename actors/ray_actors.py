@@ -36,7 +36,12 @@ def _cause(exc: BaseException) -> str:
         inner = exc.cause if getattr(exc, "cause", None) is not None else exc
         return f"{type(inner).__name__}: {inner}".split("\n\n")[0]
     if isinstance(exc, RayActorError):
-        return f"the actor died ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        # The last line carries the reason: the __init__ exception, or the worker's exit detail.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(exc).__name__
+        if exc.actor_init_failed:
+            return f"the actor failed to start: {reason}"
+        return f"the actor died ({reason})"
     if isinstance(exc, GetTimeoutError):
         return "no answer within the timeout (ray_timeout_s); the actor may be hung"
     return f"{type(exc).__name__}: {exc}"
@@ -75,6 +80,7 @@ class ActorGroup:
         options: dict[str, Any],
         make_args: Callable[[int], tuple[tuple, dict]],
         timeout_s: float,
+        first_actor_options: dict[str, Any] | None = None,
     ):
         self.role = role
         self.timeout_s = timeout_s
@@ -84,7 +90,8 @@ class ActorGroup:
             args, kwargs = make_args(i)
             # Named so the Ray dashboard shows role and index; the suffix keeps runs apart.
             name = f"moalign-{role}-{i}-{uuid.uuid4().hex[:6]}"
-            self.actors.append(remote_cls.options(name=name, **options).remote(*args, **kwargs))
+            extra = first_actor_options if i == 0 and first_actor_options else {}
+            self.actors.append(remote_cls.options(name=name, **options, **extra).remote(*args, **kwargs))
         log.info("started %d %s actor(s) with %s", count, role, options)
 
     def __len__(self) -> int:

@@ -14,10 +14,20 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def metrics_port():
+    """The Prometheus port of the session's Ray cluster."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(metrics_port):
     """One local Ray cluster for the session; logical CPUs above the core count so actors fit."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     yield ray
     ray.shutdown()

@@ -2,6 +2,8 @@
 around a tiny model built from a config."""
 
 import math
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,23 @@ def tiny_config(tiny_model, run_dir, *extra):
     )
 
 
-def test_steps_through_real_actors(tiny_model, ray_cluster, tmp_path):
+def scrape_until(port, needles, seconds=60):
+    """Prometheus text from the cluster's metrics endpoint once every needle shows up (Ray
+    exports on an interval, so poll)."""
+    body = ""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            body = ""
+        if all(n in body for n in needles):
+            return body
+        time.sleep(2)
+    raise AssertionError(f"metrics {needles} not exported within {seconds}s; got {len(body)} bytes")
+
+
+def test_steps_through_real_actors(tiny_model, ray_cluster, metrics_port, tmp_path):
     cfg = tiny_config(tiny_model, tmp_path / "run", "steps=2", "checkpoint.every_steps=2")
     summary = run(cfg)
     history = read_metrics(tmp_path / "run")
@@ -58,6 +76,8 @@ def test_steps_through_real_actors(tiny_model, ray_cluster, tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
+    body = scrape_until(metrics_port, ["ray_moalign_loss{", "ray_moalign_reward_relevance{", "ray_moalign_time_sync_s{", "ray_moalign_version{"])
+    assert 'run="run"' in body
 
 
 def test_resume_equals_uninterrupted(tiny_model, ray_cluster, tmp_path):
@@ -137,3 +157,16 @@ def test_actor_groups_scale_independently(tiny_model, ray_cluster, tmp_path):
     history = read_metrics(tmp_path / "run")
     assert [h["step"] for h in history] == [1, 2]
     assert all(math.isfinite(h["loss"]) and h["version"] == h["step"] for h in history)
+
+
+def test_actor_that_cannot_start_is_named(tiny_model, ray_cluster, tmp_path):
+    cfg = tiny_config(
+        tiny_model,
+        tmp_path / "run",
+        "steps=1",
+        f"objectives=[{{name: Judge, source: hf_classifier, path: '{tmp_path / 'no-such-model'}'}}]",
+    )
+    with pytest.raises(ActorFailure) as err:
+        run(cfg)
+    assert err.value.role == "reward" and err.value.method == "ping"
+    assert "failed to start" in err.value.cause and "no-such-model" in err.value.cause
