@@ -144,7 +144,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                 if checkpoint_due:
                     _checkpoint(cfg, run_dir, learners, state)
         except (ActorFailure, RewardError) as exc:
-            log.error("step %d failed, nothing from it was trained on or checkpointed: %s", state.step + 1, exc)
+            log.error("step %d failed and was not checkpointed; a resume repeats it from the last checkpoint: %s", state.step + 1, exc)
             raise
         finally:
             progress.close()
@@ -165,15 +165,27 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     }
 
 
-# Changing these between the stop and the resume does not change what is trained.
-_RESUMABLE_CHANGES = {"steps", "logging", "ray_timeout_s", "checkpoint"}
+# Changing these between the stop and the resume does not change what is trained (the
+# checkpoint interval does: every checkpoint forces a weight sync).
+_RESUMABLE_CHANGES = ("steps", "logging.", "ray_timeout_s", "checkpoint.keep_last")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
 
 
 def _check_resume_config(cfg: RunConfig, saved_path: Path) -> None:
     """A resumed run must train the same problem; otherwise 'continue as if never stopped' is false."""
-    saved = load_config(saved_path).model_dump(mode="json")
-    now = cfg.model_dump(mode="json")
-    changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and now[k] != saved.get(k))
+    saved = _flatten(load_config(saved_path).model_dump(mode="json"))
+    now = _flatten(cfg.model_dump(mode="json"))
+    changed = sorted(
+        k.rstrip(".") for k in now.keys() | saved.keys() if not k.startswith(_RESUMABLE_CHANGES) and now.get(k) != saved.get(k)
+    )
     if changed:
         raise ConfigError(
             f"run_dir {cfg.run_dir} holds a checkpoint made with a different configuration (changed: {', '.join(changed)}); "

@@ -29,6 +29,8 @@ def test_merge_rank_metrics_from_sums():
 def test_resume_config_check(tmp_path):
     saved = load_config(None, ["steps=2"])
     save_resolved(saved, tmp_path / "config.yaml")
-    _check_resume_config(load_config(None, ["steps=10", "logging.level=DEBUG"]), tmp_path / "config.yaml")
-    with pytest.raises(ConfigError, match="changed: rollout"):
+    _check_resume_config(load_config(None, ["steps=10", "logging.level=DEBUG", "checkpoint.keep_last=5"]), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=r"changed: rollout\.temperature\)"):
         _check_resume_config(load_config(None, ["rollout.temperature=0.5"]), tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match=r"changed: checkpoint\.every_steps"):
+        _check_resume_config(load_config(None, ["checkpoint.every_steps=3"]), tmp_path / "config.yaml")
