@@ -27,7 +27,7 @@ import numpy as np
 from moalign.checkpoint import latest_checkpoint, publish, read_state, staging_dir
 from moalign.conditioning import DirichletSampler, condition_messages, round_weights
 from moalign.config import ConfigError, RunConfig, load_config, save_resolved
-from moalign.data import PromptCursor, load_prompts
+from moalign.data import DataError, PromptCursor, load_prompts
 from moalign.pairs import RewardError, RunningNormalizer, check_rewards, select_pairs
 
 log = logging.getLogger("moalign")
@@ -67,6 +67,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     from actors.ray_actors import ActorFailure
     from moalign.models import resolve_model_path
 
+    _check_supported(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(run_dir)
@@ -163,6 +164,16 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
         "history": history,
         "checkpoint": str(latest_checkpoint(run_dir)),
     }
+
+
+def _check_supported(cfg: RunConfig) -> None:
+    if cfg.algorithm.name != "mo_odpo":
+        # The offline algorithms' losses exist (moalign/losses.py, moalign/mopo.py) but their data
+        # pipeline does not; running MO-ODPO under another name would be a silent lie.
+        raise ConfigError(
+            f"algorithm.name: {cfg.algorithm.name!r} runs are not available in orchestrator.py yet; "
+            "it runs online MO-ODPO (algorithm.name=mo_odpo)"
+        )
 
 
 # Changing these between the stop and the resume does not change what is trained (the
@@ -440,7 +451,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     _setup_logging(cfg)
-    summary = run(cfg, args.address)
+    from actors.ray_actors import ActorFailure
+
+    try:
+        summary = run(cfg, args.address)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    except (ActorFailure, RewardError):
+        # Already logged with its step; the traceback adds nothing for the user.
+        return 1
     _report(summary)
     return 0
 

@@ -1,7 +1,7 @@
 import pytest
 
 from moalign.config import ConfigError, load_config, save_resolved
-from orchestrator import _check_resume_config, _chunks, _merge_rank_metrics
+from orchestrator import _check_resume_config, _check_supported, _chunks, _merge_rank_metrics
 
 
 def test_chunks_cover_range_evenly():
@@ -34,3 +34,16 @@ def test_resume_config_check(tmp_path):
         _check_resume_config(load_config(None, ["rollout.temperature=0.5"]), tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match=r"changed: checkpoint\.every_steps"):
         _check_resume_config(load_config(None, ["checkpoint.every_steps=3"]), tmp_path / "config.yaml")
+
+
+def test_offline_algorithms_are_not_run_as_mo_odpo():
+    _check_supported(load_config(None, []))
+    with pytest.raises(ConfigError, match="algorithm.name: 'mopo'"):
+        _check_supported(load_config(None, ["algorithm.name=mopo"]))
+
+
+def test_main_reports_bad_config_and_exits_2(caplog):
+    from orchestrator import main
+
+    assert main(["rollout.samples_per_prompt=1"]) == 2
+    assert "rollout.samples_per_prompt" in caplog.text
