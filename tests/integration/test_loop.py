@@ -141,7 +141,7 @@ def test_dead_actor_is_reported_with_role_step_and_cause(tiny_model, ray_cluster
     assert list_checkpoints(tmp_path / "run") == []
 
 
-def test_actor_groups_scale_independently(tiny_model, ray_cluster, tmp_path):
+def test_actor_groups_scale_independently_with_broadcast_and_per_objective_pairs(tiny_model, ray_cluster, tmp_path):
     cfg = tiny_config(
         tiny_model,
         tmp_path / "run",
@@ -151,12 +151,15 @@ def test_actor_groups_scale_independently(tiny_model, ray_cluster, tmp_path):
         "actors.num_learners=2",
         "learner.micro_batch_pairs=1",
         "sync.backend=broadcast",
+        "algorithm.pair_mode=per_objective",
         "objectives=[{name: Conciseness, source: conciseness}, {name: Positivity, source: positivity}]",
     )
     run(cfg)
     history = read_metrics(tmp_path / "run")
     assert [h["step"] for h in history] == [1, 2]
     assert all(math.isfinite(h["loss"]) and h["version"] == h["step"] for h in history)
+    # One candidate pair per prompt and objective (2 x 4), less ties and zero weights.
+    assert all(h["pairs"] + h["dropped_ties"] + h["dropped_zero_weight"] == 8 for h in history)
 
 
 def test_actor_that_cannot_start_is_named(tiny_model, ray_cluster, tmp_path):
