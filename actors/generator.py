@@ -282,6 +282,13 @@ class Generator:
             if tuple(tensor.shape) != self._expected[name]:
                 raise ValueError(f"bucket {index}: weight {name!r} has shape {tuple(tensor.shape)}, the model expects {self._expected[name]}")
 
+    def _check_complete(self, seen: set[str]) -> None:
+        """A partial set would leave fused layers half-loaded (see load_weights)."""
+        if self._expected is not None:
+            missing = sorted(set(self._expected) - self._optional - seen)
+            if missing:
+                raise ValueError(f"incomplete weights: {len(missing)} missing, e.g. {missing[:5]}")
+
     def load_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> dict:
         """Replace the engine's weights with the HF-named tensors in `buckets`; set `version`.
 
@@ -316,10 +323,7 @@ class Generator:
                     state["tensors"] += 1
                     yield name, tensor
                 del bucket  # drop our reference before the next bucket is fetched
-            if self._expected is not None:
-                missing = sorted(set(self._expected) - self._optional - seen)
-                if missing:
-                    raise ValueError(f"incomplete weights: {len(missing)} missing, e.g. {missing[:5]}")
+            self._check_complete(seen)
 
         started = time.perf_counter()
         with self._lock:
@@ -385,10 +389,7 @@ class Generator:
                 (name, torch.empty(tuple(shape), dtype=dtype_from_name(dtype), device="meta")) for name, shape, dtype, _, _ in entries
             ]
             self._check_bucket(index, bucket, seen)
-        if self._expected is not None:
-            missing = sorted(set(self._expected) - self._optional - seen)
-            if missing:
-                raise ValueError(f"incomplete weights: {len(missing)} missing, e.g. {missing[:5]}")
+        self._check_complete(seen)
 
     def receive_weights(self, manifest: Sequence[Sequence[tuple]], version: int) -> dict:
         """Receive the learner's `broadcast_weights` (one flat buffer per bucket of `manifest`,

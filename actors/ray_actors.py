@@ -118,9 +118,6 @@ class ActorGroup:
         refs = [getattr(self.actors[i], method).remote(*a) for i, a in enumerate(per_actor_args)]
         return self.wait(refs, method, step)
 
-    def submit_each(self, method: str, per_actor_args: Sequence[tuple]) -> list[ray.ObjectRef]:
-        return [getattr(self.actors[i], method).remote(*a) for i, a in enumerate(per_actor_args)]
-
     def kill(self) -> None:
         for actor in self.actors:
             try:

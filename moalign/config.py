@@ -15,9 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 log = logging.getLogger(__name__)
 
-BUILTIN_OBJECTIVE_SOURCES = ("relevance", "conciseness", "positivity")
-
-
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field, the value and what is allowed."""
 

@@ -16,11 +16,9 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def metrics_port():
     """The Prometheus port of the session's Ray cluster."""
-    import socket
+    from moalign.weight_sync import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(scope="session")
