@@ -7,7 +7,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-.PHONY: install demo test test-unit bandit docs clean
+.PHONY: install demo eval test test-unit bandit docs clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,15 @@ $(VENV)/.installed: requirements/cpu.lock pyproject.toml
 
 demo: install
 	$(PY) orchestrator.py --config $(CONFIG) $(ARGS)
+
+# Pareto front of a run: `make eval RUN=runs/demo [STEP=N] [BASE=1] [COMPARE="runs/a runs/b"] [ARGS="eval.heldout_prompts=16"]`.
+eval: install
+	@test -n "$(RUN)" || { echo 'usage: make eval RUN=<run dir> [STEP=N] [BASE=1] [COMPARE="dirA dirB"]'; exit 2; }
+	$(PY) evaluate.py --run $(RUN) $(ARGS) $(if $(STEP),--step $(STEP),) $(if $(BASE),--base,) $(if $(COMPARE),--compare $(COMPARE),)
+
+# The recipe whose policy follows the weights on held-out prompts (about 60 min on 2 CPU cores).
+train-steerable: install
+	$(PY) orchestrator.py --config configs/steerable_cpu.yaml $(ARGS)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -25,10 +25,12 @@ from typing import Any
 import numpy as np
 
 from moalign.checkpoint import latest_checkpoint, publish, read_state, staging_dir
-from moalign.conditioning import DirichletSampler, condition_messages, round_weights
+from moalign.conditioning import DirichletSampler, FixedWeights, condition_messages, neglected_corners, round_weights
 from moalign.config import ConfigError, RunConfig, load_config, save_resolved
 from moalign.data import DataError, PromptCursor, load_prompts
-from moalign.pairs import RewardError, RunningNormalizer, check_rewards, select_pairs
+from moalign.health import METRICS as HEALTH_METRICS
+from moalign.health import HealthMonitor
+from moalign.pairs import RewardError, RunningNormalizer, check_rewards, select_relabelled_pairs
 
 log = logging.getLogger("moalign")
 
@@ -37,9 +39,10 @@ log = logging.getLogger("moalign")
 class LoopState:
     """Everything besides the learner that a resumed run needs to continue as if never stopped."""
 
-    sampler: DirichletSampler
+    sampler: DirichletSampler | FixedWeights
     cursor: PromptCursor
     normalizer: RunningNormalizer
+    health: HealthMonitor
     step: int = 0
     version: int = 0
 
@@ -50,6 +53,7 @@ class LoopState:
             "sampler": self.sampler.state_dict(),
             "cursor": self.cursor.state_dict(),
             "normalizer": self.normalizer.state_dict(),
+            "health": self.health.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -57,6 +61,9 @@ class LoopState:
         self.sampler.load_state_dict(state["sampler"])
         self.cursor.load_state_dict(state["cursor"])
         self.normalizer.load_state_dict(state["normalizer"])
+        # Checkpoints written before the health monitor existed: it starts afresh.
+        if "health" in state:
+            self.health.load_state_dict(state["health"])
 
 
 def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
@@ -65,6 +72,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
 
     from actors.metrics import MetricsSink, read_metrics
     from actors.ray_actors import ActorFailure
+    from evaluate import TrainingEvaluation
     from moalign.models import resolve_model_path
 
     _check_supported(cfg)
@@ -80,13 +88,19 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = load_prompts(cfg.data.train_path)
     names = cfg.objective_names
+    evaluation = TrainingEvaluation(cfg, run_dir, tokenizer)
 
     # Wiring: three independently sized actor groups, killed when the run ends or fails.
     with _actor_groups(cfg, model_path) as (generators, scorers, learners):
         state = LoopState(
-            sampler=DirichletSampler(len(names), cfg.conditioning.alpha, seed=cfg.seed),
+            sampler=(
+                FixedWeights(cfg.conditioning.fixed_weights)
+                if cfg.conditioning.fixed_weights is not None
+                else DirichletSampler(len(names), cfg.conditioning.alpha, seed=cfg.seed)
+            ),
             cursor=PromptCursor(len(prompts), seed=cfg.seed, shuffle=cfg.data.shuffle),
             normalizer=RunningNormalizer(len(names)),
+            health=HealthMonitor(**cfg.health.model_dump()),
         )
         if resume_from is not None:
             state.load_state_dict(read_state(resume_from))
@@ -97,6 +111,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
         sink = MetricsSink(run_dir, run_dir.name, cfg.logging.tensorboard, cfg.logging.ray_metrics, resume_step=state.step)
         progress = _progress(cfg, state.step)
         try:
+            evaluation.at_start(generators, scorers, state.step)
             for step in range(state.step + 1, cfg.steps + 1):
                 timings: dict[str, float] = {}
                 t0 = time.perf_counter()
@@ -118,8 +133,12 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                 normalized = state.normalizer.normalize(raw)
                 timings["time/score_s"] = time.perf_counter() - t
 
-                # 5. Chosen / rejected by the weighted (normalised) reward.
-                selection = select_pairs(weights, normalized, cfg.algorithm.pair_mode)
+                # 5. Chosen / rejected by the weighted (normalised) reward, under the sampled weights
+                #    and under `relabel_weights` extra ones (each with its own weight line).
+                weight_sets = [weights] + _relabel_weights(cfg, state.sampler, weights)
+                for extra in weight_sets[1:]:
+                    prompt_ids += [_render(tokenizer, p.prompt, names, w, cfg) for p, w in zip(batch, extra)]
+                selection = select_relabelled_pairs(weight_sets, normalized, cfg.algorithm.pair_mode)
 
                 # 6. One learner step on the conditioned prompts.
                 t = time.perf_counter()
@@ -127,18 +146,27 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                 timings["time/learn_s"] = time.perf_counter() - t
 
                 # 7. Weight sync; also before every checkpoint so a resumed run's generators hold
-                #    exactly the weights the uninterrupted run's generators held.
+                #    exactly the weights the uninterrupted run's generators held, and before every
+                #    evaluation (eval.every_steps is a multiple of sync.every_steps, so this adds none).
                 checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == cfg.steps
                 t = time.perf_counter()
-                if step % cfg.sync.every_steps == 0 or checkpoint_due:
+                if step % cfg.sync.every_steps == 0 or checkpoint_due or evaluation.due(step):
                     state.version += 1
                     timings.update(_sync_weights(cfg, learners, generators, state.version, step))
                 timings["time/sync_s"] = time.perf_counter() - t
+
+                # 7b. Pareto evaluation on held-out prompts, on the weights just synced. Before
+                #     state.step moves on, so a failure here is reported as this step's; its time
+                #     is left out of time/step_s (it is time/eval_s).
+                eval_metrics = evaluation.evaluate(generators, scorers, step) if evaluation.due(step) else {}
+                t0 += eval_metrics.get("time/eval_s", 0.0)
 
                 # 8. Metrics, progress, checkpoint.
                 state.step = step
                 timings["time/step_s"] = time.perf_counter() - t0
                 metrics = _step_metrics(names, raw, samples, selection, learn, timings, state.version)
+                metrics.update(state.health.update(step, samples, selection, learn))
+                metrics.update(eval_metrics)
                 sink.log(step, metrics)
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", pairs=metrics["pairs"], v=state.version)
@@ -152,17 +180,40 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
             sink.close()
 
     history = read_metrics(run_dir)
-    # Per-step means of 32 samples are noisy: compare the first and last quarter of the run.
-    window = max(1, len(history) // 4)
+    steerability = evaluation.closing_table()
+    if steerability:
+        log.info("steerability on held-out prompts, base vs trained (RUN_DIR/eval):\n%s", steerability)
     return {
         "run_dir": str(run_dir),
         "steps": state.step,
         "version": state.version,
-        "reward_start": {n: float(np.mean([h[f"reward/{n}"] for h in history[:window]])) for n in names},
-        "reward_end": {n: float(np.mean([h[f"reward/{n}"] for h in history[-window:]])) for n in names},
-        "reward_window_steps": window,
+        **_summarize(history, names, state.health),
         "history": history,
         "checkpoint": str(latest_checkpoint(run_dir)),
+        "steerability_table": steerability,
+    }
+
+
+def _window_mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [h[key] for h in rows if key in h]
+    return float(np.mean(values)) if values else None
+
+
+def _summarize(history: list[dict[str, Any]], names: list[str], health: HealthMonitor) -> dict[str, Any]:
+    """First- vs last-quarter means of the rewards and the health figures, and the health verdict."""
+    # Per-step means of 32 samples are noisy: compare the first and last quarter of the run.
+    window = max(1, len(history) // 4)
+    first, last = history[:window], history[-window:]
+    return {
+        "reward_start": {n: _window_mean(first, f"reward/{n}") for n in names},
+        "reward_end": {n: _window_mean(last, f"reward/{n}") for n in names},
+        "reward_window_steps": window,
+        # A figure is None where no step of the window measured it (KL without a learner update).
+        "health_start": {m: _window_mean(first, f"health/{m}") for m in HEALTH_METRICS},
+        "health_end": {m: _window_mean(last, f"health/{m}") for m in HEALTH_METRICS},
+        "health_warnings": [w["message"] for w in health.warnings],
+        "health_crossed_at_end": health.crossed,
+        "health_window_steps": health.window_steps,
     }
 
 
@@ -177,8 +228,9 @@ def _check_supported(cfg: RunConfig) -> None:
 
 
 # Changing these between the stop and the resume does not change what is trained (the
-# checkpoint interval does: every checkpoint forces a weight sync).
-_RESUMABLE_CHANGES = ("steps", "logging.", "ray_timeout_s", "checkpoint.keep_last")
+# checkpoint interval does: every checkpoint forces a weight sync). Health bounds only decide
+# when to warn. Evaluations run only after regular syncs and sample with their own seeds.
+_RESUMABLE_CHANGES = ("steps", "logging.", "ray_timeout_s", "checkpoint.keep_last", "health.", "eval.")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -237,7 +289,7 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list):
     from moalign.weight_sync import free_port
 
     a = cfg.actors
-    threads = {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    threads = {"OMP_NUM_THREADS": str(a.omp_threads or os.cpu_count() or 1)}
     env = {"env_vars": {**threads, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}}
     timeout = cfg.ray_timeout_s
     generators = ActorGroup(
@@ -299,6 +351,15 @@ def _render(tokenizer, prompt: str, names: list[str], weights: np.ndarray, cfg: 
     return ids
 
 
+def _relabel_weights(cfg: RunConfig, sampler: DirichletSampler | FixedWeights, weights: np.ndarray) -> list[np.ndarray]:
+    count = cfg.algorithm.relabel_weights
+    if count == 0:
+        return []
+    if cfg.algorithm.relabel_source == "neglected_corner":
+        return neglected_corners(weights, count)
+    return [round_weights(sampler.sample(len(weights)), cfg.conditioning.decimals) for _ in range(count)]
+
+
 def _chunks(n: int, parts: int) -> list[slice]:
     """`parts` contiguous slices covering range(n), sizes differing by at most one."""
     bounds = np.linspace(0, n, parts + 1).round().astype(int)
@@ -321,8 +382,10 @@ def _generate(cfg: RunConfig, generators, prompt_ids: list[list[int]], step: int
 def _score(cfg: RunConfig, scorers, prompts: list[str], samples: list[list[dict]], step: int) -> np.ndarray:
     flat_prompts = [p for p, group in zip(prompts, samples) for _ in group]
     flat_texts = [s["text"] for group in samples for s in group]
+    # vLLM says "stop" for EOS or a stop string, "length" when the token cap cut the answer off.
+    flat_finished = [s["finish_reason"] == "stop" for group in samples for s in group]
     parts = [s for s in _chunks(len(flat_texts), len(scorers)) if s.stop > s.start]
-    scores = scorers.call_each("score", [(flat_prompts[s], flat_texts[s]) for s in parts], step=step)
+    scores = scorers.call_each("score", [(flat_prompts[s], flat_texts[s], flat_finished[s]) for s in parts], step=step)
     stacked = np.concatenate(scores, axis=0)
     return check_rewards(stacked.reshape(len(prompts), cfg.rollout.samples_per_prompt, -1), len(prompts), cfg.rollout.samples_per_prompt, cfg.objective_names)
 
@@ -339,8 +402,9 @@ def _learn(cfg: RunConfig, learners, prompt_ids, samples, pairs, step: int) -> d
             (
                 {
                     "prompt_ids": [prompt_ids[p.prompt] for p in part],
-                    "chosen_ids": [samples[p.prompt][p.chosen]["token_ids"] for p in part],
-                    "rejected_ids": [samples[p.prompt][p.rejected]["token_ids"] for p in part],
+                    # Relabelled pairs (prompt index j * B + b) train on sample group b.
+                    "chosen_ids": [samples[p.prompt % len(samples)][p.chosen]["token_ids"] for p in part],
+                    "rejected_ids": [samples[p.prompt % len(samples)][p.rejected]["token_ids"] for p in part],
                     "loss_weights": [p.loss_weight for p in part],
                     "total_weight": total_weight,
                 },
@@ -430,12 +494,38 @@ def _report(summary: dict[str, Any]) -> None:
     history = summary["history"]
     if history:
         keys = ["time/generate_s", "time/score_s", "time/learn_s", "time/sync_s", "time/step_s", "pairs_per_s", "tokens_per_s"]
-        means = {k: np.mean([h[k] for h in history if k in h]) for k in keys}
+        means = {k: np.mean([h[k] for h in history if k in h]) for k in keys if any(k in h for h in history)}
         log.info("mean per step: " + ", ".join(f"{k}={v:.2f}" for k, v in means.items()))
     log.info("mean reward per objective, first vs last %d step(s):", summary["reward_window_steps"])
     for name, start in summary["reward_start"].items():
         end = summary["reward_end"].get(name)
         log.info("reward %-12s start %+.4f  end %+.4f  change %+.4f", name, start, end, end - start)
+    # The verdict sits right under the reward changes: a collapsing policy can raise rewards too.
+    warnings, crossed = summary["health_warnings"], summary["health_crossed_at_end"]
+    if warnings:
+        log.warning(
+            "health bounds were crossed %d time(s) during this run (%s), so the reward changes above may come from a "
+            "collapsing policy rather than a better one; see the health figures and warnings below",
+            len(warnings),
+            f"still crossed at the end: {', '.join(crossed)}" if crossed else "all recovered by the end",
+        )
+    elif summary["steps"] < summary["health_window_steps"]:
+        log.info("health: too few steps to judge (%d, bounds are judged over health.window_steps=%d)", summary["steps"], summary["health_window_steps"])
+    else:
+        log.info("health: no bound crossed during this run")
+    log.info("health, first vs last %d step(s):", summary["reward_window_steps"])
+    for metric, start in summary["health_start"].items():
+        end = summary["health_end"][metric]
+        change = f"{end - start:+.3f}" if start is not None and end is not None else "n/a"
+        log.info("health %-22s start %8s  end %8s  change %s", metric, _fmt(start), _fmt(end), change)
+    for message in warnings:
+        log.warning("health warning: %s", message)
+    if not warnings:
+        log.info("health warnings: none")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:

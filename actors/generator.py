@@ -154,6 +154,14 @@ class Generator:
             # The engine argument, not VLLM_CPU_KVCACHE_SPACE: that legacy variable takes whole
             # GiB only and, when set, overrides this value (vllm/platforms/cpu.py).
             engine_args["kv_cache_memory_bytes"] = int(cpu_kvcache_gb * (1 << 30))
+            # A prefill split across steps (chunked prefill) makes vLLM rewind the request's
+            # seeded generator, and CPU generators cannot be rewound ("CPU Generator does not
+            # use offset"): any call whose prompt tokens x samples exceed the per-step budget
+            # crashed. Splitting calls in this class would not cover requests that wait for a
+            # free slot or KV space, or are preempted, and are later prefilled beside decodes
+            # with less budget left; without chunking the scheduler leaves them waiting instead,
+            # and vLLM raises the budget to at least max_model_len, so no prompt exceeds it.
+            engine_args["enable_chunked_prefill"] = False
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_ExpectedReloadWarnings())
         started = time.perf_counter()
         self.llm = vllm.LLM(**engine_args)

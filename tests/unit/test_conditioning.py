@@ -102,3 +102,79 @@ def test_messages_styles_carry_parseable_weights():
     pre = condition_messages("Why is the sky blue?", NAMES[3], [0.2, 0.3, 0.5], "system_prefix")
     assert len(pre) == 1 and pre[0]["content"].endswith("\nWhy is the sky blue?")
     np.testing.assert_allclose(parse_weights(pre[0]["content"], NAMES[3]), [0.2, 0.3, 0.5])
+
+
+@pytest.mark.parametrize(
+    "k, weights, decimals",
+    [
+        (3, [0.34, 0.34, 0.34], 2),  # sum 1.02: naive largest-remainder wrote 0.35, 0.34, 0.34
+        (3, [0.33, 0.33, 0.33], 2),  # sum 0.99
+        (2, [0.505, 0.505], 2),  # sum 1.01
+        (2, [0.7, 0.29], 2),  # sum 0.99
+        (2, [0.55, 0.55], 1),  # sum 1.1, within 2 x 0.1
+        (5, [0.208, 0.208, 0.208, 0.208, 0.208], 2),  # sum 1.04, within 5 x 0.01
+        (5, [0.19, 0.2, 0.2, 0.2, 0.2], 2),  # sum 0.99
+        (5, [0.1999, 0.2001, 0.2, 0.2, 0.2002], 4),  # sum 1.0002
+    ],
+)
+def test_weights_within_tolerance_are_renormalised_before_rounding(k, weights, decimals):
+    text = format_weights(NAMES[k], weights, decimals)
+    body = text.removeprefix("[Begin System Instruction] ").removesuffix(" [End System Instruction]")
+    written = [int(item.rpartition(":")[2].replace(".", "")) for item in body.split(", ")]
+    assert sum(written) == 10**decimals, text  # exactly 1, in the written digits
+    back = parse_weights(text, NAMES[k], decimals)
+    assert abs(back.sum() - 1) < 1e-9
+    w = np.asarray(weights) / np.sum(weights)
+    assert np.max(np.abs(back - w)) <= 10.0 ** (-decimals), text
+    assert np.array_equal(parse_weights(text, NAMES[k]), back)  # the default, strict tolerance too
+
+
+def test_round_weights_renormalises_each_row():
+    w = round_weights(np.array([[0.34, 0.34, 0.34], [0.2, 0.3, 0.5]]), 2)
+    np.testing.assert_allclose(w, [[0.34, 0.33, 0.33], [0.2, 0.3, 0.5]], atol=1e-12)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
+    with pytest.raises(WeightsError, match="positive sum"):
+        round_weights(np.array([0.0, 0.0]), 0)
+
+
+@pytest.mark.parametrize(
+    "k, weights, decimals",
+    [
+        (3, [0.35, 0.35, 0.35], 2),  # sum 1.05 > 1 + 3 x 0.01
+        (3, [0.32, 0.32, 0.32], 2),  # sum 0.96
+        (2, [0.52, 0.52], 2),  # sum 1.04 > 1 + 2 x 0.01
+        (5, [0.19, 0.19, 0.19, 0.19, 0.19], 2),  # sum 0.95
+        (2, [0.5, 0.5003], 4),  # sum 1.0003 > 1 + 2 x 0.0001
+    ],
+)
+def test_weights_outside_tolerance_are_still_refused(k, weights, decimals):
+    with pytest.raises(WeightsError, match="sum to 1"):
+        format_weights(NAMES[k], weights, decimals)
+
+
+def test_fixed_weights_sampler_and_its_config():
+    from moalign.conditioning import FixedWeights
+    from moalign.config import ConfigError, load_config
+
+    sampler = FixedWeights([1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(sampler.sample(2), [[1, 0, 0], [1, 0, 0]])
+    sampler.load_state_dict(sampler.state_dict())
+    with pytest.raises(WeightsError, match="differs from the configured fixed weights"):
+        FixedWeights([0.0, 1.0, 0.0]).load_state_dict(sampler.state_dict())
+    assert load_config(None, ["conditioning.fixed_weights=[0, 1, 0]"]).conditioning.fixed_weights == [0, 1, 0]
+    with pytest.raises(ConfigError, match="fixed_weights: need 3 weights"):
+        load_config(None, ["conditioning.fixed_weights=[0.5, 0.6, 0]"])
+    with pytest.raises(ConfigError, match="relabel_weights"):
+        load_config(None, ["conditioning.fixed_weights=[1, 0, 0]", "algorithm.relabel_weights=1"])
+
+
+def test_neglected_corners_pick_the_least_weighted_objectives():
+    from moalign.conditioning import neglected_corners
+
+    w = np.array([[0.7, 0.1, 0.2], [0.2, 0.4, 0.4], [0.0, 0.0, 1.0]])
+    first, second = neglected_corners(w, 2)
+    np.testing.assert_array_equal(first, [[0, 1, 0], [1, 0, 0], [1, 0, 0]])
+    # Ties go to the lower objective index.
+    np.testing.assert_array_equal(second, [[0, 0, 1], [0, 1, 0], [0, 1, 0]])
+    with pytest.raises(WeightsError, match="need 1..3 corners"):
+        neglected_corners(w, 4)

@@ -60,6 +60,10 @@ def test_batch_arithmetic_checked():
         load_config(None, ["rollout.prompts_per_step=6", "learner.micro_batch_pairs=2", "actors.num_learners=2"])
     cfg = load_config(None, ["rollout.prompts_per_step=2", "algorithm.pair_mode=per_objective", "learner.micro_batch_pairs=6"])
     assert cfg.pairs_per_step == 6
+    cfg = load_config(None, ["rollout.prompts_per_step=2", "algorithm.relabel_weights=2", "learner.micro_batch_pairs=6"])
+    assert cfg.pairs_per_step == 6
+    with pytest.raises(ConfigError, match=r"batch arithmetic: 6 pairs .*x 3 weight sets.*= 4"):
+        load_config(None, ["rollout.prompts_per_step=2", "algorithm.relabel_weights=2", "learner.micro_batch_pairs=4"])
 
 
 def test_cross_field_errors():
@@ -71,6 +75,14 @@ def test_cross_field_errors():
     assert load_config(None, ["sync.backend=broadcast"]).sync.backend == "broadcast"
     with pytest.raises(ConfigError, match="callable path"):
         load_config(None, ["objectives=[{name: X, source: callable, path: nocolon}]", "learner.micro_batch_pairs=8"])
+
+
+def test_health_bounds_checked():
+    assert load_config(None, ["health.max_kl=20", "health.window_steps=1"]).health.max_kl == 20
+    with pytest.raises(ConfigError, match=r"health\.min_distinct_fraction.*less than or equal to 1"):
+        load_config(None, ["health.min_distinct_fraction=1.5"])
+    with pytest.raises(ConfigError, match=r"health\.min_completion_tokens: 50 is above rollout\.max_new_tokens \(48\)"):
+        load_config(None, ["health.min_completion_tokens=50"])
 
 
 def test_zero3_with_several_learners_rejected():

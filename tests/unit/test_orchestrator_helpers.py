@@ -1,7 +1,8 @@
 import pytest
 
 from moalign.config import ConfigError, load_config, save_resolved
-from orchestrator import _check_resume_config, _check_supported, _chunks, _merge_rank_metrics
+from moalign.health import HealthMonitor
+from orchestrator import _check_resume_config, _check_supported, _chunks, _merge_rank_metrics, _report, _summarize
 
 
 def test_chunks_cover_range_evenly():
@@ -29,7 +30,9 @@ def test_merge_rank_metrics_from_sums():
 def test_resume_config_check(tmp_path):
     saved = load_config(None, ["steps=2"])
     save_resolved(saved, tmp_path / "config.yaml")
-    _check_resume_config(load_config(None, ["steps=10", "logging.level=DEBUG", "checkpoint.keep_last=5"]), tmp_path / "config.yaml")
+    _check_resume_config(
+        load_config(None, ["steps=10", "logging.level=DEBUG", "checkpoint.keep_last=5", "health.max_kl=20"]), tmp_path / "config.yaml"
+    )
     with pytest.raises(ConfigError, match=r"changed: rollout\.temperature\)"):
         _check_resume_config(load_config(None, ["rollout.temperature=0.5"]), tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match=r"changed: checkpoint\.every_steps"):
@@ -47,3 +50,48 @@ def test_main_reports_bad_config_and_exits_2(caplog):
 
     assert main(["rollout.samples_per_prompt=1"]) == 2
     assert "rollout.samples_per_prompt" in caplog.text
+
+
+def _history(kl_values):
+    return [
+        {"step": i + 1, "reward/Relevance": 0.1 * i, "health/distinct_fraction": 1.0 - 0.1 * i, "health/tied_share": 0.0,
+         "health/completion_tokens_mean": 38.0 - 3 * i, "health/length_capped_share": 0.0, "health/empty_share": 0.0,
+         **({"health/kl": kl} if kl is not None else {})}
+        for i, kl in enumerate(kl_values)
+    ]
+
+
+def _summary(history, monitor):
+    return {"run_dir": "r", "checkpoint": "c", "steps": len(history), "version": 1, **_summarize(history, ["Relevance"], monitor), "history": history}
+
+
+def test_summary_compares_health_of_first_and_last_quarter():
+    summary = _summarize(_history([None, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]), ["Relevance"], HealthMonitor())
+    assert summary["reward_window_steps"] == 2
+    assert summary["reward_start"]["Relevance"] == pytest.approx(0.05) and summary["reward_end"]["Relevance"] == pytest.approx(0.65)
+    assert summary["health_start"]["distinct_fraction"] == pytest.approx(0.95)
+    assert summary["health_end"]["completion_tokens_mean"] == pytest.approx(18.5)
+    # Step 1 took no learner update: the first quarter's KL is step 2's alone.
+    assert summary["health_start"]["kl"] == 1.0 and summary["health_end"]["kl"] == 6.5
+    assert summary["health_warnings"] == [] and summary["health_crossed_at_end"] == []
+    assert _summarize(_history([None, None]), ["Relevance"], HealthMonitor())["health_start"]["kl"] is None
+
+
+def test_report_puts_a_warning_under_the_rewards_when_a_bound_was_crossed(caplog):
+    monitor = HealthMonitor(max_kl=5.0, window_steps=1)
+    monitor.observe(7, {"kl": 27.0})
+    history = _history([1.0, 27.0])
+    with caplog.at_level("INFO", logger="moalign"):
+        _report(_summary(history, monitor))
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "moalign"]
+    after_rewards = lines[[i for i, (_, m) in enumerate(lines) if m.startswith("reward Relevance")][-1] + 1]
+    assert after_rewards[0] == "WARNING" and "crossed 1 time(s)" in after_rewards[1] and "still crossed at the end: kl" in after_rewards[1]
+    assert any(level == "WARNING" and "step 7" in m and "KL runaway" in m for level, m in lines)
+    assert any(m.startswith("health kl") and "start    1.000" in m and "+26.000" in m for _, m in lines)
+
+
+def test_report_says_none_when_healthy(caplog):
+    with caplog.at_level("INFO", logger="moalign"):
+        _report(_summary(_history([1.0] * 8), HealthMonitor()))
+    assert "health: no bound crossed" in caplog.text and "health warnings: none" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from moalign.pairs import RewardError, RunningNormalizer, check_rewards, select_pairs
+from moalign.pairs import RewardError, RunningNormalizer, check_rewards, select_pairs, select_relabelled_pairs
 
 NAMES = ["Relevance", "Conciseness"]
 
@@ -88,3 +88,24 @@ def test_normalizer_matches_numpy_and_round_trips():
 def test_normalizer_rejects_other_objective_count():
     with pytest.raises(ValueError, match="objectives"):
         RunningNormalizer(3).load_state_dict(RunningNormalizer(2).state_dict())
+
+
+def test_relabelled_pairs_rank_the_same_samples_under_each_weight_line():
+    # Sample 0 is best on objective 0 and worst on objective 1; sample 1 the reverse.
+    rewards = np.array([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]])
+    drawn = np.array([[0.9, 0.1]])
+    extra = np.array([[0.2, 0.8]])
+    selection = select_relabelled_pairs([drawn, extra], rewards)
+    assert [(p.prompt, p.chosen, p.rejected) for p in selection.pairs] == [(0, 0, 1), (1, 1, 0)]
+    # With one weight set it is select_pairs itself.
+    single = select_relabelled_pairs([drawn], rewards)
+    assert single.pairs == select_pairs(drawn, rewards).pairs
+
+
+def test_relabelled_pairs_index_prompts_by_weight_set_and_count_ties():
+    rewards = np.array([[[1.0, 0.0], [0.0, 1.0]], [[0.3, 0.3], [0.3, 0.3]]])
+    sets = [np.array([[1.0, 0.0], [0.5, 0.5]]), np.array([[0.0, 1.0], [0.5, 0.5]])]
+    selection = select_relabelled_pairs(sets, rewards, "per_objective")
+    # Prompt 1's samples tie on every objective under both sets; zero weights are skipped.
+    assert [(p.prompt, p.objective) for p in selection.pairs] == [(0, 0), (2, 1)]
+    assert selection.dropped_ties == 4 and selection.dropped_zero_weight == 2

@@ -5,7 +5,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 
-from actors.reward import ClassifierScore, RewardScorer, minilm_dir
+from actors.reward import ClassifierScore, RewardScorer, answer_quality, echo_fraction, minilm_dir
 from moalign.config import ObjectiveConfig
 from moalign.pairs import RewardError
 
@@ -33,8 +33,54 @@ def test_builtin_signals_rank_sensibly(builtin_scorer):
     assert r.shape == (4, 3)
     assert r[0, 0] > r[1, 0] + 0.2, "on-topic answer must be more relevant"
     assert r[2, 1] > r[1, 1], "shorter answer must be more concise"
-    assert r[2, 1] == 1.0 and r[3, 1] == -1.0
+    assert r[2, 1] == 1.0 and r[3, 1] == 0.0
     assert r[2, 2] > 0.5 and r[2, 2] > r[1, 2]
+    assert np.all((r >= 0) & (r <= 1)), "built-in objectives are on a [0, 1] scale"
+
+
+DEGENERATE_PROMPT = "How do I keep basil alive on a windowsill in winter?"
+GOOD_ANSWERS = [
+    "Bright light, little water, no cold glass.",
+    "Give it at least six hours of light a day, water only when the top of the soil is dry, and keep it away from cold glass.",
+    "Great question! Basil loves warmth, so a sunny window and a little care will keep it happy and thriving all winter.",
+]
+DEGENERATE = {
+    "the prompt repeated": DEGENERATE_PROMPT,
+    "the prompt twice": DEGENERATE_PROMPT + " " + DEGENERATE_PROMPT,
+    "empty": "",
+    "whitespace": "   ",
+    "one word": "Basil.",
+    "one positive word": "Wonderful!",
+    "a positive loop": "great great great great great great great great great great",
+}
+
+
+def test_no_builtin_objective_is_maximised_by_degenerate_text(builtin_scorer):
+    texts = GOOD_ANSWERS + list(DEGENERATE.values())
+    r = builtin_scorer.score([DEGENERATE_PROMPT] * len(texts), texts)
+    best_honest = r[: len(GOOD_ANSWERS)].max(axis=0)
+    for i, name in enumerate(DEGENERATE, start=len(GOOD_ANSWERS)):
+        for k, objective in enumerate(builtin_scorer.names):
+            assert r[i, k] < best_honest[k] - 0.1, f"{name!r} scores {r[i, k]:.3f} on {objective}, an honest answer {best_honest[k]:.3f}"
+
+
+def test_cut_off_answer_is_not_concise(builtin_scorer):
+    text = "Give it bright light and little water."
+    r = builtin_scorer.score([DEGENERATE_PROMPT] * 2, [text, text], finished=[True, False])
+    assert r[0, 1] == 1.0 and r[1, 1] == 0.0
+    assert r[0, 0] == r[1, 0] and r[0, 2] == r[1, 2], "only conciseness depends on whether the answer ended"
+    with pytest.raises(RewardError, match="2 completions and 1 finished flags"):
+        builtin_scorer.score([DEGENERATE_PROMPT] * 2, [text, text], finished=[True])
+
+
+def test_echo_fraction_and_quality_gate():
+    assert echo_fraction("how do I bake bread", "how do I bake bread") == 1.0
+    assert echo_fraction("how do I bake bread", "knead the dough well") == 0.0
+    # A restated question inside a real answer costs only the copied words.
+    half = echo_fraction("how do I bake bread", "how do I bake it? knead dough, proof, bake hot")
+    assert 0.2 < half < 0.6
+    assert answer_quality("q", "one two", min_words=4) == 0.5
+    assert answer_quality("q", "a b c a b c a b c", min_words=1) < 0.5
 
 
 def test_callable_and_errors_name_objective_and_sample():

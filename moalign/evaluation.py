@@ -1,0 +1,310 @@
+"""Pareto evaluation of a steerable policy: does the policy follow the weights written into its prompt?
+
+Pure (numpy; matplotlib only inside `plot_fronts`), so the statistics are testable without Ray
+or vLLM. The runner that fills the reward array is `evaluate.py` at the repository root.
+
+Shapes: W weight vectors (a simplex lattice plus corners and centre), P held-out prompts, S
+samples per (weight, prompt), K objectives. Rewards are the raw (unnormalised) scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moalign.conditioning import round_weights
+from moalign.pareto import hypervolume, non_dominated_mask, simplex_lattice, steerability
+
+log = logging.getLogger(__name__)
+
+
+def eval_weights(n_objectives: int, divisions: int, decimals: int = 2) -> np.ndarray:
+    """The `{K, divisions}` simplex lattice plus every corner and the centre, rounded as the
+    conditioning writes them, without duplicates; shape (W, K), lattice order first."""
+    lattice = simplex_lattice(n_objectives, divisions)
+    corners = np.eye(n_objectives)
+    centre = np.full((1, n_objectives), 1.0 / n_objectives)
+    candidates = round_weights(np.vstack([lattice, corners, centre]), decimals)
+    kept: list[np.ndarray] = []
+    seen: set[tuple[float, ...]] = set()
+    for row in candidates:
+        key = tuple(float(x) for x in row)
+        if key not in seen:
+            seen.add(key)
+            kept.append(row)
+    return np.array(kept)
+
+
+def _standard_error(values: np.ndarray, axis: int) -> np.ndarray | None:
+    """std(ddof=1)/sqrt(n) along `axis`; None when there are fewer than two values."""
+    n = values.shape[axis]
+    if n < 2:
+        return None
+    return values.std(axis=axis, ddof=1) / math.sqrt(n)
+
+
+def _plain(value: float | None) -> float | None:
+    """A JSON-safe float: None for NaN/inf (json.dumps would otherwise write invalid JSON)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def front_stats(
+    weights: Any, rewards: Any, names: Sequence[str], reference_point: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """Statistics of an evaluated front; every value is JSON-serialisable.
+
+    Args:
+        weights: (W, K) weight vectors on the simplex.
+        rewards: (W, P, S, K) raw rewards: weight vector, prompt, sample, objective.
+        names: the K objective names.
+        reference_point: (K,) hypervolume reference; None means 0 for every objective.
+
+    Returns a dict with `objectives`, `weights`, `mean` and `se` (W x K, s.e. over prompts of
+    the per-prompt sample means; None with a single prompt), `non_dominated` (indices of the
+    weight vectors whose means no other mean dominates), `hypervolume` of the means against
+    `reference_point` (weight vectors below it in some objective add no volume; their indices
+    are in `below_reference`), and `per_objective[name]` with `spearman` (w_k vs mean reward_k
+    over the weight vectors), `spread` (mean reward_k at w_k = 1 minus at w_k = 0, paired by
+    prompt), `spread_se`, `spread_z` and `lattice_mean`.
+    """
+    w = np.asarray(weights, dtype=float)
+    r = np.asarray(rewards, dtype=float)
+    names = list(names)
+    if w.ndim != 2 or r.ndim != 4 or r.shape[0] != w.shape[0] or r.shape[3] != w.shape[1] or len(names) != w.shape[1]:
+        raise ValueError(f"front_stats: weights {w.shape}, rewards {r.shape} and {len(names)} names do not fit (W,K), (W,P,S,K), K")
+    n_weights, n_prompts, n_samples, k = r.shape
+    if n_prompts < 1 or n_samples < 1:
+        raise ValueError(f"front_stats: rewards {r.shape} hold no prompt or no sample")
+    if not np.all(np.isfinite(r)):
+        raise ValueError("front_stats: rewards contain NaN or infinite values")
+    reference = np.zeros(k) if reference_point is None else np.asarray(reference_point, dtype=float)
+    if reference.shape != (k,):
+        raise ValueError(f"front_stats: reference point {reference.tolist()} has {reference.size} values for {k} objectives")
+
+    per_prompt = r.mean(axis=2)  # (W, P, K): samples of one prompt are not independent draws of the prompt effect
+    mean = per_prompt.mean(axis=1)
+    se = _standard_error(per_prompt, axis=1)
+
+    # Hypervolume rejects points below the reference; such a point's box is empty, so leaving
+    # it out equals clipping it. The indices are reported so a bad reference point shows.
+    above = np.all(mean >= reference, axis=1)
+    volume = hypervolume(mean[above], reference)
+
+    spearman = steerability(w, mean)["per_objective"] if n_weights >= 2 else [0.0] * k
+    per_objective: dict[str, dict[str, float | None]] = {}
+    for j, name in enumerate(names):
+        top, bottom = np.isclose(w[:, j], 1.0), np.isclose(w[:, j], 0.0)
+        spread = spread_se = spread_z = None
+        if top.any() and bottom.any():
+            # Paired by prompt: the same prompts (and sampling seeds) at both ends of the axis.
+            difference = per_prompt[top][:, :, j].mean(axis=0) - per_prompt[bottom][:, :, j].mean(axis=0)
+            spread = float(difference.mean())
+            difference_se = _standard_error(difference, axis=0)
+            if difference_se is not None:
+                spread_se = float(difference_se)
+                spread_z = spread / spread_se if spread_se > 0 else None
+        per_objective[name] = {
+            "spearman": float(spearman[j]),
+            "spread": _plain(spread),
+            "spread_se": _plain(spread_se),
+            "spread_z": _plain(spread_z),
+            "lattice_mean": float(mean[:, j].mean()),
+        }
+
+    return {
+        "objectives": names,
+        "n_weights": n_weights,
+        "n_prompts": n_prompts,
+        "samples_per_prompt": n_samples,
+        "weights": w.tolist(),
+        "mean": mean.tolist(),
+        "se": se.tolist() if se is not None else [[None] * k for _ in range(n_weights)],
+        "non_dominated": np.flatnonzero(non_dominated_mask(mean)).tolist(),
+        "hypervolume": float(volume),
+        "reference_point": reference.tolist(),
+        "below_reference": np.flatnonzero(~above).tolist(),
+        "per_objective": per_objective,
+    }
+
+
+def front_metrics(stats: dict[str, Any]) -> dict[str, float]:
+    """Scalars for the metrics sink: `eval/hypervolume`, `eval/steerability/<objective>` and
+    `eval/spread_z/<objective>` (left out where undefined: one prompt, or zero spread s.e.)."""
+    metrics = {"eval/hypervolume": float(stats["hypervolume"])}
+    for name, o in stats["per_objective"].items():
+        metrics[f"eval/steerability/{name}"] = float(o["spearman"])
+        if o["spread_z"] is not None:
+            metrics[f"eval/spread_z/{name}"] = float(o["spread_z"])
+    return metrics
+
+
+def weights_label(weights: Sequence[float]) -> str:
+    """`0.7/0.3/0`: short enough to annotate a point."""
+    return "/".join(f"{float(x):g}" for x in weights)
+
+
+def _number(value: float | None, spec: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _mean_se(mean: float | None, se: float | None, spec: str = ".4g") -> str:
+    return f"{_number(mean, spec)} ± {_number(se, '.2g')}"
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary name beside `path`, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _compact(value: Any, max_items: int = 6) -> Any:
+    """Long lists (prompt ids, lattice weights) shortened to a count for the markdown header; front.json keeps them."""
+    if isinstance(value, dict):
+        return {k: _compact(v, max_items) for k, v in value.items()}
+    if isinstance(value, list):
+        return f"{len(value)} items" if len(value) > max_items else [_compact(v, max_items) for v in value]
+    return value
+
+
+def front_markdown(stats: dict[str, Any], label: str, meta: dict[str, Any] | None = None) -> str:
+    names = stats["objectives"]
+    lines = [f"# Pareto front: {label}", ""]
+    for key, value in (meta or {}).items():
+        lines.append(f"- {key}: `{json.dumps(_compact(value)) if isinstance(value, dict | list) else value}`")
+    if meta:
+        lines.append("")
+    lines += [
+        f"Mean reward ± standard error over {stats['n_prompts']} prompt(s), {stats['samples_per_prompt']} sample(s) each; "
+        "✓ = no other weight vector's mean dominates it.",
+        "",
+        f"| weights ({'/'.join(names)}) | " + " | ".join(names) + " | non-dominated |",
+        "|---" * (len(names) + 2) + "|",
+    ]
+    front = set(stats["non_dominated"])
+    for i, (w, mean, se) in enumerate(zip(stats["weights"], stats["mean"], stats["se"])):
+        cells = [_mean_se(m, s) for m, s in zip(mean, se)]
+        lines.append(f"| {weights_label(w)} | " + " | ".join(cells) + f" | {'✓' if i in front else ''} |")
+    lines += [
+        "",
+        "## Steerability",
+        "",
+        "Spearman of w_k against mean reward_k over the weight vectors; spread = mean reward_k at w_k = 1 minus at "
+        "w_k = 0 (paired by prompt), z = spread / s.e.",
+        "",
+        "| objective | Spearman | spread ± s.e. | z |",
+        "|---|---|---|---|",
+    ]
+    for name in names:
+        o = stats["per_objective"][name]
+        spread = _mean_se(o["spread"], o["spread_se"], "+.4g")
+        lines.append(f"| {name} | {o['spearman']:+.3f} | {spread} | {_number(o['spread_z'], '+.2f')} |")
+    below = stats.get("below_reference") or []
+    note = f"; {len(below)} weight vector(s) below it add no volume" if below else ""
+    lines += ["", f"Hypervolume: {stats['hypervolume']:.6g} (reference point {weights_label(stats['reference_point'])}{note})", ""]
+    return "\n".join(lines)
+
+
+def write_front(out_dir: str | Path, stats: dict[str, Any], label: str, meta: dict[str, Any]) -> None:
+    """`front.json` (stats, label and meta) and `front.md` (human-readable tables) in `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"label": label, **stats, "meta": meta}
+    # allow_nan=False: a NaN would make the file unreadable by strict JSON parsers; fail here instead.
+    write_atomic(out / "front.json", json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    write_atomic(out / "front.md", front_markdown(stats, label, meta))
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def plot_fronts(out_png: str | Path, fronts: Sequence[tuple[str, dict[str, Any]]], names: Sequence[str]) -> None:
+    """Pairwise scatter plots of the objective means (one panel per objective pair), every front
+    on the same axes in its own colour and marker, each point annotated with its weights."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(names)
+    pairs = list(combinations(range(len(names)), 2))
+    if not pairs:
+        raise ValueError(f"plot_fronts: needs at least two objectives, got {names}")
+    if not fronts:
+        raise ValueError("plot_fronts: no fronts to plot")
+    columns = min(3, len(pairs))
+    rows = math.ceil(len(pairs) / columns)
+    # A Figure with its own Agg canvas: no pyplot, so no global backend switch in the caller's process.
+    figure = Figure(figsize=(5.0 * columns, 4.5 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    colours = [f"C{i % 10}" for i in range(len(fronts))]
+    for panel, (a, b) in zip(axes, pairs):
+        for n, (label, stats) in enumerate(fronts):
+            index = {name: i for i, name in enumerate(stats["objectives"])}
+            if names[a] not in index or names[b] not in index:
+                continue
+            ia, ib = index[names[a]], index[names[b]]
+            mean = np.asarray(stats["mean"], dtype=float)
+            se = np.array([[np.nan if s is None else s for s in row] for row in stats["se"]], dtype=float)
+            panel.errorbar(
+                mean[:, ia],
+                mean[:, ib],
+                xerr=np.nan_to_num(se[:, ia]),
+                yerr=np.nan_to_num(se[:, ib]),
+                fmt=_MARKERS[n % len(_MARKERS)],
+                color=colours[n],
+                ecolor=colours[n],
+                elinewidth=0.6,
+                alpha=0.85,
+                label=label,
+            )
+            for w, x, y in zip(stats["weights"], mean[:, ia], mean[:, ib]):
+                panel.annotate(weights_label(w), (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6, color=colours[n])
+        panel.set_xlabel(names[a])
+        panel.set_ylabel(names[b])
+        panel.grid(alpha=0.3)
+    for unused in axes[len(pairs) :]:
+        unused.set_visible(False)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(f"Mean reward per weight vector ({'/'.join(names)})", fontsize=10)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    figure.savefig(tmp, format="png", dpi=120)
+    os.replace(tmp, out)
+
+
+def steerability_table(fronts: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown table comparing fronts side by side: per objective the Spearman and spread ± s.e.
+    of every front; the last row holds the hypervolumes."""
+    if not fronts:
+        return ""
+    names: list[str] = []
+    for _, stats in fronts:
+        names += [n for n in stats["objectives"] if n not in names]
+    header = ["objective"] + [f"{label} {column}" for label, _ in fronts for column in ("Spearman", "spread ± s.e.")]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name in names:
+        cells = [name]
+        for _, stats in fronts:
+            o = stats["per_objective"].get(name)
+            if o is None:
+                cells += ["n/a", "n/a"]
+            else:
+                cells += [f"{o['spearman']:+.3f}", _mean_se(o["spread"], o["spread_se"], "+.4g")]
+        lines.append("| " + " | ".join(cells) + " |")
+    cells = ["hypervolume"]
+    for _, stats in fronts:
+        cells += [f"{stats['hypervolume']:.4g}", ""]
+    lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
