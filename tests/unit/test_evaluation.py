@@ -251,8 +251,16 @@ def test_base_front_is_reused_only_with_the_same_settings(tmp_path):
     assert load_front(tmp_path / "run" / "eval" / "nothing") is None
 
 
-def test_cli_base_only_reuses_the_saved_front_without_actors(tmp_path):
+def test_cli_base_only_reuses_the_saved_front_without_actors(tmp_path, monkeypatch):
+    import orchestrator
     from evaluate import main
+
+    # Checked on the calls, not on ray.is_initialized(): another test may have started Ray already.
+    def refuse(*args, **kwargs):
+        raise AssertionError("started Ray or actors although nothing needed evaluating")
+
+    monkeypatch.setattr(orchestrator, "_start_ray", refuse)
+    monkeypatch.setattr(orchestrator, "_actor_groups", refuse)
 
     cfg = run_config(tmp_path / "run", "eval.heldout_prompts=4")
     saved_base_front(cfg, tmp_path / "run")
@@ -264,8 +272,6 @@ def test_cli_base_only_reuses_the_saved_front_without_actors(tmp_path):
     # The override after --compare is an override, not a run directory.
     assert main(["--run", str(tmp_path / "run"), "--base", "--compare", str(other), "eval.heldout_prompts=4"]) == 0
     assert front.stat().st_mtime_ns == before
-    ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized(), "started Ray although nothing needed evaluating"
     assert (tmp_path / "run" / "eval" / "base" / "front.png").read_bytes()[:8] == PNG_MAGIC
     log = (tmp_path / "run" / "eval" / "evaluate.log").read_text()
     assert "reusing" in log and "| other Spearman |" in log
