@@ -29,7 +29,7 @@ from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import ConfigError, RunConfig, load_config
 from moalign.data import DataError, PromptRecord, load_prompts
 from moalign.evaluation import eval_weights, front_metrics, front_stats, plot_fronts, steerability_table, write_atomic, write_front
-from moalign.pairs import RewardError, check_rewards
+from moalign.pairs import RewardError
 
 log = logging.getLogger("moalign.evaluate")
 
@@ -85,33 +85,6 @@ def _prompt_seeds(eval_seed: int, n_prompts: int) -> list[int]:
     return [int(np.random.SeedSequence([eval_seed, i]).generate_state(1)[0]) for i in range(n_prompts)]
 
 
-def _chunks(n: int, parts: int) -> list[slice]:
-    from orchestrator import _chunks as orchestrator_chunks
-
-    return [s for s in orchestrator_chunks(n, parts) if s.stop > s.start]
-
-
-def _generate(cfg: RunConfig, generators, prompt_ids: list[list[int]], seeds: list[int], samples: int, step: int | None) -> list:
-    r = cfg.rollout
-    parts = _chunks(len(prompt_ids), len(generators))
-    args = [(prompt_ids[s], samples, r.temperature, r.top_p, r.max_new_tokens, seeds[s]) for s in parts]
-    out: list[list[dict]] = []
-    for chunk in generators.call_each("generate", args, step=step):
-        out += chunk
-    return out
-
-
-def _score(cfg: RunConfig, scorers, prompts: list[str], completions: list[list[dict]], samples: int, step: int | None) -> np.ndarray:
-    flat_prompts = [p for p, group in zip(prompts, completions) for _ in group]
-    flat_texts = [c["text"] for group in completions for c in group]
-    # As in training: "stop" is EOS or a stop string, "length" the token cap.
-    flat_finished = [c["finish_reason"] == "stop" for group in completions for c in group]
-    parts = _chunks(len(flat_texts), len(scorers))
-    scores = scorers.call_each("score", [(flat_prompts[s], flat_texts[s], flat_finished[s]) for s in parts], step=step)
-    stacked = np.concatenate(scores, axis=0)
-    return check_rewards(stacked.reshape(len(prompts), samples, -1), len(prompts), samples, cfg.objective_names)
-
-
 def evaluate_front(
     cfg: RunConfig,
     generators,
@@ -133,7 +106,7 @@ def evaluate_front(
     """
     from tqdm import tqdm
 
-    from orchestrator import _render
+    from orchestrator import _generate, _render, _score
 
     names = cfg.objective_names
     chosen = list(prompts[:n_prompts])

@@ -123,12 +123,12 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
 
                 # 3. On-policy samples, n per prompt, tagged with the policy version.
                 t = time.perf_counter()
-                samples = _generate(cfg, generators, prompt_ids, step)
+                samples = _generate(cfg, generators, prompt_ids, _step_seeds(cfg, step, len(prompt_ids)), cfg.rollout.samples_per_prompt, step)
                 timings["time/generate_s"] = time.perf_counter() - t
 
                 # 4. Rewards on the unconditioned prompt; per-objective running normalisation.
                 t = time.perf_counter()
-                raw = _score(cfg, scorers, [p.prompt for p in batch], samples, step)
+                raw = _score(cfg, scorers, [p.prompt for p in batch], samples, cfg.rollout.samples_per_prompt, step)
                 state.normalizer.update(raw)
                 normalized = state.normalizer.normalize(raw)
                 timings["time/score_s"] = time.perf_counter() - t
@@ -366,20 +366,23 @@ def _chunks(n: int, parts: int) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _generate(cfg: RunConfig, generators, prompt_ids: list[list[int]], step: int) -> list[list[dict]]:
-    r = cfg.rollout
+def _step_seeds(cfg: RunConfig, step: int, count: int) -> list[int]:
     # Per-prompt seeds depend only on (seed, step, prompt): the same completions whatever the
     # number of generators, and again after a resume.
-    seeds = [int(np.random.SeedSequence([cfg.seed, step, i]).generate_state(1)[0]) for i in range(len(prompt_ids))]
+    return [int(np.random.SeedSequence([cfg.seed, step, i]).generate_state(1)[0]) for i in range(count)]
+
+
+def _generate(cfg: RunConfig, generators, prompt_ids: list[list[int]], seeds: list[int], n: int, step: int | None) -> list[list[dict]]:
+    r = cfg.rollout
     parts = [s for s in _chunks(len(prompt_ids), len(generators)) if s.stop > s.start]
-    args = [(prompt_ids[s], r.samples_per_prompt, r.temperature, r.top_p, r.max_new_tokens, seeds[s]) for s in parts]
+    args = [(prompt_ids[s], n, r.temperature, r.top_p, r.max_new_tokens, seeds[s]) for s in parts]
     out: list[list[dict]] = []
     for chunk in generators.call_each("generate", args, step=step):
         out += chunk
     return out
 
 
-def _score(cfg: RunConfig, scorers, prompts: list[str], samples: list[list[dict]], step: int) -> np.ndarray:
+def _score(cfg: RunConfig, scorers, prompts: list[str], samples: list[list[dict]], n: int, step: int | None) -> np.ndarray:
     flat_prompts = [p for p, group in zip(prompts, samples) for _ in group]
     flat_texts = [s["text"] for group in samples for s in group]
     # vLLM says "stop" for EOS or a stop string, "length" when the token cap cut the answer off.
@@ -387,7 +390,7 @@ def _score(cfg: RunConfig, scorers, prompts: list[str], samples: list[list[dict]
     parts = [s for s in _chunks(len(flat_texts), len(scorers)) if s.stop > s.start]
     scores = scorers.call_each("score", [(flat_prompts[s], flat_texts[s], flat_finished[s]) for s in parts], step=step)
     stacked = np.concatenate(scores, axis=0)
-    return check_rewards(stacked.reshape(len(prompts), cfg.rollout.samples_per_prompt, -1), len(prompts), cfg.rollout.samples_per_prompt, cfg.objective_names)
+    return check_rewards(stacked.reshape(len(prompts), n, -1), len(prompts), n, cfg.objective_names)
 
 
 def _learn(cfg: RunConfig, learners, prompt_ids, samples, pairs, step: int) -> dict[str, float]:
