@@ -7,7 +7,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-.PHONY: install demo eval test test-unit bandit docs clean
+.PHONY: install demo eval export serve test test-unit bandit docs clean
 
 install: $(VENV)/.installed
 
@@ -30,8 +30,18 @@ eval: install
 train-steerable: install
 	$(PY) orchestrator.py --config configs/steerable_cpu.yaml $(ARGS)
 
+# The policy of a checkpoint as a Hugging Face folder (+ PEFT adapter): `make export RUN=runs/demo [STEP=N] [OUT=dir]`.
+export: install
+	@test -n "$(RUN)" || { echo 'usage: make export RUN=<run dir> [STEP=N] [OUT=dir]'; exit 2; }
+	$(PY) export.py --run $(RUN) $(if $(STEP),--step $(STEP),) $(if $(OUT),--out $(OUT),)
+
+# An exported policy behind an OpenAI-compatible API on Ray Serve: `make serve MODEL=runs/demo/final [PORT=8000]`.
+serve: install
+	@test -n "$(MODEL)" || { echo 'usage: make serve MODEL=<exported folder> [PORT=8000]'; exit 2; }
+	$(PY) serve.py --config configs/serve/local.yaml --model $(MODEL) $(if $(PORT),port=$(PORT),) $(ARGS)
+
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

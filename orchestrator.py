@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from moalign.checkpoint import latest_checkpoint, publish, read_state, staging_dir
-from moalign.conditioning import DirichletSampler, FixedWeights, condition_messages, neglected_corners, round_weights
+from moalign.conditioning import (
+    DirichletSampler,
+    FixedWeights,
+    condition_messages,
+    neglected_corners,
+    render_prompt_ids,
+    round_weights,
+)
 from moalign.config import ConfigError, RunConfig, load_config, save_resolved
 from moalign.data import DataError, PromptCursor, load_prompts
 from moalign.health import METRICS as HEALTH_METRICS
@@ -179,6 +186,9 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
             progress.close()
             sink.close()
 
+        # 9. The last policy as folders that transformers, PEFT and vLLM load (`make serve` serves it).
+        exported = _export(cfg, learners, run_dir / "final", state.step)
+
     history = read_metrics(run_dir)
     steerability = evaluation.closing_table()
     if steerability:
@@ -190,6 +200,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
         **_summarize(history, names, state.health),
         "history": history,
         "checkpoint": str(latest_checkpoint(run_dir)),
+        "export": exported,
         "steerability_table": steerability,
     }
 
@@ -341,9 +352,7 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list):
 
 
 def _render(tokenizer, prompt: str, names: list[str], weights: np.ndarray, cfg: RunConfig) -> list[int]:
-    messages = condition_messages(prompt, names, weights, cfg.conditioning.style, cfg.conditioning.decimals)
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = render_prompt_ids(tokenizer, condition_messages(prompt, names, weights, cfg.conditioning.style, cfg.conditioning.decimals))
     if len(ids) > cfg.model.max_prompt_tokens:
         raise ConfigError(
             f"prompt {prompt[:60]!r} is {len(ids)} tokens after conditioning, over model.max_prompt_tokens={cfg.model.max_prompt_tokens}"
@@ -476,6 +485,14 @@ def _checkpoint(cfg: RunConfig, run_dir: Path, learners, state: LoopState) -> No
     log.info("checkpoint %s", final)
 
 
+def _export(cfg: RunConfig, learners, dest: Path, step: int) -> str:
+    from moalign.export import PolicyCard
+
+    card = PolicyCard.from_run(cfg, step).model_dump()
+    learners.call("export_policy", str(dest), card, step=step)
+    return str(dest)
+
+
 def _progress(cfg: RunConfig, start: int):
     from tqdm import tqdm
 
@@ -494,6 +511,7 @@ def _setup_logging(cfg: RunConfig) -> None:
 
 def _report(summary: dict[str, Any]) -> None:
     log.info("run directory: %s (checkpoint %s)", summary["run_dir"], summary["checkpoint"])
+    log.info("exported policy: %s (serve it: make serve MODEL=%s)", summary["export"], summary["export"])
     history = summary["history"]
     if history:
         keys = ["time/generate_s", "time/score_s", "time/learn_s", "time/sync_s", "time/step_s", "pairs_per_s", "tokens_per_s"]

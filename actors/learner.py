@@ -530,6 +530,33 @@ class Learner:
         as detached contiguous CPU tensors in the model dtype, in buckets of about `bucket_mb` MiB."""
         return bucketize(self._named_full_weights(), bucket_mb)
 
+    @torch.no_grad()
+    def export_policy(self, dest: str, card: dict) -> dict:
+        """Write the policy as a merged Hugging Face folder at `dest` (plus `dest/adapter` with
+        LoRA) and its card (`moalign.json`); a collective on all ranks, rank 0 writes."""
+        from moalign.export import ADAPTER_DIR, PolicyCard, publish_folder, write_card, write_model_folder
+
+        policy_card = PolicyCard.model_validate(card)
+        named = self._named_full_weights()
+        trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
+        with self._gathered(trainable):
+            if self.rank != 0:
+                return {}
+
+            def write(folder: Path) -> None:
+                write_model_folder(folder, named, self.model_path, self.cfg.model.dtype)
+                write_card(folder, policy_card)
+                if self.lora:
+                    adapter = folder / ADAPTER_DIR
+                    self.engine.module.save_pretrained(str(adapter), safe_serialization=True)
+                    write_card(adapter, policy_card)
+
+            started = time.perf_counter()
+            publish_folder(dest, write)
+        size = sum(f.stat().st_size for f in Path(dest).rglob("*") if f.is_file())
+        log.info("exported the step-%d policy to %s (%.1f MB) in %.1fs", self.step, dest, size / 1e6, time.perf_counter() - started)
+        return {"path": str(dest), "bytes": size, "step": self.step}
+
     # ------------------------------------------------------------------ broadcast weight sync
 
     def open_broadcast(
@@ -637,8 +664,10 @@ class Learner:
         dist.barrier()
         log.info("rank %d saved learner checkpoint at step %d to %s", self.rank, self.step, path)
 
-    def load_checkpoint(self, path: str) -> None:
-        """Restore what `save_checkpoint` wrote; a collective on all ranks."""
+    def load_checkpoint(self, path: str, weights_only: bool = False) -> None:
+        """Restore what `save_checkpoint` wrote; a collective on all ranks. `weights_only`: the
+        policy without optimizer state, enough to export it (and readable at another world size
+        with ZeRO-0..2)."""
         state_file = Path(path) / _STATE_FILE.format(rank=self.rank)
         if not state_file.is_file():
             fallback = Path(path) / _STATE_FILE.format(rank=0)
@@ -650,8 +679,8 @@ class Learner:
             path,
             tag=_DS_TAG,
             load_module_strict=not self.lora,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
+            load_optimizer_states=not weights_only,
+            load_lr_scheduler_states=not weights_only,
         )
         if load_path is None:
             raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint with tag {_DS_TAG!r}")

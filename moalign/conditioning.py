@@ -162,9 +162,36 @@ def condition_messages(
     decimals: int = 2,
 ) -> list[dict[str, str]]:
     """Chat messages carrying the weights: as the system message, or as a prefix of the user turn."""
+    return condition_chat([{"role": "user", "content": prompt}], names, weights, style, decimals)
+
+
+def condition_chat(
+    messages: Sequence[dict[str, str]],
+    names: Sequence[str],
+    weights: Sequence[float] | np.ndarray,
+    style: Literal["system_prefix", "chat_system"] = "chat_system",
+    decimals: int = 2,
+) -> list[dict[str, str]]:
+    """A conversation with the weight line written in as training wrote it: `chat_system` puts it
+    in the system message, `system_prefix` before the last user turn (the one being answered).
+    Training saw no other system text; a caller's own system message follows the line."""
     line = format_weights(names, weights, decimals)
+    chat = [dict(m) for m in messages]
+    if not chat or chat[-1].get("role") != "user":
+        raise WeightsError("the conversation must end with a user message for the weights to apply to")
     if style == "chat_system":
-        return [{"role": "system", "content": line}, {"role": "user", "content": prompt}]
+        if chat[0].get("role") == "system":
+            chat[0]["content"] = f"{line}\n{chat[0]['content']}"
+            return chat
+        return [{"role": "system", "content": line}, *chat]
     if style == "system_prefix":
-        return [{"role": "user", "content": f"{line}\n{prompt}"}]
+        chat[-1]["content"] = f"{line}\n{chat[-1]['content']}"
+        return chat
     raise WeightsError(f"unknown conditioning style {style!r}; allowed: system_prefix, chat_system")
+
+
+def render_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a conditioned conversation, exactly as training fed them to the generators:
+    the chat template's text with the generation prompt, tokenised without added special tokens."""
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -372,6 +372,64 @@ class RunConfig(_Section):
         return self.rollout.prompts_per_step * per_prompt * (1 + self.algorithm.relabel_weights)
 
 
+class ServeConfig(_Section):
+    """`make serve` and `serve run deploy/serve.yaml`: one exported policy behind an OpenAI-compatible API."""
+
+    model: str = Field(min_length=1)
+    """Exported policy folder (RUN_DIR/final, or `make export` output): weights, tokenizer and moalign.json."""
+    served_model_name: str | None = None
+    """Name clients pass as `model` and /v1/models lists (default: the folder's name)."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds to; loopback unless you mean to expose it (then set an API token)."""
+    port: int = Field(8000, ge=1, le=65535)
+    """HTTP port."""
+    api_token_env: str = "MOALIGN_API_TOKEN"
+    """Environment variable holding the bearer token; when it is set and non-empty, requests without it get 401."""
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
+    """Largest request body accepted, in bytes (larger: 413)."""
+    max_tokens_limit: int = Field(1024, ge=1, le=131072)
+    """Largest `max_tokens` a request may ask for (larger: 422)."""
+    default_max_tokens: int = Field(256, ge=1, le=131072)
+    """`max_tokens` of a request that names none."""
+    max_model_len: int = Field(2048, ge=64, le=1048576)
+    """Context length of the engine, prompt plus completion, in tokens."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Engine dtype (`auto`: the dtype the policy was exported in)."""
+    cpu_kvcache_gb: float = Field(1.0, gt=0, le=4096)
+    """vLLM-CPU KV cache size per replica, in GiB."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """vLLM on GPU: share of GPU memory the replica's engine may use."""
+    replica_cpus: float = Field(1.0, gt=0)
+    """Ray logical CPUs per replica."""
+    replica_gpus: float = Field(0.0, ge=0)
+    """Ray GPUs per replica (0 on CPU hosts)."""
+    omp_threads: int | None = Field(None, ge=1, le=1024)
+    """OMP_NUM_THREADS of each replica (default: every core of its host)."""
+    min_replicas: int = Field(1, ge=0, le=1024)
+    """Autoscaling: fewest replicas."""
+    max_replicas: int = Field(1, ge=1, le=1024)
+    """Autoscaling: most replicas (equal to min_replicas: a fixed count)."""
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    """Autoscaling: requests in flight per replica that Ray Serve steers towards."""
+    max_ongoing_requests: int = Field(32, ge=1, le=100000)
+    """Requests one replica takes at once; more wait in the proxy's queue."""
+    seed: int = 0
+    """Engine seed (requests without a `seed` draw from it)."""
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is above max_tokens_limit ({self.max_tokens_limit})")
+        if self.max_tokens_limit >= self.max_model_len:
+            raise ValueError(f"max_tokens_limit ({self.max_tokens_limit}) leaves no room for a prompt in max_model_len ({self.max_model_len})")
+        return self
+
+
+_Config = TypeVar("_Config", bound=BaseModel)
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
@@ -386,10 +444,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str, root: type[BaseModel]) -> None:
     parts = dotted.split(".")
     node: Any = tree
-    model: Any = RunConfig
+    model: Any = root
     for i, part in enumerate(parts):
         fields = getattr(model, "model_fields", None)
         if fields is not None and part not in fields:
@@ -423,8 +481,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML preset (or the defaults), apply `key=value` overrides, validate everything."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: type[_Config] = RunConfig) -> _Config:
+    """Read a YAML preset (or the defaults), apply `key=value` overrides, validate everything
+    (as a `RunConfig`, or as `model`, e.g. `ServeConfig`)."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -441,11 +500,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
         tree = loaded or {}
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value, f"override {key}={value!r}")
+        _set_dotted(tree, key, value, f"override {key}={value!r}", model)
+    return parse_config(tree, model, source + (" + overrides" if overrides else ""))
+
+
+def parse_config(tree: dict[str, Any], model: type[_Config], source: str) -> _Config:
+    """Validate a mapping as `model`; errors name every wrong field of `source`."""
     try:
-        return RunConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source + (" + overrides" if overrides else ""))) from None
+        raise ConfigError(_format_errors(exc, source)) from None
 
 
 def save_resolved(cfg: RunConfig, path: str | Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from moalign.config import RunConfig
+from moalign.config import RunConfig, ServeConfig
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
@@ -82,7 +82,15 @@ def render() -> str:
         _rows(model, f"{prefix}." if prefix else "", rows, children)
         lines += rows + [""]
         queue += children
-    return "\n".join(lines)
+    lines += [
+        "# Serving (`make serve`, `configs/serve/local.yaml`, `deploy/serve.yaml`)",
+        "",
+        "| key | type | default | bounds | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    rows = []
+    _rows(ServeConfig, "", rows, [])
+    return "\n".join(lines + rows + [""])
 
 
 def main() -> None:

@@ -1,2 +1,2 @@
-"""Long-running services around the trained policy (the steerable serving endpoint, shared
-reward models). Nothing here yet: serving arrives with Pareto evaluation."""
+"""Serving a trained policy: `policy.py` (requests, weights, responses), `api.py` (HTTP routes,
+token, limits), `engine.py` (the vLLM engine loop), `deployment.py` (Ray Serve)."""

@@ -7,11 +7,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from actors.metrics import read_metrics
 from actors.ray_actors import ActorFailure
+from export import export_checkpoint
 from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import load_config
+from moalign.export import PolicyCard
 from orchestrator import run
 
 pytestmark = pytest.mark.integration
@@ -82,6 +86,18 @@ def test_steps_through_real_actors(tiny_model, ray_cluster, metrics_port, tmp_pa
     assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
     body = scrape_until(metrics_port, ["ray_moalign_loss{", "ray_moalign_reward_relevance{", "ray_moalign_time_sync_s{", "ray_moalign_version{"])
     assert 'run="run"' in body
+
+    # The run exported its last policy; exporting the kept checkpoint afterwards gives the same weights.
+    final = tmp_path / "run" / "final"
+    assert summary["export"] == str(final)
+    card = PolicyCard.read(final)
+    assert card.step == 2 and card.objectives == cfg.objective_names and card.style == cfg.conditioning.style
+    assert PolicyCard.read(final / "adapter") == card
+    again = export_checkpoint(tmp_path / "run", dest=tmp_path / "again")
+    exported, reread = load_file(str(final / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert exported.keys() == reread.keys() == set(load_file(str(Path(tiny_model) / "model.safetensors")))
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, reread[name]), name
 
 
 def test_resume_equals_uninterrupted(tiny_model, ray_cluster, tmp_path):

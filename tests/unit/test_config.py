@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moalign.config import ConfigError, RunConfig, load_config, save_resolved
+from moalign.config import ConfigError, RunConfig, ServeConfig, load_config, parse_config, save_resolved
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
@@ -114,3 +114,31 @@ def test_configuration_reference_is_current():
 
     doc = REPO / "docs" / "configuration.md"
     assert doc.read_text() == render(), "docs/configuration.md is stale: run `python -m moalign.config_docs`"
+
+
+SERVE_PRESETS = sorted((REPO / "configs" / "serve").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", SERVE_PRESETS, ids=lambda p: p.name)
+def test_every_serve_preset_parses(preset):
+    cfg = load_config(preset, ["model=runs/demo/final"], ServeConfig)
+    assert cfg.host == "127.0.0.1", "a shipped local preset must bind to loopback"
+
+
+def test_ray_serve_deploy_file_args_parse():
+    deploy = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
+    (app,) = deploy["applications"]
+    assert app["import_path"] == "services.deployment:app_builder"
+    cfg = parse_config(app["args"], ServeConfig, "deploy/serve.yaml")
+    assert cfg.min_replicas <= cfg.max_replicas
+
+
+def test_serve_config_refuses_what_cannot_run():
+    with pytest.raises(ConfigError, match="model"):
+        load_config(None, [], ServeConfig)
+    with pytest.raises(ConfigError, match="min_replicas"):
+        load_config(None, ["model=x", "min_replicas=3", "max_replicas=2"], ServeConfig)
+    with pytest.raises(ConfigError, match="max_tokens_limit"):
+        load_config(None, ["model=x", "max_tokens_limit=4096", "max_model_len=2048"], ServeConfig)
+    with pytest.raises(ConfigError, match="prot"):
+        load_config(None, ["model=x", "prot=1"], ServeConfig)

@@ -1,0 +1,74 @@
+"""Export a run's checkpoint as folders other tools load: a merged Hugging Face model, a PEFT
+adapter (with LoRA) and `moalign.json`, the card a server needs to write the weights as training did.
+
+    python export.py --run RUN_DIR [--step N] [--out DIR]
+    make export RUN=runs/demo [STEP=N] [OUT=dir]
+
+Every run already exports its last step to RUN_DIR/final; this exports any kept checkpoint
+(default: the latest) to RUN_DIR/export/step_N. The checkpoint is read by the project's own
+learner in this process (no Ray), so LoRA is merged exactly as weight sync merges it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from moalign.checkpoint import list_checkpoints, read_state
+from moalign.config import ConfigError, load_config
+from moalign.export import PolicyCard
+
+log = logging.getLogger("moalign.export")
+
+
+def export_checkpoint(run_dir: str | Path, step: int | None = None, dest: str | Path | None = None) -> Path:
+    """Export the checkpoint of `step` (default: the latest) of `run_dir`; returns the folder."""
+    from actors.learner import Learner
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml; is this a run directory?")
+    cfg = load_config(config_path)
+    found = dict(list_checkpoints(run_dir))
+    if not found:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to export")
+    step = max(found) if step is None else step
+    if step not in found:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint of step {step}; kept: {sorted(found)}")
+    checkpoint = found[step]
+    saved_step = int(read_state(checkpoint)["step"])
+    dest = Path(dest) if dest is not None else run_dir / "export" / f"step_{step}"
+    if cfg.learner.zero_stage == 3 and cfg.actors.num_learners > 1:
+        raise ConfigError(
+            f"{run_dir}: a ZeRO-3 checkpoint of {cfg.actors.num_learners} learners is partitioned across them; "
+            "this exporter reads it in one process. The run's own export (RUN_DIR/final) covers its last step."
+        )
+    with Learner(cfg, cfg.model.path) as learner:
+        learner.load_checkpoint(str(checkpoint / "learner"), weights_only=True)
+        if learner.step != saved_step:
+            raise RuntimeError(f"{checkpoint}: learner state is at step {learner.step}, the checkpoint says {saved_step}")
+        learner.export_policy(str(dest), PolicyCard.from_run(cfg, saved_step).model_dump())
+    return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", help="destination folder (default: RUN/export/step_N)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        dest = export_checkpoint(args.run, args.step, args.out)
+    except (FileNotFoundError, ConfigError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("exported to %s; serve it with: make serve MODEL=%s", dest, dest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
