@@ -62,7 +62,7 @@ def _history(kl_values):
 
 
 def _summary(history, monitor):
-    return {"run_dir": "r", "checkpoint": "c", "steps": len(history), "version": 1, **_summarize(history, ["Relevance"], monitor), "history": history}
+    return {"run_dir": "r", "checkpoint": "c", "export": "r/final", "steps": len(history), "version": 1, **_summarize(history, ["Relevance"], monitor), "history": history}
 
 
 def test_summary_compares_health_of_first_and_last_quarter():
