@@ -14,7 +14,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements/cpu.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(FIND_LINKS) pip==26.3 setuptools==78.1.1 wheel==0.48.0
-	$(PY) -m pip install -q $(FIND_LINKS) --no-deps -r requirements/cpu.lock
+	@# --no-compile: bytecode is written at first import; compiling all of torch, vLLM and Ray up front is a large share of the install.
+	$(PY) -m pip install -q --no-compile $(FIND_LINKS) --no-deps -r requirements/cpu.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -42,8 +43,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def build_api(service: PolicyService, *, api_token: str | None, max_body_bytes: int, healthy: Any = None) -> FastAPI:
-    """`api_token`: when set, every route but /healthz needs `Authorization: Bearer <token>`."""
+def build_api(
+    service: PolicyService, *, api_token: str | None, max_body_bytes: int, engine_status: Callable[[], dict] | None = None
+) -> FastAPI:
+    """`api_token`: when set, every route but /healthz needs `Authorization: Bearer <token>`.
+    `engine_status`: what /healthz reports (`healthy`, request counts)."""
     app = FastAPI(title="moalign policy", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.middleware("http")
@@ -56,8 +60,10 @@ def build_api(service: PolicyService, *, api_token: str | None, max_body_bytes: 
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        ok = healthy() if healthy is not None else True
-        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+        status = engine_status() if engine_status is not None else {"healthy": True}
+        return JSONResponse(
+            {"status": "ok" if status["healthy"] else "engine stopped", **status}, status_code=200 if status["healthy"] else 503
+        )
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

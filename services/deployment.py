@@ -50,7 +50,7 @@ class PolicyDeployment:
             max_tokens_limit=cfg.max_tokens_limit,
             default_max_tokens=cfg.default_max_tokens,
         )
-        self._app = build_api(service, api_token=api_token, max_body_bytes=cfg.max_body_bytes, healthy=self.engine.healthy)
+        self._app = build_api(service, api_token=api_token, max_body_bytes=cfg.max_body_bytes, engine_status=self.engine.status)
 
     def __serve_build_asgi_app__(self):
         return self._app

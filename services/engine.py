@@ -77,6 +77,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._failure: BaseException | None = None
+        self.aborted = 0
         self._thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
         self._thread.start()
         log.info("engine ready: %s (%s) in %.1fs", model_dir, dtype, time.perf_counter() - started)
@@ -152,6 +153,7 @@ class EngineLoop:
                             engine.add_request(request_id, prompt, params)
                     elif kind == "abort":
                         engine.abort_request([payload])
+                        self.aborted += 1
                         log.info("aborted %s (the caller went away)", payload)
                 if not engine.has_unfinished_requests():
                     self._wake.wait(timeout=0.5)
@@ -170,6 +172,9 @@ class EngineLoop:
 
     def healthy(self) -> bool:
         return self._failure is None and self._thread.is_alive()
+
+    def status(self) -> dict[str, Any]:
+        return {"healthy": self.healthy(), "active_requests": self.active_requests, "aborted_requests": self.aborted}
 
     def close(self) -> None:
         self._stopped.set()

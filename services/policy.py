@@ -7,6 +7,7 @@ function training used, and tokenised the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -172,10 +173,11 @@ class PolicyService:
         text: list[str] = []
         tokens: list[int] = []
         finish = None
-        async for delta in self.engine.generate(prompt_ids, **sampling):
-            text.append(delta.text)
-            tokens += delta.token_ids
-            finish = delta.finish_reason or finish
+        async with contextlib.aclosing(self.engine.generate(prompt_ids, **sampling)) as deltas:
+            async for delta in deltas:
+                text.append(delta.text)
+                tokens += delta.token_ids
+                finish = delta.finish_reason or finish
         answer = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
@@ -209,11 +211,13 @@ class PolicyService:
                     "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
                 }
             )
-            async for delta in self.engine.generate(prompt_ids, **sampling):
-                if delta.text:
-                    yield _sse({**base, "choices": [{"index": 0, "delta": {"content": delta.text}, "finish_reason": None}]})
-                if delta.finish_reason is not None:
-                    yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": _finish(delta.finish_reason)}]})
+            # aclosing: a client that left closes the engine's generator now, not whenever it is collected.
+            async with contextlib.aclosing(self.engine.generate(prompt_ids, **sampling)) as deltas:
+                async for delta in deltas:
+                    if delta.text:
+                        yield _sse({**base, "choices": [{"index": 0, "delta": {"content": delta.text}, "finish_reason": None}]})
+                    if delta.finish_reason is not None:
+                        yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": _finish(delta.finish_reason)}]})
             yield "data: [DONE]\n\n"
 
         return events()

@@ -4,8 +4,8 @@ through real HTTP on loopback: weights per request, 401, 413, 422, streaming."""
 
 from __future__ import annotations
 
+import http.client
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -15,8 +15,9 @@ import torch
 
 from actors.learner import Learner
 from moalign.conditioning import render_prompt_ids
-from moalign.config import ServeConfig, load_config
+from moalign.config import load_config
 from moalign.export import PolicyCard
+from moalign.weight_sync import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +25,6 @@ TOKEN = "test-token"
 GREEDY_TOKENS = 8
 QUESTION = [{"role": "user", "content": "How do I keep basil alive on a windowsill?"}]
 WEIGHTS = {"relevant": {"Relevance": 1.0}, "mixed": {"Relevance": 0.2, "Conciseness": 0.5, "Positivity": 0.3}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def greedy(forward, prompt_ids: list[int], steps: int = GREEDY_TOKENS) -> list[int]:
@@ -111,27 +106,26 @@ def _post(url: str, body: bytes | dict, token: str | None = TOKEN, timeout: floa
 def service(exported, ray_cluster, monkeypatch_module):
     from ray import serve
 
-    from services.deployment import build_app
+    from services.deployment import app_builder
 
     port = free_port()
     monkeypatch_module.setenv("MOALIGN_SERVE_TEST_TOKEN", TOKEN)
-    cfg = load_config(
-        None,
-        [
-            f"model={exported['dir']}",
-            f"port={port}",
-            "api_token_env=MOALIGN_SERVE_TEST_TOKEN",
-            "max_body_bytes=4096",
-            "max_tokens_limit=32",
-            "default_max_tokens=8",
-            "max_model_len=512",
-            "cpu_kvcache_gb=0.25",
-            "replica_cpus=0.5",
-        ],
-        ServeConfig,
+    # The entry `serve run deploy/serve.yaml` uses, with the file's `args`.
+    app = app_builder(
+        {
+            "model": str(exported["dir"]),
+            "port": port,
+            "api_token_env": "MOALIGN_SERVE_TEST_TOKEN",
+            "max_body_bytes": 4096,
+            "max_tokens_limit": 900,
+            "default_max_tokens": 8,
+            "max_model_len": 1024,
+            "cpu_kvcache_gb": 0.25,
+            "replica_cpus": 0.5,
+        }
     )
-    serve.start(http_options={"host": cfg.host, "port": port})
-    serve.run(build_app(cfg), name="moalign-test", route_prefix="/", blocking=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app, name="moalign-test", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while True:
@@ -193,7 +187,7 @@ def test_refusals_over_http(service):
     assert status == 422 and "Helpfulness" in body["error"]["message"]
     status, body = _post(url, {"messages": QUESTION, "objective_weights": {"Relevance": 0.5}})
     assert status == 422 and "sum to 1" in body["error"]["message"]
-    status, body = _post(url, {"messages": QUESTION, "max_tokens": 33})
+    status, body = _post(url, {"messages": QUESTION, "max_tokens": 901})
     assert status == 422 and "max_tokens" in body["error"]["message"]
     status, body = _post(url, {"messages": [{"role": "user", "content": "x" * 5000}]})
     assert status == 413
@@ -207,3 +201,27 @@ def test_openai_client(service):
         model="policy", messages=QUESTION, temperature=0, max_tokens=4, extra_body={"objective_weights": WEIGHTS["relevant"]}
     )
     assert answer.choices[0].message.role == "assistant" and answer.usage.completion_tokens == 4
+
+
+def _engine_status(base: str) -> dict:
+    with urllib.request.urlopen(f"{base}/healthz", timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_client_that_disconnects_mid_stream_frees_its_request(service):
+    before = _engine_status(service)["aborted_requests"]
+    host, port = service.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    body = {"messages": QUESTION, "temperature": 0, "max_tokens": 900, "stream": True}
+    connection.request(
+        "POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"}
+    )
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.fp.readline().startswith(b"data: ")
+    connection.close()
+    deadline = time.monotonic() + 60
+    while (status := _engine_status(service))["aborted_requests"] == before or status["active_requests"]:
+        assert time.monotonic() < deadline, f"the engine still holds the request a minute after the client left: {status}"
+        time.sleep(0.5)
+    assert status["aborted_requests"] == before + 1 and status["active_requests"] == 0

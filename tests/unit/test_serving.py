@@ -204,3 +204,19 @@ def test_card_weights_contract():
         c.weights({"relevance": 1})
     with pytest.raises(WeightsError, match="sum to 1"):
         c.weights({"Relevance": 0.9})
+
+
+def test_a_stream_left_early_closes_the_engine_request():
+    import asyncio
+
+    engine = EchoEngine()
+    service = PolicyService(card(), ChatTokenizer(), engine, "tiny-policy", max_tokens_limit=64, default_max_tokens=16)
+
+    async def leave_after_first_words():
+        events = await service.stream(service.parse(json.dumps(chat(stream=True)).encode()))
+        await events.__anext__()  # the role chunk
+        await events.__anext__()  # the first words
+        await events.aclose()
+
+    asyncio.run(leave_after_first_words())
+    assert engine.closed_early == 1
