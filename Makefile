@@ -7,7 +7,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-.PHONY: install demo eval export serve test test-unit bandit docs clean
+.PHONY: install demo eval export serve lint test test-unit bandit docs clean
 
 install: $(VENV)/.installed
 
@@ -41,7 +41,12 @@ serve: install
 	@test -n "$(MODEL)" || { echo 'usage: make serve MODEL=<exported folder> [PORT=8000]'; exit 2; }
 	$(PY) serve.py --config configs/serve/local.yaml --model $(MODEL) $(if $(PORT),port=$(PORT),) $(ARGS)
 
-test: install
+# One voice across modules: a fixed rule set (pyproject.toml) and the formatter; `make test` runs it first.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
 	$(PY) -m pytest -q --durations=15 tests
 
 test-unit: install

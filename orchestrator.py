@@ -130,7 +130,9 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
 
                 # 3. On-policy samples, n per prompt, tagged with the policy version.
                 t = time.perf_counter()
-                samples = _generate(cfg, generators, prompt_ids, _step_seeds(cfg, step, len(prompt_ids)), cfg.rollout.samples_per_prompt, step)
+                samples = _generate(
+                    cfg, generators, prompt_ids, _step_seeds(cfg, step, len(prompt_ids)), cfg.rollout.samples_per_prompt, step
+                )
                 timings["time/generate_s"] = time.perf_counter() - t
 
                 # 4. Rewards on the unconditioned prompt; per-objective running normalisation.
@@ -301,7 +303,9 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list):
 
     a = cfg.actors
     threads = {"OMP_NUM_THREADS": str(a.omp_threads or os.cpu_count() or 1)}
-    env = {"env_vars": {**threads, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}}
+    env = {
+        "env_vars": {**threads, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+    }
     timeout = cfg.ray_timeout_s
     generators = ActorGroup(
         "generator",
@@ -531,7 +535,11 @@ def _report(summary: dict[str, Any]) -> None:
             f"still crossed at the end: {', '.join(crossed)}" if crossed else "all recovered by the end",
         )
     elif summary["steps"] < summary["health_window_steps"]:
-        log.info("health: too few steps to judge (%d, bounds are judged over health.window_steps=%d)", summary["steps"], summary["health_window_steps"])
+        log.info(
+            "health: too few steps to judge (%d, bounds are judged over health.window_steps=%d)",
+            summary["steps"],
+            summary["health_window_steps"],
+        )
     else:
         log.info("health: no bound crossed during this run")
     log.info("health, first vs last %d step(s):", summary["reward_window_steps"])

@@ -90,7 +90,7 @@ class _ExpectedReloadWarnings(logging.Filter):
     embeddings (recomputed) and a tied LM head (it aliases the embedding; refreshed below)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.getMessage() in ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights"))
+        return record.getMessage() not in ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights")
 
 
 class Generator:
@@ -247,9 +247,7 @@ class Generator:
             samples = []
             for out in outputs[i * n : (i + 1) * n]:
                 c = out.outputs[0]
-                samples.append(
-                    {"token_ids": list(c.token_ids), "text": c.text, "finish_reason": str(c.finish_reason), "version": version}
-                )
+                samples.append({"token_ids": list(c.token_ids), "text": c.text, "finish_reason": str(c.finish_reason), "version": version})
             result.append(samples)
         return result
 
@@ -288,7 +286,9 @@ class Generator:
                     f"(expected HF checkpoint names such as {example!r}, LoRA merged, no 'base_model.model.' prefix)"
                 )
             if tuple(tensor.shape) != self._expected[name]:
-                raise ValueError(f"bucket {index}: weight {name!r} has shape {tuple(tensor.shape)}, the model expects {self._expected[name]}")
+                raise ValueError(
+                    f"bucket {index}: weight {name!r} has shape {tuple(tensor.shape)}, the model expects {self._expected[name]}"
+                )
 
     def _check_complete(self, seen: set[str]) -> None:
         """A partial set would leave fused layers half-loaded (see load_weights)."""
@@ -317,7 +317,9 @@ class Generator:
         if not self._in_process:
             # The lazy iterator cannot cross into tensor-parallel worker processes; that needs
             # vLLM's weight-transfer engines (WeightTransferConfig, NCCL/IPC) instead.
-            raise NotImplementedError("load_weights needs the in-process engine: tensor_parallel_size=1 and VLLM_ENABLE_V1_MULTIPROCESSING=0")
+            raise NotImplementedError(
+                "load_weights needs the in-process engine: tensor_parallel_size=1 and VLLM_ENABLE_V1_MULTIPROCESSING=0"
+            )
         seen: set[str] = set()
         state = {"bytes": 0, "tensors": 0}
 

@@ -366,7 +366,7 @@ class Learner:
                         sums["rejected_reward_sum"] += float(rj.sum())
                         sums["margin_sum"] += float((cr - rj).sum())
                         sums["accuracy_sum"] += float((cr > rj).float().sum())
-                        sums["kl_sum"] += float(((pc - rc)[real].sum() + (pr - rr)[real].sum()))
+                        sums["kl_sum"] += float((pc - rc)[real].sum() + (pr - rr)[real].sum())
             ds_norm = self.engine.get_global_grad_norm()
             if ds_norm is not None and not own_norm:
                 grad_norm = float(ds_norm)
@@ -502,11 +502,7 @@ class Learner:
                             out.append((name, self._merged_lora_weight(module) if pname == "weight" else self._export_copy(p)))
                 return
             own = [(prefix + k, p) for k, p in module._parameters.items() if p is not None]
-            own += [
-                (prefix + k, b)
-                for k, b in module._buffers.items()
-                if b is not None and k not in module._non_persistent_buffers_set
-            ]
+            own += [(prefix + k, b) for k, b in module._buffers.items() if b is not None and k not in module._non_persistent_buffers_set]
             own = [(k, t) for k, t in own if k in wanted]
             if own:
                 with self._gathered([t for _, t in own if isinstance(t, torch.nn.Parameter)]):
@@ -559,9 +555,7 @@ class Learner:
 
     # ------------------------------------------------------------------ broadcast weight sync
 
-    def open_broadcast(
-        self, master_addr: str, master_port: int, world_size: int, timeout_s: float, backend: str | None = None
-    ) -> dict:
+    def open_broadcast(self, master_addr: str, master_port: int, world_size: int, timeout_s: float, backend: str | None = None) -> dict:
         """Host a broadcast group as its rank 0 (the generators are ranks 1..world_size-1); blocks
         until every rank joined. `backend`: default NCCL when this learner is on CUDA, else gloo."""
         if self.rank != 0:
@@ -640,9 +634,7 @@ class Learner:
 
             self.engine.module_state_dict = trainable_state_dict
         try:
-            self.engine.save_checkpoint(
-                path, tag=_DS_TAG, client_state={"learner_step": self.step}, exclude_frozen_parameters=self.lora
-            )
+            self.engine.save_checkpoint(path, tag=_DS_TAG, client_state={"learner_step": self.step}, exclude_frozen_parameters=self.lora)
         finally:
             if self.lora:
                 del self.engine.module_state_dict

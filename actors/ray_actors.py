@@ -122,7 +122,7 @@ class ActorGroup:
         for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)
-            except Exception as exc:  # noqa: BLE001 - best effort at shutdown; the error is logged
+            except Exception as exc:
                 log.warning("could not kill %s actor: %s", self.role, exc)
 
 

@@ -44,12 +44,19 @@ def main() -> None:
     from orchestrator import _sync_weights
 
     model = args.model or str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
-    cfg = load_config(None, [f"model.path={model}", "rollout.prompts_per_step=2", "learner.micro_batch_pairs=2", f"sync.bucket_mb={args.bucket_mb}"])
+    cfg = load_config(
+        None, [f"model.path={model}", "rollout.prompts_per_step=2", "learner.micro_batch_pairs=2", f"sync.bucket_mb={args.bucket_mb}"]
+    )
     ray.init(num_cpus=2 + 2 * args.generators, include_dashboard=False, log_to_driver=False)
     env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING"}}
     learners = ActorGroup("learner", LearnerActor, 1, {"num_cpus": 1, "runtime_env": env}, lambda i: ((cfg, model), {}), 600)
     generators = ActorGroup(
-        "generator", GeneratorActor, args.generators, {"num_cpus": 1, "runtime_env": env}, lambda i: ((model,), {"cpu_kvcache_gb": 0.25}), 600
+        "generator",
+        GeneratorActor,
+        args.generators,
+        {"num_cpus": 1, "runtime_env": env},
+        lambda i: ((model,), {"cpu_kvcache_gb": 0.25}),
+        600,
     )
     try:
         learners.call("train_step", BATCH)

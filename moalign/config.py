@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 log = logging.getLogger(__name__)
 
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field, the value and what is allowed."""
 
@@ -423,7 +424,9 @@ class ServeConfig(_Section):
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) is above max_tokens_limit ({self.max_tokens_limit})")
         if self.max_tokens_limit >= self.max_model_len:
-            raise ValueError(f"max_tokens_limit ({self.max_tokens_limit}) leaves no room for a prompt in max_model_len ({self.max_model_len})")
+            raise ValueError(
+                f"max_tokens_limit ({self.max_tokens_limit}) leaves no room for a prompt in max_model_len ({self.max_model_len})"
+            )
         return self
 
 

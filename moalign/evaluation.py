@@ -58,9 +58,7 @@ def _plain(value: float | None) -> float | None:
     return float(value)
 
 
-def front_stats(
-    weights: Any, rewards: Any, names: Sequence[str], reference_point: Sequence[float] | None = None
-) -> dict[str, Any]:
+def front_stats(weights: Any, rewards: Any, names: Sequence[str], reference_point: Sequence[float] | None = None) -> dict[str, Any]:
     """Statistics of an evaluated front; every value is JSON-serialisable.
 
     Args:

@@ -89,7 +89,8 @@ Only torch, numpy and the standard library are imported (no Ray / vLLM).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,8 +122,9 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains {bad} values")
 
 
-def _check_scalar(name: str, value: float, *, low: float, low_inclusive: bool,
-                  high: float = math.inf, high_inclusive: bool = True) -> float:
+def _check_scalar(
+    name: str, value: float, *, low: float, low_inclusive: bool, high: float = math.inf, high_inclusive: bool = True
+) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -143,9 +145,9 @@ def _check_scalar(name: str, value: float, *, low: float, low_inclusive: bool,
 # --------------------------------------------------------------------------
 
 
-def _solve_log_temperature(u: torch.Tensor, logp: torch.Tensor, radius: float,
-                           active: torch.Tensor, init: Optional[torch.Tensor] = None,
-                           max_iter: int = 100) -> torch.Tensor:
+def _solve_log_temperature(
+    u: torch.Tensor, logp: torch.Tensor, radius: float, active: torch.Tensor, init: torch.Tensor | None = None, max_iter: int = 100
+) -> torch.Tensor:
     """Root of ``KL(q_t || p) = radius`` in ``t = log nu`` for ``u`` in [0, 1].
 
     ``q_t ∝ p exp(-u e^{-t})``; ``KL`` decreases monotonically in ``t`` with
@@ -154,8 +156,7 @@ def _solve_log_temperature(u: torch.Tensor, logp: torch.Tensor, radius: float,
     because the bandit solves this every optimiser step).
     """
     lo = torch.full(u.shape[:-1], -60.0, dtype=u.dtype, device=u.device)
-    hi = torch.full(u.shape[:-1], 0.5 * math.log(1.0 / radius) + 6.0, dtype=u.dtype,
-                    device=u.device)
+    hi = torch.full(u.shape[:-1], 0.5 * math.log(1.0 / radius) + 6.0, dtype=u.dtype, device=u.device)
     if init is None:
         p = logp.exp()
         mean = (p * u).sum(-1)
@@ -188,9 +189,9 @@ def _solve_log_temperature(u: torch.Tensor, logp: torch.Tensor, radius: float,
     return t
 
 
-def _lower_bound_core(values: torch.Tensor, probs: torch.Tensor, radius: float,
-                      init_log_nu: Optional[torch.Tensor] = None
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lower_bound_core(
+    values: torch.Tensor, probs: torch.Tensor, radius: float, init_log_nu: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unvalidated batched lower bound.
 
     ``values`` [..., N], ``probs`` [..., N] (non-negative, summing to one over
@@ -202,8 +203,7 @@ def _lower_bound_core(values: torch.Tensor, probs: torch.Tensor, radius: float,
     probs = probs.expand_as(values)
     if radius == 0.0:
         lb = (probs * values).sum(-1)
-        nan = torch.full(values.shape[:-1], float("nan"), dtype=torch.float64,
-                         device=values.device)
+        nan = torch.full(values.shape[:-1], float("nan"), dtype=torch.float64, device=values.device)
         return lb, probs.detach(), nan
     with torch.no_grad():
         x = values.detach().to(torch.float64)
@@ -224,8 +224,7 @@ def _lower_bound_core(values: torch.Tensor, probs: torch.Tensor, radius: float,
         init = None
         if init_log_nu is not None:
             init_log_nu = init_log_nu.to(device=x.device, dtype=torch.float64)
-            init = torch.where(torch.isfinite(init_log_nu), init_log_nu - torch.log(scale),
-                               torch.zeros_like(scale))
+            init = torch.where(torch.isfinite(init_log_nu), init_log_nu - torch.log(scale), torch.zeros_like(scale))
         t = _solve_log_temperature(u, logp, radius, ~degenerate, init)
         log_nu = t + torch.log(scale)
         nu = torch.exp(log_nu).unsqueeze(-1)
@@ -239,15 +238,13 @@ def _lower_bound_core(values: torch.Tensor, probs: torch.Tensor, radius: float,
     nu_t = nu_vals.to(values.dtype).unsqueeze(-1)
     lp = torch.where(support, probs.clamp_min(1e-300).log(), torch.full_like(values, -math.inf))
     shift = xmin.to(values.dtype)
-    dual = shift.squeeze(-1) - nu_t.squeeze(-1) * torch.logsumexp(
-        lp - (values - shift) / nu_t, dim=-1) - nu_t.squeeze(-1) * radius
+    dual = shift.squeeze(-1) - nu_t.squeeze(-1) * torch.logsumexp(lp - (values - shift) / nu_t, dim=-1) - nu_t.squeeze(-1) * radius
     primal_min = (q.to(values.dtype) * values).sum(-1)
     lb = torch.where(degenerate, primal_min, dual)
     return lb, q.to(values.dtype), log_nu
 
 
-def _normalise_weights(name: str, weights: Optional[torch.Tensor], values: torch.Tensor
-                       ) -> torch.Tensor:
+def _normalise_weights(name: str, weights: torch.Tensor | None, values: torch.Tensor) -> torch.Tensor:
     if weights is None:
         n = values.shape[-1]
         return torch.full_like(values, 1.0 / n)
@@ -257,16 +254,16 @@ def _normalise_weights(name: str, weights: Optional[torch.Tensor], values: torch
     try:
         weights = weights.to(values.dtype).expand_as(values)
     except RuntimeError:
-        raise ValueError(f"{name} shape {tuple(weights.shape)} does not broadcast to "
-                         f"values shape {tuple(values.shape)}") from None
+        raise ValueError(f"{name} shape {tuple(weights.shape)} does not broadcast to values shape {tuple(values.shape)}") from None
     total = weights.sum(-1, keepdim=True)
     if bool((total <= 0).any()):
         raise ValueError(f"{name} must have a positive sum")
     return weights / total
 
 
-def pessimistic_lower_bound(values: torch.Tensor, weights: Optional[torch.Tensor] = None,
-                            radius: float = 0.15, *, return_weights: bool = False):
+def pessimistic_lower_bound(
+    values: torch.Tensor, weights: torch.Tensor | None = None, radius: float = 0.15, *, return_weights: bool = False
+):
     """KL-ball lower bound of a weighted mean.
 
     ``min_q E_q[values]`` over distributions ``q`` with ``KL(q || p) <= radius``,
@@ -279,8 +276,7 @@ def pessimistic_lower_bound(values: torch.Tensor, weights: Optional[torch.Tensor
     """
     _check_finite("values", values)
     if values.dim() == 0 or values.shape[-1] == 0:
-        raise ValueError(f"values must have a non-empty last dimension, got shape "
-                         f"{tuple(values.shape)}")
+        raise ValueError(f"values must have a non-empty last dimension, got shape {tuple(values.shape)}")
     radius = _check_scalar("radius", radius, low=0.0, low_inclusive=True)
     probs = _normalise_weights("weights", weights, values)
     lb, q, _ = _lower_bound_core(values, probs, radius)
@@ -292,9 +288,9 @@ def pessimistic_lower_bound(values: torch.Tensor, weights: Optional[torch.Tensor
 # --------------------------------------------------------------------------
 
 
-def closed_form_ratio(advantages: torch.Tensor, tau: float,
-                      sample_weights: Optional[torch.Tensor] = None,
-                      log_base_ratio: Optional[torch.Tensor] = None) -> torch.Tensor:
+def closed_form_ratio(
+    advantages: torch.Tensor, tau: float, sample_weights: torch.Tensor | None = None, log_base_ratio: torch.Tensor | None = None
+) -> torch.Tensor:
     """Optimal importance ratio of the inner (KL-regularised) maximisation.
 
     ``w_i ∝ exp(advantages_i / tau + log_base_ratio_i)`` normalised so that
@@ -312,35 +308,34 @@ def closed_form_ratio(advantages: torch.Tensor, tau: float,
         _check_finite("log_base_ratio", log_base_ratio)
         logits = logits + log_base_ratio.detach().to(adv.dtype)
     probs = _normalise_weights("sample_weights", sample_weights, adv)
-    log_probs = torch.where(probs > 0, probs.clamp_min(1e-300).log(),
-                            torch.full_like(probs, -math.inf))
+    log_probs = torch.where(probs > 0, probs.clamp_min(1e-300).log(), torch.full_like(probs, -math.inf))
     # w_i = exp(l_i) / sum_j p_j exp(l_j); log-sum-exp keeps tau -> 0 stable
     log_norm = torch.logsumexp(log_probs + logits, dim=-1, keepdim=True)
     return torch.exp(logits - log_norm)
 
 
-def dual_update(lambdas: torch.Tensor, constraint_estimates: torch.Tensor,
-                thresholds: torch.Tensor, lr: float,
-                max_lambda: float = math.inf) -> torch.Tensor:
+def dual_update(
+    lambdas: torch.Tensor, constraint_estimates: torch.Tensor, thresholds: torch.Tensor, lr: float, max_lambda: float = math.inf
+) -> torch.Tensor:
     """Projected dual step ``clip(lambda + lr (b - estimate), 0, max_lambda)``.
 
     The dual gradient w.r.t. ``lambda_k`` is ``estimate_k - b_k``; descending it
     raises the multiplier of an under-performing objective.
     """
-    for name, t in (("lambdas", lambdas), ("constraint_estimates", constraint_estimates),
-                    ("thresholds", thresholds)):
+    for name, t in (("lambdas", lambdas), ("constraint_estimates", constraint_estimates), ("thresholds", thresholds)):
         _check_finite(name, t)
     if not (lambdas.shape == constraint_estimates.shape == thresholds.shape):
-        raise ValueError("lambdas, constraint_estimates and thresholds must share a shape, "
-                         f"got {tuple(lambdas.shape)}, {tuple(constraint_estimates.shape)}, "
-                         f"{tuple(thresholds.shape)}")
+        raise ValueError(
+            "lambdas, constraint_estimates and thresholds must share a shape, "
+            f"got {tuple(lambdas.shape)}, {tuple(constraint_estimates.shape)}, "
+            f"{tuple(thresholds.shape)}"
+        )
     lr = _check_scalar("lr", lr, low=0.0, low_inclusive=True)
     new = lambdas + lr * (thresholds - constraint_estimates)
     return new.clamp(min=0.0, max=max_lambda)
 
 
-def importance_weighted_bc_loss(logps: torch.Tensor, weights: torch.Tensor,
-                                self_normalise: bool = True) -> torch.Tensor:
+def importance_weighted_bc_loss(logps: torch.Tensor, weights: torch.Tensor, self_normalise: bool = True) -> torch.Tensor:
     """Negative importance-weighted log-likelihood (paper Eq. 7).
 
     ``-sum_i w_i log pi(y_i) / sum_i w_i`` (self-normalised, the mini-batch
@@ -350,8 +345,7 @@ def importance_weighted_bc_loss(logps: torch.Tensor, weights: torch.Tensor,
     _check_finite("logps", logps)
     _check_finite("weights", weights)
     if logps.shape != weights.shape:
-        raise ValueError(f"logps shape {tuple(logps.shape)} != weights shape "
-                         f"{tuple(weights.shape)}")
+        raise ValueError(f"logps shape {tuple(logps.shape)} != weights shape {tuple(weights.shape)}")
     if logps.dim() == 0 or logps.shape[-1] == 0:
         raise ValueError("logps must have a non-empty last dimension")
     w = weights.detach().to(logps.dtype)
@@ -365,8 +359,7 @@ def importance_weighted_bc_loss(logps: torch.Tensor, weights: torch.Tensor,
     return -(w * logps).mean(-1)
 
 
-def symmetrize_pairs(first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+def symmetrize_pairs(first: torch.Tensor, second: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack each pair as ``(y, l)`` and swapped ``(y', 1 - l)`` (paper Sec. 3.1).
 
     ``first``/``second`` [B, ...] are per-completion quantities (e.g. log-probs)
@@ -401,30 +394,33 @@ class MOPOObjective:
       being true after the first reference refresh, so it is then required.
     """
 
-    def __init__(self, tau: float = 0.08, lb_radius: float = 0.15,
-                 relaxation: float = 0.9995, lag_steps: int = 500,
-                 dual_lr: float = 0.05, n_objectives: int = 2, primary: int = 0,
-                 thresholds: Optional[Sequence[float]] = None,
-                 max_lambda: float = 100.0, adaptive_thresholds: bool = True,
-                 initial_lambdas: Optional[Sequence[float]] = None) -> None:
+    def __init__(
+        self,
+        tau: float = 0.08,
+        lb_radius: float = 0.15,
+        relaxation: float = 0.9995,
+        lag_steps: int = 500,
+        dual_lr: float = 0.05,
+        n_objectives: int = 2,
+        primary: int = 0,
+        thresholds: Sequence[float] | None = None,
+        max_lambda: float = 100.0,
+        adaptive_thresholds: bool = True,
+        initial_lambdas: Sequence[float] | None = None,
+    ) -> None:
         self.tau = _check_scalar("tau", tau, low=0.0, low_inclusive=False)
         self.lb_radius = _check_scalar("lb_radius", lb_radius, low=0.0, low_inclusive=True)
-        self.relaxation = _check_scalar("relaxation", relaxation, low=0.0,
-                                        low_inclusive=False, high=1.0)
-        if isinstance(lag_steps, bool) or not isinstance(lag_steps, (int, np.integer)) \
-                or lag_steps < 0:
+        self.relaxation = _check_scalar("relaxation", relaxation, low=0.0, low_inclusive=False, high=1.0)
+        if isinstance(lag_steps, bool) or not isinstance(lag_steps, (int, np.integer)) or lag_steps < 0:
             raise ValueError(f"lag_steps must be a non-negative int (0 disables), got {lag_steps!r}")
         self.lag_steps = int(lag_steps)
         self.dual_lr = _check_scalar("dual_lr", dual_lr, low=0.0, low_inclusive=True)
         self.max_lambda = _check_scalar("max_lambda", max_lambda, low=0.0, low_inclusive=True)
-        if isinstance(n_objectives, bool) or not isinstance(n_objectives, (int, np.integer)) \
-                or n_objectives < 1:
+        if isinstance(n_objectives, bool) or not isinstance(n_objectives, (int, np.integer)) or n_objectives < 1:
             raise ValueError(f"n_objectives must be a positive int, got {n_objectives!r}")
         self.n_objectives = int(n_objectives)
-        if isinstance(primary, bool) or not isinstance(primary, (int, np.integer)) \
-                or not 0 <= primary < self.n_objectives:
-            raise ValueError(f"primary index {primary!r} out of range for "
-                             f"n_objectives={self.n_objectives}")
+        if isinstance(primary, bool) or not isinstance(primary, (int, np.integer)) or not 0 <= primary < self.n_objectives:
+            raise ValueError(f"primary index {primary!r} out of range for n_objectives={self.n_objectives}")
         self.primary = int(primary)
         self.adaptive_thresholds = bool(adaptive_thresholds)
         self.secondary = [k for k in range(self.n_objectives) if k != self.primary]
@@ -441,13 +437,12 @@ class MOPOObjective:
         self._win_count = 0
 
     @staticmethod
-    def _vector(name: str, values: Optional[Sequence[float]], n: int) -> torch.Tensor:
+    def _vector(name: str, values: Sequence[float] | None, n: int) -> torch.Tensor:
         if values is None:
             return torch.zeros(n, dtype=torch.float64)
         t = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
         if t.numel() != n:
-            raise ValueError(f"{name} must have one entry per secondary objective ({n}), "
-                             f"got {t.numel()}")
+            raise ValueError(f"{name} must have one entry per secondary objective ({n}), got {t.numel()}")
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or inf values")
         return t.clone()
@@ -457,34 +452,35 @@ class MOPOObjective:
     def _validate(self, policy_logps, ref_logps, labels, behaviour_logps):
         _check_finite("policy_logps", policy_logps)
         if policy_logps.dim() != 2 or policy_logps.shape[1] != 2 or policy_logps.shape[0] == 0:
-            raise ValueError("policy_logps must have shape [B, 2] (first, second completion), "
-                             f"got {tuple(policy_logps.shape)}")
+            raise ValueError(f"policy_logps must have shape [B, 2] (first, second completion), got {tuple(policy_logps.shape)}")
         batch = policy_logps.shape[0]
         _check_finite("ref_logps", ref_logps)
         if tuple(ref_logps.shape) != (batch, 2):
-            raise ValueError(f"ref_logps must have shape [{batch}, 2] like policy_logps, "
-                             f"got {tuple(ref_logps.shape)}")
+            raise ValueError(f"ref_logps must have shape [{batch}, 2] like policy_logps, got {tuple(ref_logps.shape)}")
         _check_finite("labels", labels)
         if tuple(labels.shape) != (batch, self.n_objectives):
-            raise ValueError(f"labels must have shape [{batch}, {self.n_objectives}] "
-                             f"(batch, n_objectives), got {tuple(labels.shape)}")
+            raise ValueError(f"labels must have shape [{batch}, {self.n_objectives}] (batch, n_objectives), got {tuple(labels.shape)}")
         if bool(((labels < 0) | (labels > 1)).any()):
-            raise ValueError("labels must lie in [0, 1] (probability that the first "
-                             "completion is preferred)")
+            raise ValueError("labels must lie in [0, 1] (probability that the first completion is preferred)")
         if behaviour_logps is not None:
             _check_finite("behaviour_logps", behaviour_logps)
             if tuple(behaviour_logps.shape) != (batch, 2):
-                raise ValueError(f"behaviour_logps must have shape [{batch}, 2], "
-                                 f"got {tuple(behaviour_logps.shape)}")
+                raise ValueError(f"behaviour_logps must have shape [{batch}, 2], got {tuple(behaviour_logps.shape)}")
         elif self.n_refreshes > 0:
-            raise ValueError("behaviour_logps is required once the reference has been "
-                             "lagged (pi_ref != mu); pass the data policy's log-probs")
+            raise ValueError(
+                "behaviour_logps is required once the reference has been lagged (pi_ref != mu); pass the data policy's log-probs"
+            )
 
     # -- loss ----------------------------------------------------------------
 
-    def loss(self, policy_logps: torch.Tensor, ref_logps: torch.Tensor,
-             labels: torch.Tensor, behaviour_logps: Optional[torch.Tensor] = None,
-             update_state: bool = True) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def loss(
+        self,
+        policy_logps: torch.Tensor,
+        ref_logps: torch.Tensor,
+        labels: torch.Tensor,
+        behaviour_logps: torch.Tensor | None = None,
+        update_state: bool = True,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         """Importance-weighted BC loss towards the closed-form MOPO policy.
 
         Returns ``(loss, metrics)``.  With ``update_state=False`` (evaluation)
@@ -498,8 +494,7 @@ class MOPOObjective:
         with torch.no_grad():
             lab = torch.cat([labels, 1.0 - labels], 0).to(torch.float64)
             ref = torch.cat([ref_logps[:, 0], ref_logps[:, 1]]).to(torch.float64)
-            beh = ref if behaviour_logps is None else torch.cat(
-                [behaviour_logps[:, 0], behaviour_logps[:, 1]]).to(torch.float64)
+            beh = ref if behaviour_logps is None else torch.cat([behaviour_logps[:, 0], behaviour_logps[:, 1]]).to(torch.float64)
             n = logp.shape[0]
             # current policy's self-normalised ratio pi_theta / mu on the batch
             w_theta = closed_form_ratio(logp.detach().to(torch.float64) - beh, 1.0)
@@ -525,10 +520,10 @@ class MOPOObjective:
                     self._win_lb_sum += torch.tensor(lb_policy, dtype=torch.float64)
                 self._acc_count += 1
                 self._win_count += 1
-            ess = float(w_star.sum() ** 2 / (n * (w_star ** 2).sum()))
+            ess = float(w_star.sum() ** 2 / (n * (w_star**2).sum()))
             kl_est = float((w_theta * (logp.detach().to(torch.float64) - ref)).mean())
         loss = importance_weighted_bc_loss(logp, w_star.to(dtype))
-        metrics: Dict[str, float] = {
+        metrics: dict[str, float] = {
             "loss": float(loss.detach()),
             "ess_fraction": ess,
             "kl_policy_ref": kl_est,
@@ -544,13 +539,12 @@ class MOPOObjective:
 
     # -- per optimiser step ---------------------------------------------------
 
-    def step_end(self) -> Dict[str, Any]:
+    def step_end(self) -> dict[str, Any]:
         """Dual step, then (every ``lag_steps``) schedule + reference refresh."""
         self.step += 1
         if self._acc_count > 0 and self.secondary:
             est = self._acc_lb_sum / self._acc_count
-            self.lambdas = dual_update(self.lambdas, est, self.thresholds, self.dual_lr,
-                                       self.max_lambda)
+            self.lambdas = dual_update(self.lambdas, est, self.thresholds, self.dual_lr, self.max_lambda)
         self._acc_lb_sum.zero_()
         self._acc_count = 0
         refresh = False
@@ -572,15 +566,20 @@ class MOPOObjective:
 
     # -- persistence ---------------------------------------------------------
 
-    def _config(self) -> Dict[str, Any]:
+    def _config(self) -> dict[str, Any]:
         return {
-            "tau": self.tau, "lb_radius": self.lb_radius, "relaxation": self.relaxation,
-            "lag_steps": self.lag_steps, "dual_lr": self.dual_lr,
-            "n_objectives": self.n_objectives, "primary": self.primary,
-            "max_lambda": self.max_lambda, "adaptive_thresholds": self.adaptive_thresholds,
+            "tau": self.tau,
+            "lb_radius": self.lb_radius,
+            "relaxation": self.relaxation,
+            "lag_steps": self.lag_steps,
+            "dual_lr": self.dual_lr,
+            "n_objectives": self.n_objectives,
+            "primary": self.primary,
+            "max_lambda": self.max_lambda,
+            "adaptive_thresholds": self.adaptive_thresholds,
         }
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
             "config": self._config(),
@@ -601,8 +600,18 @@ class MOPOObjective:
         behaves exactly like the saved one; the objective layout
         (``n_objectives``, ``primary``) must match.
         """
-        required = {"version", "config", "step", "n_refreshes", "lambdas", "thresholds",
-                    "acc_lb_sum", "acc_count", "win_lb_sum", "win_count"}
+        required = {
+            "version",
+            "config",
+            "step",
+            "n_refreshes",
+            "lambdas",
+            "thresholds",
+            "acc_lb_sum",
+            "acc_count",
+            "win_lb_sum",
+            "win_count",
+        }
         missing = required - set(state)
         if missing:
             raise ValueError(f"state dict is missing keys: {sorted(missing)}")
@@ -611,8 +620,7 @@ class MOPOObjective:
         cfg = state["config"]
         for key in ("n_objectives", "primary"):
             if cfg.get(key) != getattr(self, key):
-                raise ValueError(f"state dict {key}={cfg.get(key)!r} does not match "
-                                 f"this objective's {key}={getattr(self, key)!r}")
+                raise ValueError(f"state dict {key}={cfg.get(key)!r} does not match this objective's {key}={getattr(self, key)!r}")
         n_sec = len(self.secondary)
         tensors = {}
         for key in ("lambdas", "thresholds", "acc_lb_sum", "win_lb_sum"):
@@ -621,8 +629,7 @@ class MOPOObjective:
                 raise ValueError(f"state dict entry {key} must hold {n_sec} finite values")
             tensors[key] = t.clone()
         fresh = MOPOObjective(**{k: v for k, v in cfg.items()})  # re-validates hyper-params
-        for key in ("tau", "lb_radius", "relaxation", "lag_steps", "dual_lr",
-                    "max_lambda", "adaptive_thresholds"):
+        for key in ("tau", "lb_radius", "relaxation", "lag_steps", "dual_lr", "max_lambda", "adaptive_thresholds"):
             setattr(self, key, getattr(fresh, key))
         self.step = int(state["step"])
         self.n_refreshes = int(state["n_refreshes"])

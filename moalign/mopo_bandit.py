@@ -50,8 +50,8 @@ import math
 import sys
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -79,7 +79,7 @@ MAX_LAMBDA = 100.0
 ADVERSARY_EMA = 0.002
 TAIL_FRACTION = 0.2  # policy reported = mean of the iterates over the last 20% of steps
 MATCH_TOL = 0.03  # learned vs exact COP optimum, max abs difference
-SMALL_TAU = 0.1   # below this the limiting (tau -> 0) property is required
+SMALL_TAU = 0.1  # below this the limiting (tau -> 0) property is required
 
 
 @dataclass(frozen=True)
@@ -92,10 +92,10 @@ class PreferenceStructure:
     """
 
     name: str
-    actions: Tuple[str, ...]
-    pairs: Tuple[Tuple[int, int], ...]
-    labels: Tuple[Tuple[float, float], ...]
-    frequencies: Tuple[float, ...]
+    actions: tuple[str, ...]
+    pairs: tuple[tuple[int, int], ...]
+    labels: tuple[tuple[float, float], ...]
+    frequencies: tuple[float, ...]
     threshold: float
     expected: str
 
@@ -121,10 +121,14 @@ def total_order() -> PreferenceStructure:
     policy), so the constraint stays inactive.
     """
     return PreferenceStructure(
-        name="total_order", actions=("A", "B", "C"),
-        pairs=((0, 1), (0, 2), (1, 2)), labels=((1.0, 1.0),) * 3,
-        frequencies=(1.0, 1.0, 1.0), threshold=0.2,
-        expected="Condorcet winner A")
+        name="total_order",
+        actions=("A", "B", "C"),
+        pairs=((0, 1), (0, 2), (1, 2)),
+        labels=((1.0, 1.0),) * 3,
+        frequencies=(1.0, 1.0, 1.0),
+        threshold=0.2,
+        expected="Condorcet winner A",
+    )
 
 
 def partial_order() -> PreferenceStructure:
@@ -137,18 +141,21 @@ def partial_order() -> PreferenceStructure:
     >= 0.31 along the path).
     """
     return PreferenceStructure(
-        name="partial_order", actions=("A", "B", "C"),
-        pairs=((0, 2), (1, 2)), labels=((1.0, 1.0),) * 2,
-        frequencies=(1.0, 1.0), threshold=0.2,
-        expected="A = B (undominated)")
+        name="partial_order",
+        actions=("A", "B", "C"),
+        pairs=((0, 2), (1, 2)),
+        labels=((1.0, 1.0),) * 2,
+        frequencies=(1.0, 1.0),
+        threshold=0.2,
+        expected="A = B (undominated)",
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _antichain_threshold() -> float:
     # the pessimistic secondary preference of the target mixture (2/3, 1/3)
     target = torch.tensor([2.0 / 3.0, 1.0 / 3.0], dtype=torch.float64)
-    base = PreferenceStructure("antichain", ("A", "B"), ((0, 1),), ((1.0, 0.0),), (1.0,),
-                               0.0, "")
+    base = PreferenceStructure("antichain", ("A", "B"), ((0, 1),), ((1.0, 0.0),), (1.0,), 0.0, "")
     data = dataset_statistics(base)
     return float(pessimistic_preference(target, data, 1, LB_RADIUS))
 
@@ -167,9 +174,14 @@ def antichain() -> PreferenceStructure:
     exp(-1/tau) < 1/2).
     """
     return PreferenceStructure(
-        name="antichain", actions=("A", "B"), pairs=((0, 1),), labels=((1.0, 0.0),),
-        frequencies=(1.0,), threshold=_antichain_threshold(),
-        expected="A ~ 2/3, B ~ 1/3")
+        name="antichain",
+        actions=("A", "B"),
+        pairs=((0, 1),),
+        labels=((1.0, 0.0),),
+        frequencies=(1.0,),
+        threshold=_antichain_threshold(),
+        expected="A ~ 2/3, B ~ 1/3",
+    )
 
 
 def pairwise_incomparable() -> PreferenceStructure:
@@ -182,10 +194,14 @@ def pairwise_incomparable() -> PreferenceStructure:
     < 0.5 = the (noise-free) pessimistic preference, so it is inactive.
     """
     return PreferenceStructure(
-        name="pairwise_incomparable", actions=("A", "B", "C"),
-        pairs=((0, 1), (0, 2), (1, 2)), labels=((0.5, 0.5),) * 3,
-        frequencies=(1.0, 1.0, 1.0), threshold=0.2,
-        expected="stays at reference")
+        name="pairwise_incomparable",
+        actions=("A", "B", "C"),
+        pairs=((0, 1), (0, 2), (1, 2)),
+        labels=((0.5, 0.5),) * 3,
+        frequencies=(1.0, 1.0, 1.0),
+        threshold=0.2,
+        expected="stays at reference",
+    )
 
 
 def unobserved_action() -> PreferenceStructure:
@@ -198,13 +214,17 @@ def unobserved_action() -> PreferenceStructure:
     Threshold 0.2 is inactive (the pessimistic preference is 0.5 (1 - pi(D))).
     """
     return PreferenceStructure(
-        name="unobserved_action", actions=("A", "B", "C", "D"),
-        pairs=((0, 1), (0, 2), (1, 2)), labels=((0.5, 0.5),) * 3,
-        frequencies=(1.0, 1.0, 1.0), threshold=0.2,
-        expected="D < ref, shrinks as tau drops")
+        name="unobserved_action",
+        actions=("A", "B", "C", "D"),
+        pairs=((0, 1), (0, 2), (1, 2)),
+        labels=((0.5, 0.5),) * 3,
+        frequencies=(1.0, 1.0, 1.0),
+        threshold=0.2,
+        expected="D < ref, shrinks as tau drops",
+    )
 
 
-STRUCTURE_BUILDERS: Dict[str, Callable[[], PreferenceStructure]] = {
+STRUCTURE_BUILDERS: dict[str, Callable[[], PreferenceStructure]] = {
     "total_order": total_order,
     "partial_order": partial_order,
     "antichain": antichain,
@@ -213,14 +233,13 @@ STRUCTURE_BUILDERS: Dict[str, Callable[[], PreferenceStructure]] = {
 }
 
 
-def get_structure(structure: Union[str, PreferenceStructure]) -> PreferenceStructure:
+def get_structure(structure: str | PreferenceStructure) -> PreferenceStructure:
     if isinstance(structure, PreferenceStructure):
         return structure
     try:
         return STRUCTURE_BUILDERS[structure]()
     except KeyError:
-        raise ValueError(f"unknown structure {structure!r}; choose from "
-                         f"{sorted(STRUCTURE_BUILDERS)}") from None
+        raise ValueError(f"unknown structure {structure!r}; choose from {sorted(STRUCTURE_BUILDERS)}") from None
 
 
 # --------------------------------------------------------------------------
@@ -228,8 +247,7 @@ def get_structure(structure: Union[str, PreferenceStructure]) -> PreferenceStruc
 # --------------------------------------------------------------------------
 
 
-def dataset_statistics(s: PreferenceStructure,
-                       pair_probs: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+def dataset_statistics(s: PreferenceStructure, pair_probs: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Symmetrised sample table and per-action preferences against the data.
 
     Returns ``first`` [2P] (action of each oriented sample), ``labels`` [2P, 2],
@@ -251,27 +269,25 @@ def dataset_statistics(s: PreferenceStructure,
     return {"first": first, "labels": lab, "probs": probs, "mu": mu, "g": g, "onehot": onehot}
 
 
-def _sample_values(policy: torch.Tensor, data: Dict[str, torch.Tensor], k: int) -> torch.Tensor:
+def _sample_values(policy: torch.Tensor, data: dict[str, torch.Tensor], k: int) -> torch.Tensor:
     # x_i = (pi/mu)(y_i) l_ik, the importance-sampled preference per sample
     mu = data["mu"]
     ratio = torch.where(mu > 0, policy / mu.clamp_min(1e-300), torch.zeros_like(policy))
     return ratio[..., data["first"]] * data["labels"][:, k]
 
 
-def pessimistic_preference(policy: torch.Tensor, data: Dict[str, torch.Tensor], k: int,
-                           radius: float = LB_RADIUS) -> torch.Tensor:
+def pessimistic_preference(policy: torch.Tensor, data: dict[str, torch.Tensor], k: int, radius: float = LB_RADIUS) -> torch.Tensor:
     """Lower bound of ``P_k(policy > mu)`` over the dataset (batched over policies)."""
     x = _sample_values(policy, data, k)
     lb, _, _ = _lower_bound_core(x, data["probs"].expand_as(x), radius)
     return lb
 
 
-def cop_value(policy: torch.Tensor, data: Dict[str, torch.Tensor], tau: float) -> torch.Tensor:
+def cop_value(policy: torch.Tensor, data: dict[str, torch.Tensor], tau: float) -> torch.Tensor:
     """Primal objective ``P_1(pi > mu) - tau KL(pi || uniform)`` (batched)."""
     n = policy.shape[-1]
     pref = (policy * data["g"][:, 0]).sum(-1)
-    kl = torch.where(policy > 0, policy * torch.log(policy.clamp_min(1e-300) * n),
-                     torch.zeros_like(policy)).sum(-1)
+    kl = torch.where(policy > 0, policy * torch.log(policy.clamp_min(1e-300) * n), torch.zeros_like(policy)).sum(-1)
     return pref - tau * kl
 
 
@@ -280,8 +296,7 @@ def _best_response(data, ref, tau, lam, policy, radius):
     x = _sample_values(policy, data, 1)
     _, q, _ = _lower_bound_core(x, data["probs"], radius)
     mu = data["mu"]
-    g2 = torch.where(mu > 0, ((q * data["labels"][:, 1]) @ data["onehot"]) / mu.clamp_min(1e-300),
-                     torch.zeros_like(mu))
+    g2 = torch.where(mu > 0, ((q * data["labels"][:, 1]) @ data["onehot"]) / mu.clamp_min(1e-300), torch.zeros_like(mu))
     return ref * closed_form_ratio(data["g"][:, 0] + lam * g2, tau, sample_weights=ref)
 
 
@@ -305,23 +320,21 @@ def _inner_solution(data, ref, tau, lam, radius):
     # restarts drop stale curvature pairs; the objective contains an inner
     # root solve, so one run can stop early on a line-search failure
     for _ in range(3):
-        opt = torch.optim.LBFGS([logits], lr=1.0, max_iter=500, history_size=20,
-                                tolerance_grad=1e-11, tolerance_change=1e-15,
-                                line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            [logits], lr=1.0, max_iter=500, history_size=20, tolerance_grad=1e-11, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+        )
         opt.step(closure)
     return torch.softmax(logits.detach(), -1)
 
 
-def solve_cop(structure: Union[str, PreferenceStructure], tau: float,
-              radius: float = LB_RADIUS) -> Tuple[torch.Tensor, float]:
+def solve_cop(structure: str | PreferenceStructure, tau: float, radius: float = LB_RADIUS) -> tuple[torch.Tensor, float]:
     s = get_structure(structure)
     policy, lam = _solve_cop_cached(s, float(tau), float(radius))
     return policy.clone(), lam
 
 
 @functools.lru_cache(maxsize=256)
-def _solve_cop_cached(s: PreferenceStructure, tau: float,
-                      radius: float) -> Tuple[torch.Tensor, float]:
+def _solve_cop_cached(s: PreferenceStructure, tau: float, radius: float) -> tuple[torch.Tensor, float]:
     """Exact optimum of the pessimistic COP for the full dataset.
 
     ``max_pi P_1(pi > mu) - tau KL(pi || uniform)  s.t.  LB_radius[P_2] >= b``.
@@ -338,8 +351,7 @@ def _solve_cop_cached(s: PreferenceStructure, tau: float,
     if float(pessimistic_preference(pi0, data, 1, radius)) >= s.threshold:
         return pi0, 0.0
     lo, hi = 0.0, 1.0
-    while float(pessimistic_preference(_inner_solution(data, ref, tau, hi, radius),
-                                       data, 1, radius)) < s.threshold:
+    while float(pessimistic_preference(_inner_solution(data, ref, tau, hi, radius), data, 1, radius)) < s.threshold:
         lo, hi = hi, 2.0 * hi
         if hi > 1e4:
             raise ValueError(f"{s.name}: constraint b={s.threshold} infeasible at tau={tau}")
@@ -367,20 +379,25 @@ def _solve_cop_cached(s: PreferenceStructure, tau: float,
 def _run_seed(seed: int, name: str) -> int:
     # runs of one structure share data and reference draws across tau, which
     # makes the tau comparison paired and single runs reproduce sweep rows
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63 - 1)
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
-def _simulate(configs: Sequence[Tuple[PreferenceStructure, float]], steps: int, seed: int,
-              batch_pairs: int = BATCH_PAIRS, lr: float = LEARNING_RATE,
-              dual_lr: float = DUAL_LR, radius: float = LB_RADIUS,
-              tail_fraction: float = TAIL_FRACTION) -> List[torch.Tensor]:
+def _simulate(
+    configs: Sequence[tuple[PreferenceStructure, float]],
+    steps: int,
+    seed: int,
+    batch_pairs: int = BATCH_PAIRS,
+    lr: float = LEARNING_RATE,
+    dual_lr: float = DUAL_LR,
+    radius: float = LB_RADIUS,
+    tail_fraction: float = TAIL_FRACTION,
+) -> list[torch.Tensor]:
     # intra-op threads only add contention for tensors this small (measured
     # 12x slower with 2 threads on a busy 2-core machine)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _simulate_impl(configs, steps, seed, batch_pairs, lr, dual_lr, radius,
-                              tail_fraction)
+        return _simulate_impl(configs, steps, seed, batch_pairs, lr, dual_lr, radius, tail_fraction)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -412,16 +429,16 @@ def _simulate_impl(configs, steps, seed, batch_pairs, lr, dual_lr, radius, tail_
         ref[r, : s.n_actions] = 1.0 / s.n_actions
         gen = torch.Generator().manual_seed(_run_seed(seed, s.name))
         freq = torch.tensor(s.frequencies, dtype=dt)
-        draws = torch.multinomial(freq / freq.sum(), steps * batch_pairs, replacement=True,
-                                  generator=gen).view(steps, batch_pairs)
+        draws = torch.multinomial(freq / freq.sum(), steps * batch_pairs, replacement=True, generator=gen).view(steps, batch_pairs)
         counts = torch.zeros(steps, p, dtype=dt).scatter_add_(1, draws, torch.ones_like(draws, dtype=dt))
         cum = counts.cumsum(0)
         phat[:, r, :p] = cum / cum.sum(-1, keepdim=True)
         ref_draws = torch.randint(s.n_actions, (steps, 2 * batch_pairs), generator=gen)
         bc_counts[:, r, : s.n_actions] = torch.zeros(steps, s.n_actions, dtype=dt).scatter_add_(
-            1, ref_draws, torch.ones_like(ref_draws, dtype=dt))
-    probs = torch.cat([phat, phat], -1) / 2.0                       # [T, R, 2P]
-    onehot = torch.nn.functional.one_hot(first, n).to(dt)           # [R, 2P, n]
+            1, ref_draws, torch.ones_like(ref_draws, dtype=dt)
+        )
+    probs = torch.cat([phat, phat], -1) / 2.0  # [T, R, 2P]
+    onehot = torch.nn.functional.one_hot(first, n).to(dt)  # [R, 2P, n]
     mu = torch.einsum("trp,rpn->trn", probs, onehot)
     g1 = torch.einsum("trp,rp,rpn->trn", probs, lab1, onehot)
     g1 = torch.where(mu > 0, g1 / mu.clamp_min(1e-300), torch.zeros_like(g1))
@@ -445,14 +462,15 @@ def _simulate_impl(configs, steps, seed, batch_pairs, lr, dual_lr, radius, tail_
         seen = mu_t > 0
         with torch.no_grad():
             pi_theta = torch.softmax(theta + log_mask, -1)
-            pi_slow = pi_theta.clone() if t == 0 else torch.lerp(pi_slow, pi_theta, ADVERSARY_EMA)
+            # Bound on the first pass (t == 0) before it is read.
+            pi_slow = pi_theta.clone() if t == 0 else torch.lerp(pi_slow, pi_theta, ADVERSARY_EMA)  # noqa: F821
             ratio = torch.where(seen, pi_slow / mu_safe[t], 0.0)
             x = torch.gather(ratio, 1, first) * lab2
             _, q, nu_theta = _lower_bound_core(x, p_t, radius, nu_theta)
             g2 = torch.einsum("rp,rpn->rn", q * lab2, onehot)
             g2 = torch.where(seen, g2 / mu_safe[t], 0.0)
             adv = (g1_t + lam[:, None] * g2) * inv_tau
-            w = closed_form_ratio(adv, 1.0, sample_weights=ref)    # pi_lambda / pi_ref
+            w = closed_form_ratio(adv, 1.0, sample_weights=ref)  # pi_lambda / pi_ref
             w = torch.where(action_mask, w, 0.0)
             pi_lam = ref * w
             x_lam = torch.gather(torch.where(seen, pi_lam / mu_safe[t], 0.0), 1, first) * lab2
@@ -467,23 +485,22 @@ def _simulate_impl(configs, steps, seed, batch_pairs, lr, dual_lr, radius, tail_
             with torch.no_grad():
                 tail_sum += torch.softmax(theta + log_mask, -1)
         if (t + 1) % report_every == 0:
-            logger.info("step %d/%d (%.1fs) lambda=%s", t + 1, steps,
-                        time.perf_counter() - start,
-                        ",".join(f"{v:.3f}" for v in lam.tolist()))
+            logger.info(
+                "step %d/%d (%.1fs) lambda=%s", t + 1, steps, time.perf_counter() - start, ",".join(f"{v:.3f}" for v in lam.tolist())
+            )
     final = tail_sum / (steps - tail_start)
     return [final[r, : s.n_actions].clone() for r, (s, _) in enumerate(configs)]
 
 
-def run_bandit(structure: Union[str, PreferenceStructure], tau: float,
-               steps: int = DEFAULT_STEPS, seed: int = 0) -> torch.Tensor:
+def run_bandit(structure: str | PreferenceStructure, tau: float, steps: int = DEFAULT_STEPS, seed: int = 0) -> torch.Tensor:
     """Train one softmax policy with MOPO; returns its action probabilities."""
     s = get_structure(structure)
     return _simulate([(s, float(tau))], steps, seed)[0]
 
 
-def run_sweep(structures: Sequence[Union[str, PreferenceStructure]], taus: Sequence[float],
-              steps: int = DEFAULT_STEPS, seed: int = 0
-              ) -> Dict[Tuple[str, float], torch.Tensor]:
+def run_sweep(
+    structures: Sequence[str | PreferenceStructure], taus: Sequence[float], steps: int = DEFAULT_STEPS, seed: int = 0
+) -> dict[tuple[str, float], torch.Tensor]:
     """All (structure, tau) runs in one batched simulation (same as ``run_bandit``)."""
     objs = [get_structure(s) for s in structures]
     configs = [(s, float(tau)) for s in objs for tau in taus]
@@ -498,8 +515,7 @@ def run_sweep(structures: Sequence[Union[str, PreferenceStructure]], taus: Seque
 
 def kl_to_reference(policy: torch.Tensor) -> float:
     n = policy.shape[-1]
-    return float(torch.where(policy > 0, policy * torch.log(policy.clamp_min(1e-300) * n),
-                             torch.zeros_like(policy)).sum())
+    return float(torch.where(policy > 0, policy * torch.log(policy.clamp_min(1e-300) * n), torch.zeros_like(policy)).sum())
 
 
 def structural_check(name: str, tau: float, p: torch.Tensor) -> bool:
@@ -520,7 +536,7 @@ def structural_check(name: str, tau: float, p: torch.Tensor) -> bool:
     raise ValueError(f"no property defined for structure {name!r}")
 
 
-def evaluate(results: Dict[Tuple[str, float], torch.Tensor]) -> List[Dict[str, object]]:
+def evaluate(results: dict[tuple[str, float], torch.Tensor]) -> list[dict[str, object]]:
     """Rows of the report with PASS/FAIL.
 
     A row passes when the learned policy (i) is within ``MATCH_TOL`` of the
@@ -529,11 +545,11 @@ def evaluate(results: Dict[Tuple[str, float], torch.Tensor]) -> List[Dict[str, o
     "larger tau moves towards the reference" claim; for the unobserved
     action additionally pi(D) must not shrink as tau grows).
     """
-    rows: List[Dict[str, object]] = []
+    rows: list[dict[str, object]] = []
     names = list(dict.fromkeys(name for name, _ in results))
     for name in names:
         s = get_structure(name)
-        prev: Optional[torch.Tensor] = None
+        prev: torch.Tensor | None = None
         for tau in sorted(t for nm, t in results if nm == name):
             p = results[(name, tau)].to(torch.float64)
             cop, _ = solve_cop(s, tau)
@@ -544,29 +560,47 @@ def evaluate(results: Dict[Tuple[str, float], torch.Tensor]) -> List[Dict[str, o
                 ok = ok and kl <= kl_to_reference(prev) + 0.01
                 if name == "unobserved_action":
                     ok = ok and float(p[3]) >= float(prev[3]) - 0.01
-            rows.append({"structure": name, "tau": tau, "actions": s.actions, "probs": p,
-                         "cop": cop, "kl": kl, "gap": gap, "expected": s.expected,
-                         "passed": ok})
+            rows.append(
+                {
+                    "structure": name,
+                    "tau": tau,
+                    "actions": s.actions,
+                    "probs": p,
+                    "cop": cop,
+                    "kl": kl,
+                    "gap": gap,
+                    "expected": s.expected,
+                    "passed": ok,
+                }
+            )
             prev = p
     return rows
 
 
-def format_table(rows: List[Dict[str, object]]) -> str:
+def format_table(rows: list[dict[str, object]]) -> str:
     def fmt(actions, p):
         return " ".join(f"{a}={float(v):.3f}" for a, v in zip(actions, p))
 
-    header = ["structure", "tau", "learned policy", "COP optimum", "KL(pi|ref)",
-              "expected", "result"]
-    body = [[r["structure"], f"{r['tau']:g}", fmt(r["actions"], r["probs"]),
-             fmt(r["actions"], r["cop"]), f"{r['kl']:.3f}", r["expected"],
-             "PASS" if r["passed"] else "FAIL"] for r in rows]
+    header = ["structure", "tau", "learned policy", "COP optimum", "KL(pi|ref)", "expected", "result"]
+    body = [
+        [
+            r["structure"],
+            f"{r['tau']:g}",
+            fmt(r["actions"], r["probs"]),
+            fmt(r["actions"], r["cop"]),
+            f"{r['kl']:.3f}",
+            r["expected"],
+            "PASS" if r["passed"] else "FAIL",
+        ]
+        for r in rows
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     out = [line(header), line(["-" * w for w in widths])] + [line(b) for b in body]
     return "\n".join(out)
 
 
-def _parse_taus(text: str) -> Tuple[float, ...]:
+def _parse_taus(text: str) -> tuple[float, ...]:
     try:
         taus = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -576,30 +610,30 @@ def _parse_taus(text: str) -> Tuple[float, ...]:
     return taus
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moalign.mopo_bandit",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help=f"optimiser steps per run (default {DEFAULT_STEPS})")
-    parser.add_argument("--taus", type=_parse_taus, default=DEFAULT_TAUS,
-                        help="comma-separated KL coefficients (default "
-                             + ",".join(f"{t:g}" for t in DEFAULT_TAUS) + ")")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moalign.mopo_bandit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps per run (default {DEFAULT_STEPS})")
+    parser.add_argument(
+        "--taus",
+        type=_parse_taus,
+        default=DEFAULT_TAUS,
+        help="comma-separated KL coefficients (default " + ",".join(f"{t:g}" for t in DEFAULT_TAUS) + ")",
+    )
     parser.add_argument("--seed", type=int, default=0, help="data/sampling seed (default 0)")
-    parser.add_argument("--structures", default=",".join(STRUCTURE_BUILDERS),
-                        help="comma-separated subset of " + ",".join(STRUCTURE_BUILDERS))
+    parser.add_argument(
+        "--structures", default=",".join(STRUCTURE_BUILDERS), help="comma-separated subset of " + ",".join(STRUCTURE_BUILDERS)
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(1)
     names = [x.strip() for x in args.structures.split(",") if x.strip()]
     try:
         structures = [get_structure(x) for x in names]
     except ValueError as exc:
         parser.error(str(exc))
-    logger.info("MOPO bandit: %d structures x %d taus, %d steps, seed %d",
-                len(structures), len(args.taus), args.steps, args.seed)
+    logger.info("MOPO bandit: %d structures x %d taus, %d steps, seed %d", len(structures), len(args.taus), args.steps, args.seed)
     results = run_sweep(structures, args.taus, args.steps, args.seed)
     rows = evaluate(results)
     print(format_table(rows))

@@ -227,18 +227,13 @@ def hypervolume(points: Any, reference: Any) -> float:
     if ref.ndim != 1:
         raise ValueError(f"reference: expected a 1-D array of shape ({k},), got ndim={ref.ndim}")
     if ref.shape[0] != k:
-        raise ValueError(
-            f"reference: length {ref.shape[0]} does not match the {k} objectives of points"
-        )
+        raise ValueError(f"reference: length {ref.shape[0]} does not match the {k} objectives of points")
     extents = p - ref
     below = np.any(extents < 0.0, axis=1)
     if np.any(below):
         bad = np.flatnonzero(below)
         shown = ", ".join(str(i) for i in bad[:5]) + (", ..." if bad.size > 5 else "")
-        raise ValueError(
-            "reference: must be weakly dominated by every point, but points "
-            f"row(s) {shown} are below it in some coordinate"
-        )
+        raise ValueError(f"reference: must be weakly dominated by every point, but points row(s) {shown} are below it in some coordinate")
     # A box with zero extent in any coordinate has zero volume.
     extents = extents[np.all(extents > 0.0, axis=1)]
     if extents.shape[0] == 0:
@@ -316,9 +311,7 @@ def steerability(weights: Any, rewards: Any) -> dict[str, Any]:
     w = _as_points(weights, "weights", allow_empty=False)
     r = _as_points(rewards, "rewards", allow_empty=False)
     if w.shape[0] < 2:
-        raise ValueError(
-            f"weights: need at least 2 weight settings (rows) to rank, got {w.shape[0]}"
-        )
+        raise ValueError(f"weights: need at least 2 weight settings (rows) to rank, got {w.shape[0]}")
     if r.shape != w.shape:
         raise ValueError(f"rewards: shape {r.shape} does not match weights shape {w.shape}")
     if np.any(w < -_SIMPLEX_ATOL):
@@ -326,9 +319,7 @@ def steerability(weights: Any, rewards: Any) -> dict[str, Any]:
     row_sums = w.sum(axis=1)
     off = np.flatnonzero(np.abs(row_sums - 1.0) > _SIMPLEX_ATOL)
     if off.size:
-        raise ValueError(
-            f"weights: every row must sum to 1, row {off[0]} sums to {row_sums[off[0]]!r}"
-        )
+        raise ValueError(f"weights: every row must sum to 1, row {off[0]} sums to {row_sums[off[0]]!r}")
     per_objective = [_spearman(w[:, k], r[:, k]) for k in range(w.shape[1])]
     return {"per_objective": per_objective, "mean": float(np.mean(per_objective))}
 

@@ -270,7 +270,7 @@ class BroadcastGroup:
             try:
                 # abort, not shutdown, after a failure: shutdown may wait on a peer that is gone.
                 backend.abort() if self.broken else backend.shutdown()
-            except Exception as exc:  # noqa: BLE001 - closing must not mask the caller's error
+            except Exception as exc:
                 log.warning("closing broadcast group (rank %d): %s", self.rank, exc)
         self._store = None
 
@@ -305,9 +305,7 @@ def open_broadcast_group(
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(
-        master_addr, int(master_port), world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
-    )
+    store = dist.TCPStore(master_addr, int(master_port), world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
     # A fresh namespace per group: the same port may be reused by a later group.
     prefix = dist.PrefixStore(f"moalign-broadcast/{master_addr}:{master_port}/", store)
     prefix.set(f"backend/{rank}", backend)

@@ -99,9 +99,7 @@ def test_fresh_engine_reproduces_samples(gen, tiny_dir):
     # A second engine must live in its own process (see the next test), as after a restart.
     expected = sample(gen)
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-c", FRESH_ENGINE, str(tiny_dir)], cwd=root, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([sys.executable, "-c", FRESH_ENGINE, str(tiny_dir)], cwd=root, capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     assert json.loads(lines[-1].removeprefix("RESULT ")) == expected

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from actors.learner import Learner
-from moalign.models import checkpoint_shapes
 from moalign.config import load_config
-from moalign.models import build_tiny_model
+from moalign.models import build_tiny_model, checkpoint_shapes
 
 pytestmark = pytest.mark.integration
 

@@ -84,7 +84,9 @@ def test_steps_through_real_actors(tiny_model, ray_cluster, metrics_port, tmp_pa
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
-    body = scrape_until(metrics_port, ["ray_moalign_loss{", "ray_moalign_reward_relevance{", "ray_moalign_time_sync_s{", "ray_moalign_version{"])
+    body = scrape_until(
+        metrics_port, ["ray_moalign_loss{", "ray_moalign_reward_relevance{", "ray_moalign_time_sync_s{", "ray_moalign_version{"]
+    )
     assert 'run="run"' in body
 
     # The run exported its last policy; exporting the kept checkpoint afterwards gives the same weights.

@@ -28,7 +28,9 @@ def test_defaults_are_valid():
 
 
 def test_overrides_keep_types_and_nest():
-    cfg = load_config(None, ["rollout.prompts_per_step=16", "algorithm.beta=0.5", "conditioning.alpha=[1, 2, 3]", "logging.tensorboard=false"])
+    cfg = load_config(
+        None, ["rollout.prompts_per_step=16", "algorithm.beta=0.5", "conditioning.alpha=[1, 2, 3]", "logging.tensorboard=false"]
+    )
     assert cfg.rollout.prompts_per_step == 16
     assert cfg.algorithm.beta == 0.5
     assert cfg.conditioning.alpha == [1, 2, 3]

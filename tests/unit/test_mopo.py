@@ -63,9 +63,7 @@ def test_lower_bound_two_point_uniform_hand_case():
 def test_lower_bound_two_point_weighted_hand_case():
     # p = (3/4, 1/4) on (0, 1); radius = KL((0.9, 0.1) || p) -> bound 0.1
     radius = 0.9 * math.log(0.9 / 0.75) + 0.1 * math.log(0.1 / 0.25)
-    lb, q = pessimistic_lower_bound(torch.tensor([0.0, 1.0], dtype=F64),
-                                    torch.tensor([3.0, 1.0], dtype=F64), radius,
-                                    return_weights=True)
+    lb, q = pessimistic_lower_bound(torch.tensor([0.0, 1.0], dtype=F64), torch.tensor([3.0, 1.0], dtype=F64), radius, return_weights=True)
     assert lb.item() == pytest.approx(0.1, abs=1e-10)
     assert q.tolist() == pytest.approx([0.9, 0.1], abs=1e-9)
 
@@ -92,7 +90,7 @@ def test_lower_bound_is_primal_optimum_and_batched():
     p = w / w.sum(-1, keepdim=True)
     kl = (q * (q / p).log()).sum(-1)
     assert torch.allclose(kl, torch.full_like(kl, radius), atol=1e-9)  # on the ball's boundary
-    assert torch.allclose((q * vals).sum(-1), lb, atol=1e-9)            # dual = primal
+    assert torch.allclose((q * vals).sum(-1), lb, atol=1e-9)  # dual = primal
     assert bool((lb < (p * vals).sum(-1)).all())
     for i in range(6):
         assert pessimistic_lower_bound(vals[i], w[i], radius).item() == pytest.approx(lb[i].item())
@@ -157,8 +155,7 @@ def test_importance_weighted_bc_loss_hand_values():
     w = torch.tensor([1.0, 3.0], dtype=F64)
     expected = -(math.log(0.5) + 3 * math.log(0.25)) / 4
     assert importance_weighted_bc_loss(lp, w).item() == pytest.approx(expected)
-    assert importance_weighted_bc_loss(lp, w, self_normalise=False).item() == \
-        pytest.approx(-(math.log(0.5) + 3 * math.log(0.25)) / 2)
+    assert importance_weighted_bc_loss(lp, w, self_normalise=False).item() == pytest.approx(-(math.log(0.5) + 3 * math.log(0.25)) / 2)
 
 
 def test_symmetrize_pairs_swaps_and_flips():
@@ -175,8 +172,7 @@ def test_symmetrize_pairs_swaps_and_flips():
 
 
 def simplex_grid(n, resolution):
-    pts = [c for c in itertools.product(range(resolution + 1), repeat=n - 1)
-           if sum(c) <= resolution]
+    pts = [c for c in itertools.product(range(resolution + 1), repeat=n - 1) if sum(c) <= resolution]
     grid = torch.tensor([list(c) + [resolution - sum(c)] for c in pts], dtype=F64)
     return grid / resolution
 
@@ -186,8 +182,7 @@ GRID_RESOLUTION = {2: 3000, 3: 201, 4: 60}
 
 @pytest.fixture(scope="module")
 def cop_solutions():
-    return {(name, tau): mb.solve_cop(name, tau) for name in mb.STRUCTURE_BUILDERS
-            for tau in TAUS}
+    return {(name, tau): mb.solve_cop(name, tau) for name in mb.STRUCTURE_BUILDERS for tau in TAUS}
 
 
 @pytest.mark.parametrize("name", list(mb.STRUCTURE_BUILDERS))
@@ -256,9 +251,14 @@ def test_unobserved_action_optimum_shrinks_with_tau(cop_solutions):
 # Not one of the five: the adversarial weights depend on the policy here
 # (x = 3 pi(A) on (A,C), 3 pi(B) on (B,*)), which exercises the saddle point.
 ANTICHAIN_DOMINATED = mb.PreferenceStructure(
-    name="antichain_dominated", actions=("A", "B", "C"),
-    pairs=((0, 1), (0, 2), (1, 2)), labels=((1.0, 0.0), (1.0, 1.0), (1.0, 1.0)),
-    frequencies=(1.0, 1.0, 1.0), threshold=0.35, expected="")
+    name="antichain_dominated",
+    actions=("A", "B", "C"),
+    pairs=((0, 1), (0, 2), (1, 2)),
+    labels=((1.0, 0.0), (1.0, 1.0), (1.0, 1.0)),
+    frequencies=(1.0, 1.0, 1.0),
+    threshold=0.35,
+    expected="",
+)
 
 
 @pytest.fixture(scope="module")
@@ -313,8 +313,7 @@ def test_tau_sweep_moves_towards_reference(bandit_results):
 
 
 def test_evaluate_marks_every_row_pass(bandit_results):
-    rows = mb.evaluate({k: v for k, v in bandit_results.items()
-                        if k[0] in mb.STRUCTURE_BUILDERS})
+    rows = mb.evaluate({k: v for k, v in bandit_results.items() if k[0] in mb.STRUCTURE_BUILDERS})
     assert len(rows) == len(mb.STRUCTURE_BUILDERS) * len(TAUS)
     assert all(r["passed"] for r in rows), mb.format_table(rows)
 
@@ -359,10 +358,12 @@ def test_objective_loss_gradient_hand_values():
     assert metrics["loss"] == pytest.approx(-(4 / 3 * math.log(0.5) + 2 / 3 * math.log(0.25)) / 2)
     # a lagged reference reweights by pi_ref / mu: base ratio (2, 1) -> w* = (8/5, 2/5)
     lp.grad = None
-    obj.loss(lp, torch.tensor([[math.log(0.5), math.log(0.25)]], dtype=F64),
-             torch.tensor([[1.0]], dtype=F64),
-             behaviour_logps=torch.tensor([[math.log(0.25), math.log(0.25)]], dtype=F64)
-             )[0].backward()
+    obj.loss(
+        lp,
+        torch.tensor([[math.log(0.5), math.log(0.25)]], dtype=F64),
+        torch.tensor([[1.0]], dtype=F64),
+        behaviour_logps=torch.tensor([[math.log(0.25), math.log(0.25)]], dtype=F64),
+    )[0].backward()
     assert lp.grad[0].tolist() == pytest.approx([-4 / 5, -1 / 5])
 
 
@@ -374,10 +375,10 @@ def test_objective_dual_direction():
     for obj in (hard, easy):
         obj.loss(pol, ref, labels)
         obj.step_end()
-    assert hard.lambdas.item() > 0.0           # violated constraint raises lambda
-    assert easy.lambdas.item() < 0.3           # satisfied constraint lowers it
+    assert hard.lambdas.item() > 0.0  # violated constraint raises lambda
+    assert easy.lambdas.item() < 0.3  # satisfied constraint lowers it
     before = hard.lambdas.clone()
-    hard.step_end()                            # no micro-batch since: no dual step
+    hard.step_end()  # no micro-batch since: no dual step
     assert torch.equal(before, hard.lambdas)
 
 
@@ -441,8 +442,7 @@ def test_objective_drives_antichain_policy_to_cop_optimum():
 
 def test_objective_state_round_trip():
     gen = torch.Generator().manual_seed(3)
-    kwargs = dict(tau=0.2, lb_radius=0.1, relaxation=0.99, lag_steps=3, dual_lr=0.2,
-                  n_objectives=3, primary=1, thresholds=[0.1, 0.2])
+    kwargs = dict(tau=0.2, lb_radius=0.1, relaxation=0.99, lag_steps=3, dual_lr=0.2, n_objectives=3, primary=1, thresholds=[0.1, 0.2])
     obj = MOPOObjective(**kwargs)
     for _ in range(4):
         pol, ref, labels, beh = random_batch(gen, k=3)
@@ -505,19 +505,22 @@ def test_load_state_dict_rejects_mismatch():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(primary=2), "primary"),
-    (dict(primary=-1), "primary"),
-    (dict(n_objectives=0), "n_objectives"),
-    (dict(tau=0.0), "tau"),
-    (dict(tau=float("nan")), "tau"),
-    (dict(lb_radius=-0.1), "lb_radius"),
-    (dict(relaxation=1.5), "relaxation"),
-    (dict(lag_steps=-1), "lag_steps"),
-    (dict(dual_lr=-1.0), "dual_lr"),
-    (dict(thresholds=[0.1, 0.2]), "thresholds"),
-    (dict(thresholds=[float("nan")]), "thresholds"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(primary=2), "primary"),
+        (dict(primary=-1), "primary"),
+        (dict(n_objectives=0), "n_objectives"),
+        (dict(tau=0.0), "tau"),
+        (dict(tau=float("nan")), "tau"),
+        (dict(lb_radius=-0.1), "lb_radius"),
+        (dict(relaxation=1.5), "relaxation"),
+        (dict(lag_steps=-1), "lag_steps"),
+        (dict(dual_lr=-1.0), "dual_lr"),
+        (dict(thresholds=[0.1, 0.2]), "thresholds"),
+        (dict(thresholds=[float("nan")]), "thresholds"),
+    ],
+)
 def test_objective_constructor_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MOPOObjective(**kwargs)

@@ -14,8 +14,17 @@ def test_chunks_cover_range_evenly():
 
 def _rank(pairs, objective, chosen, kl, seconds):
     return {
-        "pairs": pairs, "objective": objective, "chosen_reward_sum": chosen, "rejected_reward_sum": 0.0, "margin_sum": chosen,
-        "accuracy_sum": pairs, "kl_sum": kl, "grad_norm": 2.0, "lr": 0.1, "step": 5, "seconds": seconds,
+        "pairs": pairs,
+        "objective": objective,
+        "chosen_reward_sum": chosen,
+        "rejected_reward_sum": 0.0,
+        "margin_sum": chosen,
+        "accuracy_sum": pairs,
+        "kl_sum": kl,
+        "grad_norm": 2.0,
+        "lr": 0.1,
+        "step": 5,
+        "seconds": seconds,
     }
 
 
@@ -54,15 +63,30 @@ def test_main_reports_bad_config_and_exits_2(caplog):
 
 def _history(kl_values):
     return [
-        {"step": i + 1, "reward/Relevance": 0.1 * i, "health/distinct_fraction": 1.0 - 0.1 * i, "health/tied_share": 0.0,
-         "health/completion_tokens_mean": 38.0 - 3 * i, "health/length_capped_share": 0.0, "health/empty_share": 0.0,
-         **({"health/kl": kl} if kl is not None else {})}
+        {
+            "step": i + 1,
+            "reward/Relevance": 0.1 * i,
+            "health/distinct_fraction": 1.0 - 0.1 * i,
+            "health/tied_share": 0.0,
+            "health/completion_tokens_mean": 38.0 - 3 * i,
+            "health/length_capped_share": 0.0,
+            "health/empty_share": 0.0,
+            **({"health/kl": kl} if kl is not None else {}),
+        }
         for i, kl in enumerate(kl_values)
     ]
 
 
 def _summary(history, monitor):
-    return {"run_dir": "r", "checkpoint": "c", "export": "r/final", "steps": len(history), "version": 1, **_summarize(history, ["Relevance"], monitor), "history": history}
+    return {
+        "run_dir": "r",
+        "checkpoint": "c",
+        "export": "r/final",
+        "steps": len(history),
+        "version": 1,
+        **_summarize(history, ["Relevance"], monitor),
+        "history": history,
+    }
 
 
 def test_summary_compares_health_of_first_and_last_quarter():

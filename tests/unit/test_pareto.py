@@ -83,9 +83,7 @@ class TestParetoFront:
         rng = np.random.default_rng(0)
         # Integer grid values force many ties and duplicates.
         pts = rng.integers(0, 4, size=(60, 3)).astype(float)
-        expected = [
-            not any(np.all(q >= p) and np.any(q > p) for q in pts) for p in pts
-        ]
+        expected = [not any(np.all(q >= p) and np.any(q > p) for q in pts) for p in pts]
         assert non_dominated_mask(pts).tolist() == expected
 
     @pytest.mark.parametrize(
@@ -174,9 +172,7 @@ class TestHypervolume:
         rng = np.random.default_rng(1000 + k)
         ref = rng.normal(size=k)
         pts = ref + rng.uniform(0.0, 1.0, size=(n, k))
-        assert hypervolume(pts, ref) == pytest.approx(
-            _hv_inclusion_exclusion(pts, ref), rel=1e-10, abs=1e-12
-        )
+        assert hypervolume(pts, ref) == pytest.approx(_hv_inclusion_exclusion(pts, ref), rel=1e-10, abs=1e-12)
 
     def test_random_4d_with_ties_matches_inclusion_exclusion(self):
         # Shared coordinate values exercise zero-depth slabs and duplicates.
@@ -374,13 +370,7 @@ class TestSimplexLattice:
 def test_module_does_not_pull_in_ray_or_vllm():
     # The math package must stay importable on machines without the serving
     # stack; a fresh interpreter is needed because pytest plugins may import them.
-    code = (
-        "import sys, moalign.pareto; "
-        "bad = [m for m in ('ray', 'vllm') if m in sys.modules]; "
-        "sys.exit(1 if bad else 0)"
-    )
+    code = "import sys, moalign.pareto; bad = [m for m in ('ray', 'vllm') if m in sys.modules]; sys.exit(1 if bad else 0)"
     repo_root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, timeout=30, cwd=repo_root
-    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, cwd=repo_root)
     assert proc.returncode == 0, proc.stderr.decode()

@@ -142,7 +142,9 @@ def test_hf_classifier_source(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(minilm_dir())
     model = BertForSequenceClassification(
-        BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=2)
+        BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_labels=2
+        )
     )
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
