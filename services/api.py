@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from services.engine import RequestRefused
 from services.policy import PolicyService, RequestError
 
 log = logging.getLogger(__name__)
@@ -88,5 +89,7 @@ def build_api(
             return await service.complete(parsed)
         except RequestError as exc:
             return _error(exc.status, str(exc), exc.param)
+        except RequestRefused as exc:
+            return _error(422, str(exc))
 
     return app

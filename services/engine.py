@@ -32,6 +32,10 @@ class Delta:
     finish_reason: str | None = None
 
 
+class RequestRefused(ValueError):
+    """vLLM would not take this one request; the engine goes on serving the others."""
+
+
 class EngineDead(RuntimeError):
     """The engine thread stopped; the replica must be replaced."""
 
@@ -119,6 +123,9 @@ class EngineLoop:
         try:
             while not finished:
                 item = await stream.get()
+                if isinstance(item, RequestRefused):
+                    finished = True  # never entered the engine: nothing to abort
+                    raise item
                 if isinstance(item, BaseException):
                     raise EngineDead(f"engine failed during request {request_id}: {item!r}") from item
                 out = item.outputs[0]
@@ -149,8 +156,14 @@ class EngineLoop:
                         break
                     if kind == "add":
                         request_id, prompt, params = payload
-                        if request_id in self._streams:
+                        target = self._streams.get(request_id)
+                        if target is None:
+                            continue
+                        # One refused request must not stop the engine for the others.
+                        try:
                             engine.add_request(request_id, prompt, params)
+                        except Exception as exc:
+                            target[0].call_soon_threadsafe(target[1].put_nowait, RequestRefused(f"vLLM refused {request_id}: {exc}"))
                     elif kind == "abort":
                         engine.abort_request([payload])
                         self.aborted += 1

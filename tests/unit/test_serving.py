@@ -220,3 +220,26 @@ def test_a_stream_left_early_closes_the_engine_request():
 
     asyncio.run(leave_after_first_words())
     assert engine.closed_early == 1
+
+
+def test_a_request_the_engine_refuses_is_422_and_the_service_goes_on():
+    from services.engine import RequestRefused
+
+    class PickyEngine(EchoEngine):
+        async def generate(self, prompt_ids, **kw):
+            if kw["seed"] == 13:
+                raise RequestRefused("vLLM refused req-0: seed 13 is unlucky")
+            async for delta in super().generate(prompt_ids, **kw):
+                yield delta
+
+    engine = PickyEngine()
+    http = TestClient(
+        build_api(
+            PolicyService(card(), ChatTokenizer(), engine, "tiny-policy", max_tokens_limit=64, default_max_tokens=16),
+            api_token=None,
+            max_body_bytes=4096,
+        )
+    )
+    r = http.post("/v1/chat/completions", json=chat(seed=13))
+    assert r.status_code == 422 and "unlucky" in r.json()["error"]["message"]
+    assert http.post("/v1/chat/completions", json=chat(seed=1)).status_code == 200
