@@ -74,7 +74,7 @@ def build_api(
     async def render(request: Request) -> Any:
         try:
             parsed = service.parse(await _read_body(request, max_body_bytes))
-            return {"prompt": service.prompt_text(parsed), "objective_weights": service.prepare(parsed)[2]}
+            return service.render(parsed)
         except RequestError as exc:
             return _error(exc.status, str(exc), exc.param)
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moalign.conditioning import WeightsError, format_weights, render_prompt_ids
+from moalign.conditioning import WeightsError, render_prompt_ids, round_weights
 from moalign.export import PolicyCard
 
 
@@ -155,18 +155,13 @@ class PolicyService:
             "seed": request.seed,
             "stop": stop,
         }
-        return prompt_ids, sampling, self.written_weights(weights)
+        written = round_weights(weights, self.card.decimals)
+        return prompt_ids, sampling, dict(zip(self.card.objectives, written.tolist()))
 
-    def written_weights(self, weights: Any) -> dict[str, float]:
-        """The weights as the line writes them (rounded to the card's decimals)."""
-        line = format_weights(self.card.objectives, weights, self.card.decimals)
-        body = line.removeprefix(self.card.instruction_begin).removesuffix(self.card.instruction_end)
-        return {name.strip(): float(value) for name, value in (item.rsplit(":", 1) for item in body.split(","))}
-
-    def prompt_text(self, request: ChatRequest) -> str:
-        """The conditioned prompt as text, for a caller who wants to see what the model read."""
-        prompt_ids, _, _ = self.prepare(request)
-        return self.tokenizer.decode(prompt_ids)
+    def render(self, request: ChatRequest) -> dict[str, Any]:
+        """The conditioned prompt as text and the weights as written, without generating."""
+        prompt_ids, _, written = self.prepare(request)
+        return {"prompt": self.tokenizer.decode(prompt_ids), "objective_weights": written}
 
     async def complete(self, request: ChatRequest) -> dict[str, Any]:
         prompt_ids, sampling, written = self.prepare(request)
