@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moalign.weight_sync import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = [
     "How do I keep basil alive on a windowsill in winter?",
@@ -34,12 +35,6 @@ QUESTIONS = [
     "How can I fall asleep faster?",
 ]
 log = logging.getLogger("serve_load")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chat(url: str, question: str, weights: dict[str, float], max_tokens: int, timeout_s: float) -> tuple[float, int]:
