@@ -28,7 +28,16 @@ import numpy as np
 from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import ConfigError, RunConfig, load_config
 from moalign.data import DataError, PromptRecord, load_prompts
-from moalign.evaluation import eval_weights, front_metrics, front_stats, plot_fronts, steerability_table, write_atomic, write_front
+from moalign.evaluation import (
+    eval_weights,
+    front_metrics,
+    front_stats,
+    plot_fronts,
+    steerability_table,
+    weights_label,
+    write_atomic,
+    write_front,
+)
 from moalign.pairs import RewardError
 
 log = logging.getLogger("moalign.evaluate")
@@ -104,9 +113,7 @@ def evaluate_front(
 
     `step` (the training step, None for the base model) is recorded and named in actor errors.
     """
-    from tqdm import tqdm
-
-    from orchestrator import _generate, _render, _score
+    from orchestrator import _render
 
     names = cfg.objective_names
     chosen = list(prompts[:n_prompts])
@@ -118,35 +125,12 @@ def evaluate_front(
     requests = [(w, p) for w in range(len(weights)) for p in range(len(chosen))]
     prompt_ids = [_render(tokenizer, chosen[p].prompt, names, weights[w], cfg) for w, p in requests]
 
-    rewards = np.empty((len(weights), len(chosen), samples, len(names)))
-    rows: list[dict[str, Any]] = []
-    per_round = PROMPTS_PER_CALL * len(generators)
     started = time.perf_counter()
-    progress = tqdm(
-        total=len(requests), desc=f"eval {step_label}", unit="prompt", leave=False, disable=not cfg.logging.progress_bar, file=sys.stderr
+    scored, rows = _sample_and_score(
+        cfg, generators, scorers, prompt_ids, [chosen[p] for _, p in requests], [seeds[p] for _, p in requests], samples, step_label, step
     )
-    try:
-        for start in range(0, len(requests), per_round):
-            batch = requests[start : start + per_round]
-            completions = _generate(cfg, generators, prompt_ids[start : start + per_round], [seeds[p] for _, p in batch], samples, step)
-            scores = _score(cfg, scorers, [chosen[p].prompt for _, p in batch], completions, samples, step)
-            for (w, p), group, group_scores in zip(batch, completions, scores):
-                rewards[w, p] = group_scores
-                for j, (completion, score) in enumerate(zip(group, group_scores)):
-                    rows.append(
-                        {
-                            "weights": weights[w].tolist(),
-                            "prompt_id": chosen[p].id,
-                            "prompt": chosen[p].prompt,
-                            "sample": j,
-                            "text": completion["text"],
-                            "finish_reason": completion["finish_reason"],
-                            "rewards": dict(zip(names, map(float, score))),
-                        }
-                    )
-            progress.update(len(batch))
-    finally:
-        progress.close()
+    rewards = scored.reshape(len(weights), len(chosen), samples, len(names))
+    rows = [{"weights": weights[requests[i // samples][0]].tolist(), **row} for i, row in enumerate(rows)]
 
     stats = front_stats(weights, rewards, names, reference_point(cfg))
     meta = {"step": step, "run_dir": cfg.run_dir, **eval_settings(cfg, chosen, lattice_divisions, samples)}
@@ -165,6 +149,43 @@ def evaluate_front(
         out,
     )
     return stats
+
+
+def _sample_and_score(cfg: RunConfig, generators, scorers, prompt_ids, records, seeds, samples: int, label: str, step: int | None):
+    """Completions of every prompt (as token ids) scored on its record's unconditioned prompt:
+    rewards [prompts, samples, K] and one row per completion for samples.jsonl."""
+    from tqdm import tqdm
+
+    from orchestrator import _generate, _score
+
+    names = cfg.objective_names
+    rewards = np.empty((len(prompt_ids), samples, len(names)))
+    rows: list[dict[str, Any]] = []
+    per_round = PROMPTS_PER_CALL * len(generators)
+    progress = tqdm(
+        total=len(prompt_ids), desc=f"eval {label}", unit="prompt", leave=False, disable=not cfg.logging.progress_bar, file=sys.stderr
+    )
+    try:
+        for start in range(0, len(prompt_ids), per_round):
+            part = slice(start, start + per_round)
+            completions = _generate(cfg, generators, prompt_ids[part], seeds[part], samples, step)
+            rewards[part] = _score(cfg, scorers, [r.prompt for r in records[part]], completions, samples, step)
+            for record, group, group_scores in zip(records[part], completions, rewards[part]):
+                for j, (completion, score) in enumerate(zip(group, group_scores)):
+                    rows.append(
+                        {
+                            "prompt_id": record.id,
+                            "prompt": record.prompt,
+                            "sample": j,
+                            "text": completion["text"],
+                            "finish_reason": completion["finish_reason"],
+                            "rewards": dict(zip(names, map(float, score))),
+                        }
+                    )
+            progress.update(len(completions))
+    finally:
+        progress.close()
+    return rewards, rows
 
 
 def _plot(out_png: Path, fronts: list[tuple[str, dict[str, Any]]], names: list[str]) -> None:
@@ -326,6 +347,95 @@ def evaluate_run(
     return fronts
 
 
+def trained_weights(cfg: RunConfig) -> list[float]:
+    """Where an offline policy sits on the simplex: MODPO's weights, MOPO's primary corner."""
+    if cfg.algorithm.name == "modpo":
+        return list(cfg.algorithm.modpo.weights)
+    return [float(i == cfg.algorithm.mopo.primary) for i in range(len(cfg.objectives))]
+
+
+def evaluate_offline(
+    cfg: RunConfig, run_dir: Path, compare: Sequence[str] = (), address: str | None = None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The Pareto evaluation of offline policies (a MODPO sweep's, or one MODPO / MOPO run's): each
+    policy samples the held-out prompts as written, without a weight line, with the seeds of the
+    lattice evaluation, so its point sits beside a steerable policy's front on equal terms. The
+    front of the policies (each at the weights it was trained for) goes to RUN_DIR/eval/offline,
+    beside the base model's point in RUN_DIR/eval/offline_base."""
+    from transformers import AutoTokenizer
+
+    from moalign.checkpoint import latest_checkpoint
+    from moalign.conditioning import render_prompt_ids
+    from moalign.models import resolve_model_path
+    from offline import sweep_members
+    from orchestrator import _actor_groups, _start_ray, _sync_weights
+
+    e, names = cfg.eval, cfg.objective_names
+    members = sweep_members(cfg)
+    checkpoints = [latest_checkpoint(m.run_dir) for m in members]
+    missing = [m.run_dir for m, c in zip(members, checkpoints) if c is None]
+    if missing:
+        raise FileNotFoundError(
+            f"no checkpoint in {', '.join(missing)}: train first (python orchestrator.py --config {run_dir / 'config.yaml'})"
+        )
+    heldout = load_prompts(cfg.data.heldout_path)[: e.heldout_prompts]
+    seeds = _prompt_seeds(e.seed, len(heldout))
+    _start_ray(cfg, address)
+    model_path = str(resolve_model_path(cfg.model.path, cfg.model.cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompt_ids = [render_prompt_ids(tokenizer, [{"role": "user", "content": r.prompt}]) for r in heldout]
+    settings = {
+        **eval_settings(cfg, heldout, 1, e.samples_per_weight),
+        "lattice": "none: one point per policy, at the weights it was trained for",
+        "conditioning": "none (offline policies)",
+    }
+
+    points, rows = [], []
+    with _actor_groups(members[0], model_path) as (generators, scorers, learners):
+        base, _ = _sample_and_score(cfg, generators, scorers, prompt_ids, heldout, seeds, e.samples_per_weight, "base", None)
+        for member, checkpoint in zip(members, checkpoints):
+            step = int(read_state(checkpoint)["step"])
+            learners.call("load_checkpoint", str(checkpoint / "learner"), True, step=step)
+            _sync_weights(cfg, learners, generators, step, step)
+            label = f"{cfg.algorithm.name} {weights_label(trained_weights(member))}"
+            rewards, member_rows = _sample_and_score(
+                cfg, generators, scorers, prompt_ids, heldout, seeds, e.samples_per_weight, label, step
+            )
+            points.append(rewards)
+            rows += [{"policy": member.run_dir, "weights": trained_weights(member), **row} for row in member_rows]
+
+    equal = [[1.0 / len(names)] * len(names)]
+    fronts = [("base", front_stats(equal, base[None], names, reference_point(cfg)))]
+    stats = front_stats([trained_weights(m) for m in members], np.stack(points), names, reference_point(cfg))
+    label = f"{cfg.algorithm.name}{' sweep' if len(members) > 1 else ''}"
+    out = run_dir / "eval" / "offline"
+    write_front(run_dir / "eval" / "offline_base", fronts[0][1], "base", {"run_dir": str(run_dir), **settings})
+    write_front(out, stats, label, {"run_dir": str(run_dir), "policies": [m.run_dir for m in members], **settings})
+    write_atomic(out / "samples.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    fronts.append((label, stats))
+    for other in compare:
+        front = latest_front(other) or load_front(Path(other) / "eval" / "offline")
+        if front is None or front["objectives"] != names:
+            log.warning("--compare %s: no evaluated front with objectives %s; left out", other, names)
+        else:
+            fronts.append((Path(other).resolve().name, front))
+    _plot(out / "front.png", fronts, names)
+    log.info("offline policies on %d held-out prompts (front plot: %s):\n%s", len(heldout), out / "front.png", _points_table(fronts))
+    return fronts
+
+
+def _points_table(fronts: list[tuple[str, dict[str, Any]]]) -> str:
+    """Every point of every front: mean reward per objective, and each front's hypervolume."""
+    names = fronts[0][1]["objectives"]
+    lines = ["| front | weights | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for label, stats in fronts:
+        for w, mean in zip(stats["weights"], stats["mean"]):
+            lines.append(f"| {label} | {weights_label(w)} | " + " | ".join(f"{v:.4f}" for v in mean) + " |")
+    lines.append("")
+    lines += [f"hypervolume {label}: {stats['hypervolume']:.4g}" for label, stats in fronts]
+    return "\n".join(lines)
+
+
 def _setup_logging(cfg: RunConfig, run_dir: Path) -> None:
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=cfg.logging.level, format=fmt, force=True)
@@ -364,7 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     from actors.ray_actors import ActorFailure
 
     try:
-        evaluate_run(cfg, run_dir, args.step, args.base, args.compare, args.address)
+        if cfg.is_offline:
+            if args.base or args.step is not None:
+                raise ConfigError("--base and --step are for MO-ODPO runs; an offline run is evaluated at its last checkpoints")
+            evaluate_offline(cfg, run_dir, args.compare, args.address)
+        else:
+            evaluate_run(cfg, run_dir, args.step, args.base, args.compare, args.address)
     except (ConfigError, DataError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2

@@ -3,6 +3,8 @@
     python orchestrator.py --config configs/default.yaml [key=value ...]
     ray job submit --working-dir . -- python orchestrator.py --config configs/default.yaml
 
+(A config with algorithm.name modpo or mopo is handed to the offline loop, `offline.py`.)
+
 One step: draw prompts and Dirichlet weights -> write the weights into the prompts -> vLLM
 generator actors sample n completions each -> reward actors score them on K objectives ->
 normalise, scalarise, pick chosen/rejected -> DeepSpeed learner actors take a DPO step ->
@@ -75,24 +77,12 @@ class LoopState:
 
 def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     """Train for cfg.steps (resuming from cfg.run_dir if it holds a checkpoint); returns a summary."""
-    from transformers import AutoTokenizer
-
     from actors.metrics import MetricsSink, read_metrics
     from actors.ray_actors import ActorFailure
     from evaluate import TrainingEvaluation
-    from moalign.models import resolve_model_path
 
     _check_supported(cfg)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = latest_checkpoint(run_dir)
-    if resume_from is not None:
-        _check_resume_config(cfg, run_dir / "config.yaml")
-    save_resolved(cfg, run_dir / "config.yaml")
-    _start_ray(cfg, ray_address)
-
-    model_path = str(resolve_model_path(cfg.model.path, cfg.model.cache_dir))
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    run_dir, resume_from, model_path, tokenizer = open_run(cfg, ray_address)
     prompts = load_prompts(cfg.data.train_path)
     names = cfg.objective_names
     evaluation = TrainingEvaluation(cfg, run_dir, tokenizer)
@@ -207,6 +197,24 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     }
 
 
+def open_run(cfg: RunConfig, ray_address: str | None) -> tuple[Path, Path | None, str, Any]:
+    """The run directory (with the resolved config saved, after checking that a resumed run trains
+    the same problem), its latest checkpoint or None, Ray, the model's local path and tokenizer."""
+    from transformers import AutoTokenizer
+
+    from moalign.models import resolve_model_path
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None:
+        _check_resume_config(cfg, run_dir / "config.yaml")
+    save_resolved(cfg, run_dir / "config.yaml")
+    _start_ray(cfg, ray_address)
+    model_path = str(resolve_model_path(cfg.model.path, cfg.model.cache_dir))
+    return run_dir, resume_from, model_path, AutoTokenizer.from_pretrained(model_path)
+
+
 def _window_mean(rows: list[dict[str, Any]], key: str) -> float | None:
     values = [h[key] for h in rows if key in h]
     return float(np.mean(values)) if values else None
@@ -231,19 +239,17 @@ def _summarize(history: list[dict[str, Any]], names: list[str], health: HealthMo
 
 
 def _check_supported(cfg: RunConfig) -> None:
-    if cfg.algorithm.name != "mo_odpo":
-        # The offline algorithms' losses exist (moalign/losses.py, moalign/mopo.py) but their data
-        # pipeline does not; running MO-ODPO under another name would be a silent lie.
+    if cfg.is_offline:
         raise ConfigError(
-            f"algorithm.name: {cfg.algorithm.name!r} runs are not available in orchestrator.py yet; "
-            "it runs online MO-ODPO (algorithm.name=mo_odpo)"
+            f"algorithm.name: {cfg.algorithm.name!r} is an offline algorithm; offline.run trains it (orchestrator.py --config picks it)"
         )
 
 
 # Changing these between the stop and the resume does not change what is trained (the
 # checkpoint interval does: every checkpoint forces a weight sync). Health bounds only decide
-# when to warn. Evaluations run only after regular syncs and sample with their own seeds.
-_RESUMABLE_CHANGES = ("steps", "logging.", "ray_timeout_s", "checkpoint.keep_last", "health.", "eval.")
+# when to warn. Evaluations run only after regular syncs and sample with their own seeds. A run
+# directory may be moved or copied and resumed where it lies.
+_RESUMABLE_CHANGES = ("run_dir", "steps", "logging.", "ray_timeout_s", "checkpoint.keep_last", "health.", "eval.")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -285,20 +291,21 @@ def _start_ray(cfg: RunConfig, address: str | None) -> None:
 
 
 @contextlib.contextmanager
-def _actor_groups(cfg: RunConfig, model_path: str):
+def _actor_groups(cfg: RunConfig, model_path: str, roles: tuple[str, ...] = ("generator", "reward", "learner")):
+    """The actor groups named in `roles` (the others are None), killed when the block ends."""
     groups: list = []
     try:
-        yield _build_actors(cfg, model_path, groups)
+        yield _build_actors(cfg, model_path, groups, roles)
     finally:
         for group in groups:
             group.kill()
 
 
-def _build_actors(cfg: RunConfig, model_path: str, started: list):
+def _build_actors(cfg: RunConfig, model_path: str, started: list, roles: tuple[str, ...]):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from actors.ray_actors import ActorGroup, GeneratorActor, LearnerActor, RewardActor
+    from actors.ray_actors import ActorGroup, LearnerActor, RewardActor
     from moalign.weight_sync import free_port
 
     a = cfg.actors
@@ -307,7 +314,47 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list):
         "env_vars": {**threads, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
     }
     timeout = cfg.ray_timeout_s
-    generators = ActorGroup(
+    generators = scorers = learners = None
+    if "generator" in roles:
+        generators = _generator_group(cfg, model_path, env)
+        started.append(generators)
+    if "reward" in roles:
+        scorers = ActorGroup(
+            "reward",
+            RewardActor,
+            a.num_reward_workers,
+            {"num_cpus": a.reward_cpus, "num_gpus": a.reward_gpus, "runtime_env": env},
+            lambda i: ((cfg.objectives,), {}),
+            timeout,
+        )
+        started.append(scorers)
+    if "learner" in roles:
+        # Data-parallel ranks meet at learner 0, which is pinned to this (the driver's) node so the
+        # rendezvous address and port picked here are the right ones.
+        address, port = ray.util.get_node_ip_address(), free_port()
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        learners = ActorGroup(
+            "learner",
+            LearnerActor,
+            a.num_learners,
+            {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": env},
+            lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, "master_addr": address, "master_port": port}),
+            timeout,
+            first_actor_options={"scheduling_strategy": here} if a.num_learners > 1 else None,
+        )
+        started.append(learners)
+    # Construction errors (bad model path, OOM) surface here, named by role, not at step 1.
+    for group in (generators, scorers, learners):
+        if group is not None:
+            group.call("ping")
+    return generators, scorers, learners
+
+
+def _generator_group(cfg: RunConfig, model_path: str, env: dict):
+    from actors.ray_actors import ActorGroup, GeneratorActor
+
+    a = cfg.actors
+    return ActorGroup(
         "generator",
         GeneratorActor,
         a.num_generators,
@@ -323,36 +370,8 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list):
                 "cpu_kvcache_gb": a.cpu_kvcache_gb,
             },
         ),
-        timeout,
+        cfg.ray_timeout_s,
     )
-    started.append(generators)
-    scorers = ActorGroup(
-        "reward",
-        RewardActor,
-        a.num_reward_workers,
-        {"num_cpus": a.reward_cpus, "num_gpus": a.reward_gpus, "runtime_env": env},
-        lambda i: ((cfg.objectives,), {}),
-        timeout,
-    )
-    started.append(scorers)
-    # Data-parallel ranks meet at learner 0, which is pinned to this (the driver's) node so the
-    # rendezvous address and port picked here are the right ones.
-    address, port = ray.util.get_node_ip_address(), free_port()
-    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    learners = ActorGroup(
-        "learner",
-        LearnerActor,
-        a.num_learners,
-        {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": env},
-        lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, "master_addr": address, "master_port": port}),
-        timeout,
-        first_actor_options={"scheduling_strategy": here} if a.num_learners > 1 else None,
-    )
-    started.append(learners)
-    # Construction errors (bad model path, OOM) surface here, named by role, not at step 1.
-    for group in (generators, scorers, learners):
-        group.call("ping")
-    return generators, scorers, learners
 
 
 def _render(tokenizer, prompt: str, names: list[str], weights: np.ndarray, cfg: RunConfig) -> list[int]:
@@ -446,6 +465,8 @@ def _merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
         "lr": first["lr"],
         "learner_step": first["step"],
         "time/learner_compute_s": max(m["seconds"] for m in per_rank),
+        # The algorithm's own figures (MOPO's multipliers) are the same on every rank.
+        **{k: v for k, v in first.items() if k.startswith("mopo/")},
     }
 
 
@@ -570,17 +591,18 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     _setup_logging(cfg)
+    import offline
     from actors.ray_actors import ActorFailure
 
     try:
-        summary = run(cfg, args.address)
+        summary = offline.run(cfg, args.address) if cfg.is_offline else run(cfg, args.address)
     except (ConfigError, DataError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
     except (ActorFailure, RewardError):
         # Already logged with its step; the traceback adds nothing for the user.
         return 1
-    _report(summary)
+    offline.report(summary) if cfg.is_offline else _report(summary)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The DPO-family learner: a DeepSpeed engine over a causal LM (LoRA via peft, or full fine-tuning).
+"""The learner of every algorithm: a DeepSpeed engine over a causal LM (LoRA via peft, or full
+fine-tuning) that takes one optimizer step per batch of pairs.
 
 A plain class with no Ray import: `actors/ray_actors.py` wraps it as a Ray actor, and it also runs
 as-is on a GPU box (one process per rank). All ranks of a data-parallel group must call
@@ -7,6 +8,12 @@ as-is on a GPU box (one process per rank). All ranks of a data-parallel group mu
 Objective per step, over the real pairs i of *all* ranks:  L = sum_i w_i * loss_i / total_weight.
 Each rank pads its shard with zero-weight dummy pairs up to a fixed capacity, so every rank runs
 the same number of forward/backward calls and the optimizer steps exactly once per `train_step`.
+What loss_i is belongs to the algorithm (`moalign.objectives`: DPO for MO-ODPO, MODPO, MOPO);
+weight export and the broadcast endpoint live in `actors.learner_weights`.
+
+References: the frozen base model (LoRA: adapters off; full fine-tuning: a second copy). MOPO
+lags it: `refresh_reference` snapshots the trainable weights, swapped in to score the reference,
+while the base stays the behaviour policy the offline data came from.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from actors.learner_weights import WeightPublisher
 from moalign.config import RunConfig
-from moalign.losses import dpo_margin, preference_loss
 from moalign.models import checkpoint_shapes, resolve_model_path
-from moalign.weight_sync import BroadcastGroup, bucket_manifest, bucketize, flatten_bucket, free_port, open_broadcast_group
+from moalign.objectives import build_objective
+from moalign.weight_sync import free_port
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +45,9 @@ _PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "loss_weights")
 _DS_TAG = "learner"
 _STATE_FILE = "learner_state_rank{rank}.pt"
 
-NamedTensors = list[tuple[str, torch.Tensor]]
 
-
-class Learner:
-    """One data-parallel rank of the DPO learner."""
+class Learner(WeightPublisher):
+    """One data-parallel rank of the learner."""
 
     def __init__(
         self,
@@ -64,9 +70,11 @@ class Learner:
         self.world_size = world_size
         self.step = 0
         self.engine: Any = None
-        self._broadcast: BroadcastGroup | None = None
-        # Buckets computed by weight_manifest() for the broadcast_weights() that follows: (step, bucket_mb, buckets).
-        self._staged: tuple[int, float, list[NamedTensors]] | None = None
+        self._broadcast = None
+        self._staged = None
+        self.objective = build_objective(cfg)
+        # MOPO's lagged reference: trainable parameters by name, or None while the base is the reference.
+        self._lagged: dict[str, torch.Tensor] | None = None
         self.dtype = _DTYPES[cfg.model.dtype]
         if self.dtype == torch.float16:
             # fp16 training needs dynamic loss scaling, whose skipped steps would break the
@@ -230,6 +238,7 @@ class Learner:
                             f"batch[{key!r}][{i}]: prompt + completion = {len(p) + len(batch[key][i])} tokens "
                             f"exceeds the model's {self.max_positions} positions"
                         )
+        self.objective.validate(batch, n)
         weights = []
         for i, w in enumerate(batch["loss_weights"]):
             try:
@@ -286,29 +295,57 @@ class Learner:
         logp, _ = self._token_logps(forward, prompts, completions)
         return logp.sum(-1)
 
-    def _reference_logps(self, prompts, completions) -> torch.Tensor:
+    def _base_logps(self, prompts, completions) -> torch.Tensor:
         with torch.no_grad():
             if self.ref_model is not None:
                 return self._sequence_logps(self.ref_model, prompts, completions)
             with self.engine.module.disable_adapter():
                 return self._sequence_logps(self.engine.module, prompts, completions)
 
-    def _pair_losses(
-        self,
-        policy_c: torch.Tensor,
-        policy_r: torch.Tensor,
-        ref_c: torch.Tensor,
-        ref_r: torch.Tensor,
-        batch_slice: dict,
-    ) -> torch.Tensor:
-        """Per-pair loss of one micro-batch; the hook MODPO/MOPO learners override.
+    def _reference_logps(self, prompts, completions) -> torch.Tensor:
+        if self._lagged is None:
+            return self._base_logps(prompts, completions)
+        with self._eval_mode(), self._swapped_in(self._lagged):
+            return self._sequence_logps(self.engine.module, prompts, completions)
 
-        `batch_slice`: `index` (LongTensor, the pair's position in the step's batch, -1 for a
-        dummy pair), `weights` (its loss weights, 0 for dummies) and `batch` (the whole batch, for
-        extra per-pair fields). Dummy rows must produce finite values; their weight is 0.
-        """
-        a = self.cfg.algorithm
-        return preference_loss(dpo_margin(policy_c, policy_r, ref_c, ref_r), a.beta, a.loss, a.label_smoothing)
+    @contextlib.contextmanager
+    def _swapped_in(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+        """The policy runs with `weights` in place of its trainable parameters, restored exactly after."""
+        params = dict(self.engine.module.named_parameters())
+        saved: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            try:
+                for name, value in weights.items():
+                    saved[name] = params[name].detach().clone()
+                    params[name].copy_(value)
+                yield
+            finally:
+                for name, value in saved.items():
+                    params[name].copy_(value)
+
+    def refresh_reference(self) -> None:
+        """The reference becomes the current policy (MOPO's lag)."""
+        self._lagged = {n: p.detach().clone() for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        log.info("step %d: reference lagged to the current policy", self.step)
+
+    def _scored_in_chunks(self, score, prompts, completions) -> torch.Tensor:
+        chunk = 2 * self.micro
+        parts = [score(prompts[s : s + chunk], completions[s : s + chunk]) for s in range(0, len(prompts), chunk)]
+        return torch.cat(parts).float()
+
+    def _prepare_objective(self, batch: dict) -> None:
+        """The objective's pass over the whole batch (MOPO's closed-form weights), dropout off."""
+
+        def policy(p, c):
+            with self._eval_mode():
+                return self._sequence_logps(self.engine.module, p, c)
+
+        self.objective.prepare(
+            batch,
+            lambda p, c: self._scored_in_chunks(policy, p, c),
+            lambda p, c: self._scored_in_chunks(self._reference_logps, p, c),
+            lambda p, c: self._scored_in_chunks(self._base_logps, p, c),
+        )
 
     # ------------------------------------------------------------------ training
 
@@ -334,6 +371,7 @@ class Learner:
             index = list(range(n)) + [-1] * (self.capacity - n)
             tok = self._dummy_token
             own_norm = self.zero_stage == 0 and self.dtype == torch.float32
+            self._prepare_objective(batch)
             for k in range(self.grad_accum):
                 idx = index[k * self.micro : (k + 1) * self.micro]
                 # A dummy prompt as long as the shortest real one keeps logits_to_keep tight.
@@ -346,11 +384,12 @@ class Learner:
                 w = torch.tensor([weights[i] if i >= 0 else 0.0 for i in idx], dtype=torch.float32, device=self.device)
                 m = len(idx)
                 # Chosen and rejected in one forward: half the kernel launches, one padding pass.
-                policy = self._sequence_logps(self.engine, prompts + prompts, chosen + rejected).float()
+                # The reference first: a lagged one is swapped into the policy's parameters, which
+                # must not change between the policy's forward and its backward.
                 ref = self._reference_logps(prompts + prompts, chosen + rejected).float()
+                policy = self._sequence_logps(self.engine, prompts + prompts, chosen + rejected).float()
                 pc, pr, rc, rr = policy[:m], policy[m:], ref[:m], ref[m:]
-                slice_ = {"index": torch.tensor(idx, dtype=torch.long), "weights": w, "batch": batch}
-                losses = self._pair_losses(pc, pr, rc, rr, slice_)
+                losses = self.objective.pair_losses(pc, pr, rc, rr, torch.tensor(idx, dtype=torch.long), batch)
                 self.engine.backward((w * losses).sum() * scale, scale_wrt_gas=False)
                 if own_norm and k == self.grad_accum - 1:
                     grad_norm = self._local_grad_norm()
@@ -371,9 +410,13 @@ class Learner:
             if ds_norm is not None and not own_norm:
                 grad_norm = float(ds_norm)
             self.step += 1
+            after = self.objective.step_end()
+            if after.get("refresh_reference"):
+                self.refresh_reference()
 
         weight_sum = sum(weights)
         nan = float("nan")
+        algorithm_metrics = {} if skipped else after.get("metrics", {})
         unweighted = sums.pop("unweighted_loss_sum")
         metrics = {
             "step": self.step,
@@ -395,6 +438,7 @@ class Learner:
             "lr": float(self.engine.get_lr()[0]),
             "skipped": int(skipped),
             "seconds": time.perf_counter() - t0,
+            **algorithm_metrics,
         }
         return metrics
 
@@ -436,6 +480,44 @@ class Learner:
                 out.extend(lp.float().cpu().tolist())
         return out
 
+    def adapter_logprobs(self, adapter_dir: str, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> dict[str, list[float]]:
+        """Summed completion log-probs under a PEFT adapter trained on this base with this run's
+        LoRA shape (`adapter`), and under the base (`base`): MODPO's implicit margin rewards are
+        beta * (adapter - base). The adapter is swapped in for the call; training is untouched."""
+        import json
+
+        from safetensors.torch import load_file
+
+        if not self.lora:
+            raise ValueError("implicit MODPO margins need learner.lora.enabled: the margin adapter is swapped into the LoRA layers")
+        folder = Path(adapter_dir)
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text())
+            saved = load_file(str(folder / "adapter_model.safetensors"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"margin adapter {folder}: not a PEFT adapter folder ({exc})") from None
+        lc = self.cfg.learner.lora
+        if (config.get("r"), config.get("lora_alpha")) != (lc.rank, lc.alpha):
+            raise ValueError(
+                f"margin adapter {folder}: rank {config.get('r')}, alpha {config.get('lora_alpha')}; this learner's LoRA is "
+                f"rank {lc.rank}, alpha {lc.alpha}: train the adapter with the same learner.lora"
+            )
+        params = {n: p for n, p in self.engine.module.named_parameters() if p.requires_grad}
+        # PEFT saves `...lora_A.weight`; the live parameter is `...lora_A.default.weight`.
+        weights = {
+            name.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): t
+            for name, t in saved.items()
+        }
+        if set(weights) != set(params) or any(weights[n].shape != params[n].shape for n in params):
+            missing, extra = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
+            raise ValueError(
+                f"margin adapter {folder} does not fit this learner's LoRA layers (missing {missing[:2]}, unexpected {extra[:2]})"
+            )
+        with self._eval_mode(), self._swapped_in({n: t.to(params[n].device, params[n].dtype) for n, t in weights.items()}):
+            adapter = self._scored_in_chunks(lambda p, c: self._sequence_logps(self.engine.module, p, c), prompt_ids, completion_ids)
+        base = self._scored_in_chunks(self._base_logps, prompt_ids, completion_ids)
+        return {"adapter": adapter.cpu().tolist(), "base": base.cpu().tolist()}
+
     def token_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
         """Log-prob of every token after the first, under the current policy (adapters on, dropout off)."""
         for i, s in enumerate(token_ids):
@@ -450,167 +532,6 @@ class Learner:
                 logp = logp.float().cpu()
                 out.extend(logp[i, : len(q) - 1].tolist() for i, q in enumerate(seqs))
         return out
-
-    # ------------------------------------------------------------------ weights
-
-    def _hf_model(self) -> torch.nn.Module:
-        module = self.engine.module
-        return module.get_base_model() if self.lora else module
-
-    def _gathered(self, params: list[torch.nn.Parameter]):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.zero_stage == 3)
-
-    def _export_copy(self, t: torch.Tensor) -> torch.Tensor:
-        # copy=True: on CPU .to() may return the training storage itself, which the caller must never alias.
-        return t.detach().to(device="cpu", dtype=self.dtype, copy=True).contiguous()
-
-    def _merged_lora_weight(self, module: torch.nn.Module) -> torch.Tensor:
-        """W + sum_adapters scaling * B @ A, into a new tensor: the training weights are never touched."""
-        from peft.tuners.lora import Linear as LoraLinear
-
-        weight = module.base_layer.weight
-        merged = weight.detach().float().clone()
-        for adapter in module.active_adapters:
-            if adapter not in module.lora_A:
-                continue
-            if module.use_dora.get(adapter, False):
-                raise NotImplementedError("exporting DoRA adapters is not supported")
-            if isinstance(module, LoraLinear):
-                delta = module.lora_B[adapter].weight.float() @ module.lora_A[adapter].weight.float()
-                if module.fan_in_fan_out:
-                    delta = delta.T
-                delta = delta * module.scaling[adapter]
-            else:
-                delta = module.get_delta_weight(adapter).float()
-            merged += delta.to(merged.device).reshape(merged.shape)
-        return merged.to(device="cpu", dtype=self.dtype).contiguous()
-
-    def _named_full_weights(self) -> NamedTensors:
-        from peft.tuners.lora import LoraLayer
-
-        wanted = self._ckpt_keys
-        out: NamedTensors = []
-
-        def walk(module: torch.nn.Module, prefix: str) -> None:
-            if isinstance(module, LoraLayer):
-                with self._gathered(list(module.parameters())):
-                    for pname, p in module.base_layer.named_parameters(recurse=False):
-                        name = prefix + pname
-                        if name in wanted:
-                            out.append((name, self._merged_lora_weight(module) if pname == "weight" else self._export_copy(p)))
-                return
-            own = [(prefix + k, p) for k, p in module._parameters.items() if p is not None]
-            own += [(prefix + k, b) for k, b in module._buffers.items() if b is not None and k not in module._non_persistent_buffers_set]
-            own = [(k, t) for k, t in own if k in wanted]
-            if own:
-                with self._gathered([t for _, t in own if isinstance(t, torch.nn.Parameter)]):
-                    out.extend((k, self._export_copy(t)) for k, t in own)
-            for cname, child in module.named_children():
-                walk(child, f"{prefix}{cname}.")
-
-        walk(self._hf_model(), "")
-        names = [k for k, _ in out]
-        missing, dupes = wanted - set(names), len(names) - len(set(names))
-        if missing or dupes:
-            raise RuntimeError(
-                f"weight export does not match the checkpoint's names: {len(missing)} missing "
-                f"(e.g. {sorted(missing)[:3]}), {dupes} duplicated"
-            )
-        return out
-
-    @torch.no_grad()
-    def export_weights(self, bucket_mb: float) -> list[NamedTensors]:
-        """Full policy weights (LoRA merged out of place) under the checkpoint's Hugging Face names,
-        as detached contiguous CPU tensors in the model dtype, in buckets of about `bucket_mb` MiB."""
-        return bucketize(self._named_full_weights(), bucket_mb)
-
-    @torch.no_grad()
-    def export_policy(self, dest: str, card: dict) -> dict:
-        """Write the policy as a merged Hugging Face folder at `dest` (plus `dest/adapter` with
-        LoRA) and its card (`moalign.json`); a collective on all ranks, rank 0 writes."""
-        from moalign.export import ADAPTER_DIR, PolicyCard, publish_folder, write_card, write_model_folder
-
-        policy_card = PolicyCard.model_validate(card)
-        named = self._named_full_weights()
-        trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
-        with self._gathered(trainable):
-            if self.rank != 0:
-                return {}
-
-            def write(folder: Path) -> None:
-                write_model_folder(folder, named, self.model_path, self.cfg.model.dtype)
-                write_card(folder, policy_card)
-                if self.lora:
-                    adapter = folder / ADAPTER_DIR
-                    self.engine.module.save_pretrained(str(adapter), safe_serialization=True)
-                    write_card(adapter, policy_card)
-
-            started = time.perf_counter()
-            publish_folder(dest, write)
-        size = sum(f.stat().st_size for f in Path(dest).rglob("*") if f.is_file())
-        log.info("exported the step-%d policy to %s (%.1f MB) in %.1fs", self.step, dest, size / 1e6, time.perf_counter() - started)
-        return {"path": str(dest), "bytes": size, "step": self.step}
-
-    # ------------------------------------------------------------------ broadcast weight sync
-
-    def open_broadcast(self, master_addr: str, master_port: int, world_size: int, timeout_s: float, backend: str | None = None) -> dict:
-        """Host a broadcast group as its rank 0 (the generators are ranks 1..world_size-1); blocks
-        until every rank joined. `backend`: default NCCL when this learner is on CUDA, else gloo."""
-        if self.rank != 0:
-            raise RuntimeError(f"only learner rank 0 broadcasts weights; this is rank {self.rank}")
-        self.close_broadcast()
-        backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
-        self._broadcast = open_broadcast_group(master_addr, master_port, 0, world_size, backend, timeout_s)
-        return {"backend": backend, "world_size": world_size}
-
-    def close_broadcast(self) -> None:
-        group, self._broadcast = self._broadcast, None
-        self._staged = None
-        if group is not None:
-            group.close()
-
-    @torch.no_grad()
-    def weight_manifest(self, bucket_mb: float) -> list[list[tuple]]:
-        """Per bucket, the flat-buffer manifest (name, shape, dtype, byte offset, numel) that the
-        next `broadcast_weights(bucket_mb)` sends, in order. The receivers need it before the
-        broadcast starts to allocate their buffers, so this is a separate call; the weights it
-        computes are kept for that broadcast rather than merged twice."""
-        buckets = bucketize(self._named_full_weights(), bucket_mb)
-        self._staged = (self.step, bucket_mb, buckets)
-        return [bucket_manifest(b) for b in buckets]
-
-    @torch.no_grad()
-    def broadcast_weights(self, bucket_mb: float) -> dict:
-        """Broadcast the weights described by the last `weight_manifest(bucket_mb)`, one flat
-        buffer per bucket; every generator must be in `receive_weights` with that manifest."""
-        group = self._broadcast
-        if group is None or not group.is_open:
-            raise RuntimeError("no open broadcast group: call open_broadcast first (a failed broadcast closes it)")
-        staged, self._staged = self._staged, None
-        if staged is not None and staged[:2] == (self.step, bucket_mb):
-            buckets = staged[2]
-        else:
-            # Names, shapes and order never change between steps, so the receivers' manifest
-            # still matches; only the values are recomputed.
-            log.warning("broadcast_weights: no weights staged for step %d at %s MiB; recomputing", self.step, bucket_mb)
-            buckets = bucketize(self._named_full_weights(), bucket_mb)
-        device = self.device if group.backend == "nccl" else torch.device("cpu")
-        started, sent = time.perf_counter(), 0
-        try:
-            for i in range(len(buckets)):
-                flat, _ = flatten_bucket(buckets[i], device=device)
-                buckets[i] = []  # the CPU copy is in `flat` now; drop it so memory shrinks as we go
-                group.broadcast(flat, root=0)
-                sent += flat.numel()
-        except BaseException:
-            # The peers are at unknown points of the sequence: the group cannot be reused.
-            self.close_broadcast()
-            raise
-        seconds = time.perf_counter() - started
-        log.info("broadcast %d buckets (%.1f MB) over %s in %.2fs", len(buckets), sent / 1e6, group.backend, seconds)
-        return {"seconds": seconds, "bytes": sent, "buckets": len(buckets)}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -647,6 +568,8 @@ class Learner:
             # Stored as tensors and plain values so the file loads with weights_only=True.
             "numpy_rng": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])),
             "python_rng": random.getstate(),
+            "objective": self.objective.state_dict(),
+            "lagged_reference": self._lagged,
         }
         # Every rank writes its own RNG; rank 0's file is the one a different world size falls back to.
         target = Path(path) / _STATE_FILE.format(rank=self.rank)
@@ -687,6 +610,9 @@ class Learner:
         np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
         py = state["python_rng"]
         random.setstate((py[0], tuple(py[1]), py[2]))
+        if not weights_only:
+            self.objective.load_state_dict(state.get("objective", {}))
+            self._lagged = state.get("lagged_reference")
         log.info("rank %d resumed learner from %s at step %d", self.rank, path, self.step)
 
     # ------------------------------------------------------------------ lifecycle

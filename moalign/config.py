@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 log = logging.getLogger(__name__)
 
 
+OFFLINE_ALGORITHMS = ("modpo", "mopo")
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field, the value and what is allowed."""
 
@@ -93,15 +96,32 @@ class MOPOConfig(_Section):
     """Lagged reference: pi_ref <- pi_theta every this many steps (paper: 500)."""
     dual_lr: float = Field(0.05, gt=0)
     """Step size of the projected dual update on the Lagrange multipliers."""
+    max_lambda: float = Field(100.0, ge=0)
+    """Upper clip of each Lagrange multiplier."""
+
+
+class MODPOConfig(_Section):
+    objective: int = Field(0, ge=0)
+    """Index of the objective whose preference labels are trained on; the others enter as margins."""
+    weights: list[float] | None = None
+    """One run's weight vector (>= 0, summing to 1, > 0 on `objective`); null with `sweep_divisions` > 0."""
+    sweep_divisions: int = Field(0, ge=0, le=20)
+    """> 0: a sweep, one policy per simplex-lattice point with this many divisions (points with weight 0 on `objective` are left out), each in RUN_DIR/w_<weights>."""
+    margin_rewards: Literal["explicit", "implicit"] = "explicit"
+    """Margin rewards of the other objectives: `explicit`, the rows' cached `rewards` or else the objectives' reward sources; `implicit`, margin_beta * log(pi_j / pi_ref) of a DPO-trained adapter per objective. Scored once per response, z-scored, cached in the run directory."""
+    margin_adapters: dict[str, str] = {}
+    """`implicit`: objective name -> PEFT adapter folder trained on that objective with this run's base model and learner.lora (e.g. RUN_DIR/final/adapter of a MODPO run at that objective's corner)."""
+    margin_beta: float = Field(0.1, gt=0, le=100)
+    """`implicit`: the beta the margin adapters were trained with, turning their log-ratios into rewards."""
 
 
 class AlgorithmConfig(_Section):
     name: Literal["mo_odpo", "modpo", "mopo"] = "mo_odpo"
-    """Training algorithm: online MO-ODPO, or the offline MODPO / MOPO."""
+    """Training algorithm: online MO-ODPO (prompts in `data`), or the offline MODPO / MOPO (preference pairs in `offline`)."""
     loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    """DPO-family loss on the log-ratio margin."""
+    """DPO-family loss on the log-ratio margin (MO-ODPO)."""
     beta: float = Field(0.1, gt=0, le=100)
-    """DPO temperature beta."""
+    """DPO temperature beta (MO-ODPO, MODPO)."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """Conservative DPO label smoothing epsilon (sigmoid loss only)."""
     pair_mode: Literal["scalarised", "per_objective"] = "scalarised"
@@ -110,10 +130,10 @@ class AlgorithmConfig(_Section):
     """Extra weight vectors per prompt under which the same samples are re-ranked and trained with that weight line (hindsight relabelling; 0 = the paper's loop)."""
     relabel_source: Literal["dirichlet", "neglected_corner"] = "dirichlet"
     """Relabelling weights: fresh Dirichlet draws, or the corners of the objectives the sampled weights favour least (the most contrasting lines)."""
-    modpo_objective: int = Field(0, ge=0)
-    """MODPO: index of the objective whose preference data is trained on; the others are margins."""
+    modpo: MODPOConfig = MODPOConfig()
+    """MODPO settings (offline)."""
     mopo: MOPOConfig = MOPOConfig()
-    """MOPO hyper-parameters."""
+    """MOPO hyper-parameters (offline)."""
 
 
 class DataConfig(_Section):
@@ -122,7 +142,22 @@ class DataConfig(_Section):
     heldout_path: str = "data/prompts/heldout.jsonl"
     """Held-out prompts for evaluation."""
     shuffle: bool = True
-    """Shuffle the prompt order once per epoch (seeded, resumable)."""
+    """Shuffle the prompt (MO-ODPO) or preference-pair (MODPO, MOPO) order once per epoch (seeded, resumable)."""
+
+
+class OfflineConfig(_Section):
+    path: str = "data/preferences/selfpairs.jsonl"
+    """MODPO / MOPO preference data: a JSON Lines file or a Hugging Face `datasets` folder (`save_to_disk`), rows with a prompt, two responses and per-objective labels (see README)."""
+    pairs_per_step: int = Field(16, ge=1, le=65536)
+    """Preference pairs per learner step."""
+    max_response_tokens: int = Field(128, ge=1, le=32768)
+    """Longest response trained on, in tokens; longer ones follow `too_long`."""
+    too_long: Literal["skip", "truncate"] = "skip"
+    """A row whose prompt exceeds model.max_prompt_tokens or whose response exceeds max_response_tokens: `skip` it, or `truncate` (the prompt's start, the response's end); counted and logged either way."""
+    response_fields: list[str] = ["responses"]
+    """Where a row keeps its two responses: one list field, or two fields (e.g. `[response_0, response_1]` for PKU-SafeRLHF)."""
+    label_fields: dict[str, str] = {}
+    """Objective name -> the row's field holding that objective's label (e.g. `{Harmless: safer_response_id}`); objectives not named here read `labels[name]`."""
 
 
 class RolloutConfig(_Section):
@@ -292,6 +327,8 @@ class RunConfig(_Section):
     """Algorithm and loss."""
     data: DataConfig = DataConfig()
     """Prompt data."""
+    offline: OfflineConfig = OfflineConfig()
+    """Offline preference data (MODPO, MOPO)."""
     rollout: RolloutConfig = RolloutConfig()
     """Generation per step."""
     learner: LearnerConfig = LearnerConfig()
@@ -326,8 +363,7 @@ class RunConfig(_Section):
                 raise ValueError(f"conditioning.fixed_weights: need {k} weights >= 0 summing to 1, got {fixed}")
             if self.algorithm.relabel_weights:
                 raise ValueError("algorithm.relabel_weights: relabelling draws other weights, which fixed_weights rules out; set it to 0")
-        if self.algorithm.modpo_objective >= k:
-            raise ValueError(f"algorithm.modpo_objective: {self.algorithm.modpo_objective} is not an objective index (0..{k - 1})")
+        self._check_offline(k)
         if self.algorithm.relabel_source == "neglected_corner" and self.algorithm.relabel_weights > k:
             raise ValueError(f"algorithm.relabel_weights: {self.algorithm.relabel_weights} neglected corners asked of {k} objectives")
         if self.algorithm.mopo.primary >= k:
@@ -362,6 +398,53 @@ class RunConfig(_Section):
             )
         return self
 
+    def _check_offline(self, k: int) -> None:
+        a, names = self.algorithm, [o.name for o in self.objectives]
+        if a.modpo.objective >= k:
+            raise ValueError(f"algorithm.modpo.objective: {a.modpo.objective} is not an objective index (0..{k - 1})")
+        if len(self.offline.response_fields) not in (1, 2):
+            raise ValueError(f"offline.response_fields: one list field or two fields, got {self.offline.response_fields}")
+        unknown = sorted(set(self.offline.label_fields) - set(names))
+        if unknown:
+            raise ValueError(f"offline.label_fields: {unknown} are not objectives ({names})")
+        if a.name == "modpo":
+            m = a.modpo
+            if (m.weights is None) == (m.sweep_divisions == 0):
+                raise ValueError("algorithm.modpo: set exactly one of `weights` (one run) and `sweep_divisions` (a sweep)")
+            if m.weights is not None:
+                w = m.weights
+                if len(w) != k or any(not (v >= 0) for v in w) or abs(sum(w) - 1) > 1e-6:
+                    raise ValueError(f"algorithm.modpo.weights: need {k} weights >= 0 summing to 1, got {w}")
+                if w[m.objective] <= 0:
+                    raise ValueError(
+                        f"algorithm.modpo.weights: the trained objective {names[m.objective]!r} needs a weight > 0 (MODPO divides by it)"
+                    )
+            unknown = sorted(set(m.margin_adapters) - set(names))
+            if unknown:
+                raise ValueError(f"algorithm.modpo.margin_adapters: {unknown} are not objectives ({names})")
+            if m.margin_rewards == "implicit":
+                missing = [n for i, n in enumerate(names) if i != m.objective and n not in m.margin_adapters]
+                if missing:
+                    raise ValueError(f"algorithm.modpo.margin_adapters: implicit margins need an adapter for {missing}")
+                if not self.learner.lora.enabled or self.learner.zero_stage == 3:
+                    raise ValueError(
+                        "algorithm.modpo.margin_rewards: implicit margins are swapped into the LoRA layers; "
+                        "set learner.lora.enabled and zero_stage <= 2"
+                    )
+        if a.name == "mopo":
+            if self.actors.num_learners > 1:
+                # The dual variables would drift apart between ranks that each see a shard.
+                raise ValueError("algorithm.name: mopo runs on one learner (actors.num_learners=1)")
+            if self.learner.zero_stage == 3:
+                raise ValueError(
+                    "algorithm.name: mopo's lagged reference swaps parameters in place, which ZeRO-3's partitions do not allow; use zero_stage <= 2"
+                )
+
+    @property
+    def is_offline(self) -> bool:
+        """MODPO and MOPO train on a fixed preference set; MO-ODPO samples its own pairs."""
+        return self.algorithm.name in OFFLINE_ALGORITHMS
+
     @property
     def objective_names(self) -> list[str]:
         return [o.name for o in self.objectives]
@@ -369,6 +452,8 @@ class RunConfig(_Section):
     @property
     def pairs_per_step(self) -> int:
         """Pairs produced per step when no pair is dropped for a tie."""
+        if self.is_offline:
+            return self.offline.pairs_per_step
         per_prompt = len(self.objectives) if self.algorithm.pair_mode == "per_objective" else 1
         return self.rollout.prompts_per_step * per_prompt * (1 + self.algorithm.relabel_weights)
 

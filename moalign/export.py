@@ -39,8 +39,8 @@ class PolicyCard(BaseModel):
     """Card schema version."""
     objectives: list[str] = Field(min_length=1)
     """Objective names, in the order the weight line writes them."""
-    style: Literal["system_prefix", "chat_system"]
-    """Where the weight line goes: the system message, or a prefix of the user turn."""
+    style: Literal["system_prefix", "chat_system", "none"]
+    """Where the weight line goes: the system message, or a prefix of the user turn; `none`: an offline policy (MODPO, MOPO) trained at fixed weights, whose prompts carry no weight line."""
     decimals: int = Field(ge=0, le=6)
     """Digits each written weight is rounded to."""
     instruction_begin: str = BEGIN
@@ -50,7 +50,7 @@ class PolicyCard(BaseModel):
     example_line: str
     """The line as written for equal weights, for a reader to see the format."""
     default_weights: list[float]
-    """Weights used when a request names none (equal weights unless the exporter says otherwise)."""
+    """Weights used when a request names none: equal weights; for an offline policy, the weights it was trained at."""
     base_model: str
     """The model the policy was trained from (`model.path` of the run)."""
     algorithm: str
@@ -66,12 +66,19 @@ class PolicyCard(BaseModel):
     def from_run(cls, cfg: Any, step: int) -> PolicyCard:
         names = list(cfg.objective_names)
         equal = [1.0 / len(names)] * len(names)
+        offline = cfg.is_offline
+        if cfg.algorithm.name == "modpo":
+            trained = list(cfg.algorithm.modpo.weights)
+        elif cfg.algorithm.name == "mopo":
+            trained = [float(i == cfg.algorithm.mopo.primary) for i in range(len(names))]
+        else:
+            trained = equal
         return cls(
             objectives=names,
-            style=cfg.conditioning.style,
+            style="none" if offline else cfg.conditioning.style,
             decimals=cfg.conditioning.decimals,
-            example_line=format_weights(names, equal, cfg.conditioning.decimals),
-            default_weights=equal,
+            example_line="" if offline else format_weights(names, equal, cfg.conditioning.decimals),
+            default_weights=trained,
             base_model=cfg.model.path,
             algorithm=cfg.algorithm.name,
             step=step,
@@ -94,6 +101,11 @@ class PolicyCard(BaseModel):
         the default. Unknown names, negative weights or a sum other than 1 are a WeightsError."""
         if requested is None:
             return np.asarray(self.default_weights, dtype=float)
+        if self.style == "none":
+            raise WeightsError(
+                f"this policy was trained by {self.algorithm} at fixed weights {self.default_weights} and takes none; "
+                "leave objective_weights out (or serve a steerable MO-ODPO policy)"
+            )
         unknown = sorted(set(requested) - set(self.objectives))
         if unknown:
             raise WeightsError(f"unknown objective(s) {unknown}; this model's objectives are {self.objectives}")
@@ -104,6 +116,8 @@ class PolicyCard(BaseModel):
         return check_weights(values, len(self.objectives), atol=atol)
 
     def condition(self, messages: Sequence[dict[str, str]], weights: np.ndarray) -> list[dict[str, str]]:
+        if self.style == "none":
+            return [dict(m) for m in messages]
         return condition_chat(messages, self.objectives, weights, self.style, self.decimals)
 
 

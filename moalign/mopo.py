@@ -486,10 +486,26 @@ class MOPOObjective:
         Returns ``(loss, metrics)``.  With ``update_state=False`` (evaluation)
         the batch does not count towards the next dual step or the schedule.
         """
+        w_star, metrics = self.sample_weights(policy_logps, ref_logps, labels, behaviour_logps, update_state)
+        logp = torch.cat([policy_logps[:, 0], policy_logps[:, 1]])
+        loss = importance_weighted_bc_loss(logp, w_star.to(policy_logps.dtype))
+        return loss, {"loss": float(loss.detach()), **metrics}
+
+    def sample_weights(
+        self,
+        policy_logps: torch.Tensor,
+        ref_logps: torch.Tensor,
+        labels: torch.Tensor,
+        behaviour_logps: torch.Tensor | None = None,
+        update_state: bool = True,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The closed-form policy's importance weights ``w*`` [2B] of the first completions,
+        then the swapped second ones (mean 1), and the batch's metrics; the BC loss is
+        ``-sum_i w*_i log pi(y_i) / sum_i w*_i``. A learner that takes its gradient in
+        micro-batches computes these once over the whole step's batch."""
         if torch.is_tensor(labels) and not torch.is_floating_point(labels):
             labels = labels.to(torch.float64)  # 0/1 integer or bool labels are common
         self._validate(policy_logps, ref_logps, labels, behaviour_logps)
-        dtype = policy_logps.dtype
         logp = torch.cat([policy_logps[:, 0], policy_logps[:, 1]])
         with torch.no_grad():
             lab = torch.cat([labels, 1.0 - labels], 0).to(torch.float64)
@@ -522,9 +538,7 @@ class MOPOObjective:
                 self._win_count += 1
             ess = float(w_star.sum() ** 2 / (n * (w_star**2).sum()))
             kl_est = float((w_theta * (logp.detach().to(torch.float64) - ref)).mean())
-        loss = importance_weighted_bc_loss(logp, w_star.to(dtype))
         metrics: dict[str, float] = {
-            "loss": float(loss.detach()),
             "ess_fraction": ess,
             "kl_policy_ref": kl_est,
             "primary_pref_policy": float((w_theta * lab[:, self.primary]).mean()),
@@ -535,7 +549,7 @@ class MOPOObjective:
             metrics[f"lb_closed_form/{k}"] = lb_lambda[j]
             metrics[f"lb_policy/{k}"] = lb_policy[j]
             metrics[f"pref_policy/{k}"] = pref_policy[j]
-        return loss, metrics
+        return w_star, metrics
 
     # -- per optimiser step ---------------------------------------------------
 

@@ -324,3 +324,76 @@ def test_bad_batches_raise_value_error(tiny, tmp_path):
         assert m["skipped"] == 1 and learner.step == 0
     finally:
         learner.close()
+
+
+def with_margins(batch: dict, chosen, rejected) -> dict:
+    return {**batch, "margin_chosen": [list(m) for m in chosen], "margin_rejected": [list(m) for m in rejected]}
+
+
+def test_modpo_at_a_corner_trains_exactly_like_dpo(tiny, tmp_path):
+    """MODPO with w = (1, 0, 0): the margin term vanishes, so losses and weights after three steps
+    equal a DPO learner's on the same pairs, bit for bit, whatever the margin rewards say. The DPO
+    learner's adapter then serves as an implicit margin model: scored by the other learner, it
+    gives the DPO policy's log-probs, and the base's."""
+    from moalign.export import PolicyCard
+
+    batch = make_batch(PAIRS, [1.0] * 4)
+    prompts, completions = [list(p) for p, _, _ in PAIRS], [list(c) for _, c, _ in PAIRS]
+    noisy = with_margins(batch, [[0.3, -1.2], [2.0, 0.1], [-0.5, 0.5], [1.0, 1.0]], [[-0.7, 0.4], [0.0, 0.0], [1.5, -2.0], [0.2, 3.0]])
+    runs = {}
+    for name, extra, data in (
+        ("dpo", (), batch),
+        ("modpo", ("algorithm.name=modpo", "algorithm.modpo.weights=[1, 0, 0]"), noisy),
+    ):
+        learner = new_learner(tiny, ["learner.lr=0.01", *extra])
+        try:
+            if name == "modpo":
+                scored = learner.adapter_logprobs(str(tmp_path / "dpo" / "adapter"), prompts, completions)
+                base = learner.sequence_logprobs(prompts, completions)
+            losses = [learner.train_step(data)["loss"] for _ in range(3)]
+            runs[name] = (losses, trainable(learner))
+            if name == "dpo":
+                learner.export_policy(str(tmp_path / "dpo"), PolicyCard.from_run(learner.cfg, 3).model_dump())
+                dpo_logps = learner.sequence_logprobs(prompts, completions)
+            else:
+                with pytest.raises(ValueError, match="missing field 'margin_chosen'"):
+                    learner.train_step(batch)
+        finally:
+            learner.close()
+    assert scored["adapter"] == pytest.approx(dpo_logps, abs=1e-5) and scored["base"] == pytest.approx(base, abs=1e-5)
+    assert scored["adapter"] != pytest.approx(scored["base"], abs=1e-3)
+    assert runs["dpo"][0] == runs["modpo"][0]
+    for key, value in runs["dpo"][1].items():
+        assert torch.equal(value, runs["modpo"][1][key]), key
+
+
+def test_mopo_lags_the_reference_and_resumes_exactly(tiny, tmp_path):
+    """MOPO on the learner: the dual variables move, the reference is lagged every 2 steps, and a
+    run resumed from step 2 takes steps 3-4 exactly as the uninterrupted run (losses, multipliers)."""
+    labels = {**make_batch(PAIRS, [1.0] * 4), "labels": [[1.0, 0.0, 0.5], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.5, 0.0, 1.0]]}
+    mopo = ["algorithm.name=mopo", "algorithm.mopo.lag_steps=2", "algorithm.mopo.dual_lr=0.5", "learner.lr=0.01"]
+
+    learner = new_learner(tiny, mopo)
+    try:
+        straight = [learner.train_step(labels) for _ in range(2)]
+        # Saving changes nothing in the run; the checkpoint is the resumed learner's start.
+        learner.save_checkpoint(str(tmp_path / "ckpt"))
+        straight += [learner.train_step(labels) for _ in range(2)]
+        with pytest.raises(ValueError, match=r"labels are probabilities"):
+            learner.train_step({**labels, "labels": [[2.0, 0.0, 0.0]] * 4})
+    finally:
+        learner.close()
+    assert straight[1]["mopo/reference_refreshes"] == 1 and straight[3]["mopo/reference_refreshes"] == 2
+    assert any(m["mopo/lambda/Conciseness"] > 0 or m["mopo/lambda/Positivity"] > 0 for m in straight)
+    for m in straight:
+        assert math.isfinite(m["loss"]) and 0 < m["mopo/ess_fraction"] <= 1
+
+    learner = new_learner(tiny, mopo)
+    try:
+        learner.load_checkpoint(str(tmp_path / "ckpt"))
+        resumed = [learner.train_step(labels) for _ in range(2)]
+    finally:
+        learner.close()
+    for a, b in zip(straight[2:], resumed):
+        assert a["loss"] == b["loss"]
+        assert {k: v for k, v in a.items() if k.startswith("mopo/")} == {k: v for k, v in b.items() if k.startswith("mopo/")}

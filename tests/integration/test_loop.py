@@ -17,6 +17,7 @@ from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import load_config
 from moalign.export import PolicyCard
 from orchestrator import run
+from tests.helpers.crash import crashed_copy
 
 pytestmark = pytest.mark.integration
 
@@ -108,11 +109,9 @@ def test_resume_equals_uninterrupted(tiny_model, ray_cluster, tmp_path):
     run(straight)
     reference = read_metrics(tmp_path / "straight")
 
-    # "Crash" after step 2: the first run stops there, the second picks up from its checkpoint.
-    interrupted = tiny_config(tiny_model, tmp_path / "resumed", "steps=2", *extra)
-    run(interrupted)
-    resumed = tiny_config(tiny_model, tmp_path / "resumed", "steps=4", *extra)
-    run(resumed)
+    # A crash right after step 2's checkpoint; the resumed run picks up from it.
+    crashed_copy(tmp_path / "straight", 2, tmp_path / "resumed")
+    run(tiny_config(tiny_model, tmp_path / "resumed", "steps=4", *extra))
     history = read_metrics(tmp_path / "resumed")
 
     assert [h["step"] for h in history] == [1, 2, 3, 4]

@@ -144,3 +144,37 @@ def test_serve_config_refuses_what_cannot_run():
         load_config(None, ["model=x", "max_tokens_limit=4096", "max_model_len=2048"], ServeConfig)
     with pytest.raises(ConfigError, match="prot"):
         load_config(None, ["model=x", "prot=1"], ServeConfig)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["algorithm.name=modpo"], "exactly one of `weights`"),
+        (["algorithm.name=modpo", "algorithm.modpo.weights=[0.5, 0.5, 0]", "algorithm.modpo.sweep_divisions=2"], "exactly one of"),
+        (["algorithm.name=modpo", "algorithm.modpo.weights=[0.5, 0.5]"], r"need 3 weights >= 0 summing to 1"),
+        (["algorithm.name=modpo", "algorithm.modpo.weights=[0, 0.5, 0.5]"], "'Relevance' needs a weight > 0"),
+        (["algorithm.name=modpo", "algorithm.modpo.objective=3", "algorithm.modpo.sweep_divisions=2"], "not an objective index"),
+        (
+            ["algorithm.name=modpo", "algorithm.modpo.sweep_divisions=2", "algorithm.modpo.margin_rewards=implicit"],
+            r"need an adapter for \['Conciseness', 'Positivity'\]",
+        ),
+        (
+            ["algorithm.name=modpo", "algorithm.modpo.sweep_divisions=2", "algorithm.modpo.margin_adapters={Honesty: x}"],
+            r"\['Honesty'\] are not objectives",
+        ),
+        (["algorithm.name=mopo", "actors.num_learners=2", "offline.pairs_per_step=16"], "mopo runs on one learner"),
+        (["algorithm.name=mopo", "learner.zero_stage=3"], "ZeRO-3"),
+        (["offline.label_fields={Honesty: x}"], r"offline.label_fields: \['Honesty'\]"),
+        (["algorithm.name=dpo"], "algorithm.name"),
+    ],
+)
+def test_offline_settings_that_cannot_run_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_offline_batch_arithmetic_uses_pairs_per_step():
+    cfg = load_config(None, ["algorithm.name=mopo", "offline.pairs_per_step=12", "learner.micro_batch_pairs=4"])
+    assert cfg.is_offline and cfg.pairs_per_step == 12
+    with pytest.raises(ConfigError, match="batch arithmetic: 10 pairs"):
+        load_config(None, ["algorithm.name=mopo", "offline.pairs_per_step=10", "learner.micro_batch_pairs=4"])

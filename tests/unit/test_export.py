@@ -49,3 +49,19 @@ def test_card_round_trip_and_refusals(tmp_path):
     (tmp_path / CARD_FILE).write_text(json.dumps({**card.model_dump(), "surprise": 1}))
     with pytest.raises(ValueError, match="not a valid policy card"):
         PolicyCard.read(tmp_path)
+
+
+def test_offline_policy_card_takes_no_weights():
+    """A MODPO / MOPO policy never saw a weight line: the card says so, requests get its
+    training weights, and a request that names weights is refused rather than ignored."""
+    from moalign.conditioning import WeightsError
+
+    modpo = PolicyCard.from_run(load_config(None, ["algorithm.name=modpo", "algorithm.modpo.weights=[0.5, 0.5, 0]"]), step=3)
+    assert (modpo.style, modpo.default_weights, modpo.example_line) == ("none", [0.5, 0.5, 0.0], "")
+    assert modpo.weights(None).tolist() == [0.5, 0.5, 0.0]
+    messages = [{"role": "user", "content": "hi"}]
+    assert modpo.condition(messages, modpo.weights(None)) == messages
+    with pytest.raises(WeightsError, match="trained by modpo at fixed weights"):
+        modpo.weights({"Relevance": 1.0})
+    mopo = PolicyCard.from_run(load_config(None, ["algorithm.name=mopo", "algorithm.mopo.primary=2"]), step=3)
+    assert mopo.default_weights == [0.0, 0.0, 1.0] and mopo.algorithm == "mopo"

@@ -50,7 +50,7 @@ def test_resume_config_check(tmp_path):
 
 def test_offline_algorithms_are_not_run_as_mo_odpo():
     _check_supported(load_config(None, []))
-    with pytest.raises(ConfigError, match="algorithm.name: 'mopo'"):
+    with pytest.raises(ConfigError, match="algorithm.name: 'mopo' is an offline algorithm"):
         _check_supported(load_config(None, ["algorithm.name=mopo"]))
 
 

@@ -1,0 +1,74 @@
+"""The per-algorithm part of a learner step, without a model: what each objective makes of log-probs."""
+
+import pytest
+import torch
+
+from moalign.config import load_config
+from moalign.mopo import MOPOObjective
+from moalign.objectives import DPOObjective, MODPOObjective, MOPOLearnerObjective, build_objective
+
+N = 6
+GEN = torch.Generator().manual_seed(0)
+PC, PR, RC, RR = (torch.randn(N, generator=GEN) * 3 for _ in range(4))
+INDEX = torch.arange(N)
+
+
+def margins(rows):
+    return [[float(v) for v in row] for row in rows]
+
+
+def test_build_objective_follows_the_algorithm():
+    assert type(build_objective(load_config(None, []))) is DPOObjective
+    modpo = load_config(None, ["algorithm.name=modpo", "algorithm.modpo.weights=[0.5, 0.5, 0]"])
+    assert type(build_objective(modpo)) is MODPOObjective
+    assert type(build_objective(load_config(None, ["algorithm.name=mopo"]))) is MOPOLearnerObjective
+
+
+def test_modpo_margin_moves_the_loss_off_the_corner_only():
+    batch = {
+        "margin_chosen": margins(torch.randn(N, 2, generator=GEN)),
+        "margin_rejected": margins(torch.randn(N, 2, generator=GEN)),
+    }
+    dpo = DPOObjective(load_config(None, [])).pair_losses(PC, PR, RC, RR, INDEX, batch)
+    corner = MODPOObjective(load_config(None, ["algorithm.name=modpo", "algorithm.modpo.weights=[1, 0, 0]"]))
+    assert torch.equal(corner.pair_losses(PC, PR, RC, RR, INDEX, batch), dpo)
+    mixed = MODPOObjective(load_config(None, ["algorithm.name=modpo", "algorithm.modpo.weights=[0.5, 0.3, 0.2]"]))
+    assert not torch.allclose(mixed.pair_losses(PC, PR, RC, RR, INDEX, batch), dpo)
+    # Padding rows (index -1) come out finite.
+    assert torch.isfinite(mixed.pair_losses(PC, PR, RC, RR, torch.tensor([0, 1, -1, -1, 4, 5]), batch)).all()
+    with pytest.raises(ValueError, match=r"batch\['margin_chosen'\]\[0\] has 1 values, expected 2"):
+        mixed.validate({**batch, "margin_chosen": [[0.0]] * N}, N)
+    with pytest.raises(ValueError, match="not a finite number"):
+        mixed.validate({**batch, "margin_rejected": [[float("nan"), 0.0]] * N}, N)
+
+
+def test_mopo_pair_losses_average_to_the_batch_bc_loss():
+    """Micro-batched per-pair losses, averaged over the step's pairs, equal MOPOObjective.loss on
+    the whole batch: computing w* once per step and splitting the gradient changes nothing."""
+    cfg = load_config(None, ["algorithm.name=mopo", "algorithm.mopo.dual_lr=0.5"])
+    labels = torch.randint(0, 2, (N, 3), generator=GEN).double().tolist()
+    batch = {"prompt_ids": [[1]] * N, "chosen_ids": [[2]] * N, "rejected_ids": [[3]] * N, "labels": labels}
+    policy = torch.cat([PC, PR]).double()
+    reference = torch.cat([RC, RR]).double()
+    learner_side = MOPOLearnerObjective(cfg)
+    learner_side.validate(batch, N)
+    learner_side.prepare(batch, lambda p, c: policy, lambda p, c: reference, lambda p, c: reference)
+    per_pair = torch.cat(
+        [learner_side.pair_losses(PC[s].double(), PR[s].double(), None, None, INDEX[s], batch) for s in (slice(0, 4), slice(4, N))]
+    )
+
+    m = cfg.algorithm.mopo
+    reference_side = MOPOObjective(m.tau, m.lb_radius, m.relaxation, m.lag_steps, m.dual_lr, 3, m.primary, max_lambda=m.max_lambda)
+    loss, _ = reference_side.loss(torch.stack([PC, PR], 1).double(), torch.stack([RC, RR], 1).double(), torch.tensor(labels))
+    assert float(per_pair.mean()) == pytest.approx(float(loss), rel=1e-12)
+
+    after = learner_side.step_end()
+    reference_side.step_end()
+    assert after["metrics"]["mopo/lambda/Conciseness"] == pytest.approx(float(reference_side.lambdas[0]))
+    restored = MOPOLearnerObjective(cfg)
+    restored.load_state_dict(learner_side.state_dict())
+    assert torch.equal(restored.mopo.lambdas, learner_side.mopo.lambdas)
+    with pytest.raises(ValueError, match="labels are probabilities"):
+        learner_side.validate({**batch, "labels": [[1.5, 0, 0]] * N}, N)
+    with pytest.raises(RuntimeError, match="before prepare"):
+        learner_side.pair_losses(PC, PR, RC, RR, INDEX, batch)
