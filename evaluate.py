@@ -113,7 +113,7 @@ def evaluate_front(
 
     `step` (the training step, None for the base model) is recorded and named in actor errors.
     """
-    from orchestrator import _render
+    from actors.cluster import render_conditioned
 
     names = cfg.objective_names
     chosen = list(prompts[:n_prompts])
@@ -123,7 +123,7 @@ def evaluate_front(
     seeds = _prompt_seeds(cfg.eval.seed, len(chosen))
     # Rendered up front: a prompt too long after conditioning stops the evaluation before any sampling.
     requests = [(w, p) for w in range(len(weights)) for p in range(len(chosen))]
-    prompt_ids = [_render(tokenizer, chosen[p].prompt, names, weights[w], cfg) for w, p in requests]
+    prompt_ids = [render_conditioned(tokenizer, chosen[p].prompt, names, weights[w], cfg) for w, p in requests]
 
     started = time.perf_counter()
     scored, rows = _sample_and_score(
@@ -156,7 +156,7 @@ def _sample_and_score(cfg: RunConfig, generators, scorers, prompt_ids, records, 
     rewards [prompts, samples, K] and one row per completion for samples.jsonl."""
     from tqdm import tqdm
 
-    from orchestrator import _generate, _score
+    from actors.cluster import generate, score
 
     names = cfg.objective_names
     rewards = np.empty((len(prompt_ids), samples, len(names)))
@@ -168,8 +168,8 @@ def _sample_and_score(cfg: RunConfig, generators, scorers, prompt_ids, records, 
     try:
         for start in range(0, len(prompt_ids), per_round):
             part = slice(start, start + per_round)
-            completions = _generate(cfg, generators, prompt_ids[part], seeds[part], samples, step)
-            rewards[part] = _score(cfg, scorers, [r.prompt for r in records[part]], completions, samples, step)
+            completions = generate(cfg, generators, prompt_ids[part], seeds[part], samples, step)
+            rewards[part] = score(cfg, scorers, [r.prompt for r in records[part]], completions, samples, step)
             for record, group, group_scores in zip(records[part], completions, rewards[part]):
                 for j, (completion, score) in enumerate(zip(group, group_scores)):
                     rows.append(
@@ -212,12 +212,12 @@ class TrainingEvaluation:
 
     def _check_prompt_lengths(self) -> None:
         """A held-out prompt too long once conditioned stops the run now, not after hours of training."""
-        from orchestrator import _render
+        from actors.cluster import render_conditioned
 
         e = self.cfg.eval
         for weights in eval_weights(len(self.cfg.objectives), e.during_training_divisions, self.cfg.conditioning.decimals):
             for record in self.heldout[: e.during_training_prompts]:
-                _render(self.tokenizer, record.prompt, self.cfg.objective_names, weights, self.cfg)
+                render_conditioned(self.tokenizer, record.prompt, self.cfg.objective_names, weights, self.cfg)
 
     def due(self, step: int) -> bool:
         e = self.cfg.eval
@@ -297,7 +297,7 @@ def evaluate_run(
 ) -> list[tuple[str, dict[str, Any]]]:
     """The command's work: base front (reused when possible), the checkpoint's front unless
     `base_only`, front.png and the steerability table; returns the fronts plotted."""
-    from orchestrator import _actor_groups, _start_ray, _sync_weights
+    from actors.cluster import actor_groups, start_ray, sync_weights
 
     e = cfg.eval
     names = cfg.objective_names
@@ -315,11 +315,11 @@ def evaluate_run(
 
         from moalign.models import resolve_model_path
 
-        _start_ray(cfg, address)
+        start_ray(cfg, address)
         model_path = str(resolve_model_path(cfg.model.path, cfg.model.cache_dir))
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         settings = (e.lattice_divisions, e.heldout_prompts, e.samples_per_weight)
-        with _actor_groups(cfg, model_path) as (generators, scorers, learners):
+        with actor_groups(cfg, model_path) as (generators, scorers, learners):
             if base is None:
                 # The generators start with the base weights: the base front comes first.
                 base = evaluate_front(cfg, generators, scorers, tokenizer, heldout, "base", base_dir, *settings)
@@ -327,7 +327,7 @@ def evaluate_run(
                 state = read_state(checkpoint)
                 trained_step, version = int(state["step"]), int(state["version"])
                 learners.call("load_checkpoint", str(checkpoint / "learner"), step=trained_step)
-                _sync_weights(cfg, learners, generators, version, trained_step)
+                sync_weights(cfg, learners, generators, version, trained_step)
                 log.info("generators hold %s (policy version %d)", checkpoint, version)
                 label, out_dir = f"step {trained_step}", run_dir / "eval" / f"step_{trained_step}"
                 stats = evaluate_front(cfg, generators, scorers, tokenizer, heldout, label, out_dir, *settings, step=trained_step)
@@ -364,11 +364,11 @@ def evaluate_offline(
     beside the base model's point in RUN_DIR/eval/offline_base."""
     from transformers import AutoTokenizer
 
+    from actors.cluster import actor_groups, start_ray, sync_weights
     from moalign.checkpoint import latest_checkpoint
     from moalign.conditioning import render_prompt_ids
     from moalign.models import resolve_model_path
     from offline import sweep_members
-    from orchestrator import _actor_groups, _start_ray, _sync_weights
 
     e, names = cfg.eval, cfg.objective_names
     members = sweep_members(cfg)
@@ -380,7 +380,7 @@ def evaluate_offline(
         )
     heldout = load_prompts(cfg.data.heldout_path)[: e.heldout_prompts]
     seeds = _prompt_seeds(e.seed, len(heldout))
-    _start_ray(cfg, address)
+    start_ray(cfg, address)
     model_path = str(resolve_model_path(cfg.model.path, cfg.model.cache_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompt_ids = [render_prompt_ids(tokenizer, [{"role": "user", "content": r.prompt}]) for r in heldout]
@@ -391,12 +391,12 @@ def evaluate_offline(
     }
 
     points, rows = [], []
-    with _actor_groups(members[0], model_path) as (generators, scorers, learners):
+    with actor_groups(members[0], model_path) as (generators, scorers, learners):
         base, _ = _sample_and_score(cfg, generators, scorers, prompt_ids, heldout, seeds, e.samples_per_weight, "base", None)
         for member, checkpoint in zip(members, checkpoints):
             step = int(read_state(checkpoint)["step"])
             learners.call("load_checkpoint", str(checkpoint / "learner"), True, step=step)
-            _sync_weights(cfg, learners, generators, step, step)
+            sync_weights(cfg, learners, generators, step, step)
             label = f"{cfg.algorithm.name} {weights_label(trained_weights(member))}"
             rewards, member_rows = _sample_and_score(
                 cfg, generators, scorers, prompt_ids, heldout, seeds, e.samples_per_weight, label, step

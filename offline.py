@@ -63,16 +63,16 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
 
 def train(cfg: RunConfig, ray_address: str | None = None, reward_cache: Path | None = None) -> dict[str, Any]:
     """One offline policy for cfg.steps steps (resuming from cfg.run_dir if it holds a checkpoint)."""
+    from actors.cluster import actor_groups, chunks, export_policy, merge_rank_metrics, open_run, progress_bar, save_checkpoint
     from actors.metrics import MetricsSink, read_metrics
     from actors.ray_actors import ActorFailure
-    from orchestrator import _actor_groups, _checkpoint, _chunks, _export, _merge_rank_metrics, _progress, open_run
 
     run_dir, resume_from, model_path, tokenizer = open_run(cfg, ray_address)
     # Every row is read and checked before any actor starts.
     o, names = cfg.offline, cfg.objective_names
     rows, report = load_preferences(o.path, names, o.response_fields, o.label_fields)
     encoded = encode_rows(rows, tokenizer, cfg.model.max_prompt_tokens, o.max_response_tokens, o.too_long, report)
-    with _actor_groups(cfg, model_path, roles=("learner",)) as (_, _, learners):
+    with actor_groups(cfg, model_path, roles=("learner",)) as (_, _, learners):
         # Margins may need the learner (implicit rewards), so the examples are built here.
         examples, left_out = _examples(cfg, encoded, reward_cache or run_dir / REWARD_CACHE, learners)
         log.info(
@@ -85,28 +85,27 @@ def train(cfg: RunConfig, ray_address: str | None = None, reward_cache: Path | N
             learners.call("load_checkpoint", str(resume_from / "learner"), step=state.step)
             log.info("resumed from %s at step %d", resume_from, state.step)
         sink = MetricsSink(run_dir, run_dir.name, cfg.logging.tensorboard, cfg.logging.ray_metrics, resume_step=state.step)
-        progress = _progress(cfg, state.step)
-        progress.set_description(cfg.algorithm.name)
+        progress = progress_bar(cfg, state.step, cfg.algorithm.name)
         try:
             for step in range(state.step + 1, cfg.steps + 1):
                 t0 = time.perf_counter()
                 batch = [examples[i] for i in state.cursor.next(o.pairs_per_step)]
-                shards = [(_batch(batch[s], len(batch)),) for s in _chunks(len(batch), len(learners))]
-                metrics = _merge_rank_metrics(learners.call_each("train_step", shards, step=step))
+                shards = [(_batch(batch[s], len(batch)),) for s in chunks(len(batch), len(learners))]
+                metrics = merge_rank_metrics(learners.call_each("train_step", shards, step=step))
                 state.step = state.version = step
                 metrics.update({"pairs": len(batch), "epoch": state.cursor.epoch, "time/step_s": time.perf_counter() - t0})
                 sink.log(step, metrics)
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}")
                 if step % cfg.checkpoint.every_steps == 0 or step == cfg.steps:
-                    _checkpoint(cfg, run_dir, learners, state)
+                    save_checkpoint(cfg, run_dir, learners, state)
         except ActorFailure as exc:
             log.error("step %d failed and was not checkpointed; a resume repeats it from the last checkpoint: %s", state.step + 1, exc)
             raise
         finally:
             progress.close()
             sink.close()
-        exported = _export(cfg, learners, run_dir / "final", state.step)
+        exported = export_policy(cfg, learners, run_dir / "final", state.step)
 
     history = read_metrics(run_dir)
     window = max(1, len(history) // 4)
@@ -238,14 +237,14 @@ def _cache_key(cfg: RunConfig, encoded: list[EncodedRow], scored: list[int]) -> 
 
 def _score_responses(cfg: RunConfig, encoded: list[EncodedRow]) -> np.ndarray:
     """Every response scored by every objective's source on its (last-turn) prompt, on the reward actors."""
+    from actors.cluster import actor_groups, chunks
     from moalign.pairs import check_rewards
-    from orchestrator import _actor_groups, _chunks
 
     prompts = [e.row.prompt_text for e in encoded for _ in range(2)]
     texts = [t for e in encoded for t in e.row.responses]
     finished = [f for e in encoded for f in e.row.finished]
-    with _actor_groups(cfg, "", roles=("reward",)) as (_, scorers, _):
-        parts = [s for s in _chunks(len(texts), len(scorers)) if s.stop > s.start]
+    with actor_groups(cfg, "", roles=("reward",)) as (_, scorers, _):
+        parts = [s for s in chunks(len(texts), len(scorers)) if s.stop > s.start]
         scores = scorers.call_each("score", [(prompts[s], texts[s], finished[s]) for s in parts])
     return check_rewards(np.concatenate(scores, axis=0).reshape(len(encoded), 2, -1), len(encoded), 2, cfg.objective_names)
 

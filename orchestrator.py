@@ -15,9 +15,7 @@ already holds a checkpoint is resumed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -26,20 +24,31 @@ from typing import Any
 
 import numpy as np
 
-from moalign.checkpoint import latest_checkpoint, publish, read_state, staging_dir
+from actors.cluster import (
+    actor_groups,
+    chunks,
+    export_policy,
+    generate,
+    merge_rank_metrics,
+    open_run,
+    progress_bar,
+    render_conditioned,
+    save_checkpoint,
+    score,
+    sync_weights,
+)
+from moalign.checkpoint import latest_checkpoint, read_state
 from moalign.conditioning import (
     DirichletSampler,
     FixedWeights,
-    condition_messages,
     neglected_corners,
-    render_prompt_ids,
     round_weights,
 )
-from moalign.config import ConfigError, RunConfig, load_config, save_resolved
+from moalign.config import ConfigError, RunConfig, load_config
 from moalign.data import DataError, PromptCursor, load_prompts
 from moalign.health import METRICS as HEALTH_METRICS
 from moalign.health import HealthMonitor
-from moalign.pairs import RewardError, RunningNormalizer, check_rewards, select_relabelled_pairs
+from moalign.pairs import RewardError, RunningNormalizer, select_relabelled_pairs
 
 log = logging.getLogger("moalign")
 
@@ -88,7 +97,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     evaluation = TrainingEvaluation(cfg, run_dir, tokenizer)
 
     # Wiring: three independently sized actor groups, killed when the run ends or fails.
-    with _actor_groups(cfg, model_path) as (generators, scorers, learners):
+    with actor_groups(cfg, model_path) as (generators, scorers, learners):
         state = LoopState(
             sampler=(
                 FixedWeights(cfg.conditioning.fixed_weights)
@@ -102,11 +111,11 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
         if resume_from is not None:
             state.load_state_dict(read_state(resume_from))
             learners.call("load_checkpoint", str(resume_from / "learner"), step=state.step)
-            _sync_weights(cfg, learners, generators, state.version, state.step)
+            sync_weights(cfg, learners, generators, state.version, state.step)
             log.info("resumed from %s at step %d (policy version %d)", resume_from, state.step, state.version)
 
         sink = MetricsSink(run_dir, run_dir.name, cfg.logging.tensorboard, cfg.logging.ray_metrics, resume_step=state.step)
-        progress = _progress(cfg, state.step)
+        progress = progress_bar(cfg, state.step, "mo-odpo")
         try:
             evaluation.at_start(generators, scorers, state.step)
             for step in range(state.step + 1, cfg.steps + 1):
@@ -116,18 +125,18 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                 # 1-2. Prompts, Dirichlet weights (rounded as written), conditioned prompt token ids.
                 batch = [prompts[i] for i in state.cursor.next(cfg.rollout.prompts_per_step)]
                 weights = round_weights(state.sampler.sample(len(batch)), cfg.conditioning.decimals)
-                prompt_ids = [_render(tokenizer, p.prompt, names, w, cfg) for p, w in zip(batch, weights)]
+                prompt_ids = [render_conditioned(tokenizer, p.prompt, names, w, cfg) for p, w in zip(batch, weights)]
 
                 # 3. On-policy samples, n per prompt, tagged with the policy version.
                 t = time.perf_counter()
-                samples = _generate(
+                samples = generate(
                     cfg, generators, prompt_ids, _step_seeds(cfg, step, len(prompt_ids)), cfg.rollout.samples_per_prompt, step
                 )
                 timings["time/generate_s"] = time.perf_counter() - t
 
                 # 4. Rewards on the unconditioned prompt; per-objective running normalisation.
                 t = time.perf_counter()
-                raw = _score(cfg, scorers, [p.prompt for p in batch], samples, cfg.rollout.samples_per_prompt, step)
+                raw = score(cfg, scorers, [p.prompt for p in batch], samples, cfg.rollout.samples_per_prompt, step)
                 state.normalizer.update(raw)
                 normalized = state.normalizer.normalize(raw)
                 timings["time/score_s"] = time.perf_counter() - t
@@ -136,7 +145,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                 #    and under `relabel_weights` extra ones (each with its own weight line).
                 weight_sets = [weights] + _relabel_weights(cfg, state.sampler, weights)
                 for extra in weight_sets[1:]:
-                    prompt_ids += [_render(tokenizer, p.prompt, names, w, cfg) for p, w in zip(batch, extra)]
+                    prompt_ids += [render_conditioned(tokenizer, p.prompt, names, w, cfg) for p, w in zip(batch, extra)]
                 selection = select_relabelled_pairs(weight_sets, normalized, cfg.algorithm.pair_mode)
 
                 # 6. One learner step on the conditioned prompts.
@@ -151,7 +160,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                 t = time.perf_counter()
                 if step % cfg.sync.every_steps == 0 or checkpoint_due or evaluation.due(step):
                     state.version += 1
-                    timings.update(_sync_weights(cfg, learners, generators, state.version, step))
+                    timings.update(sync_weights(cfg, learners, generators, state.version, step))
                 timings["time/sync_s"] = time.perf_counter() - t
 
                 # 7b. Pareto evaluation on held-out prompts, on the weights just synced. Before
@@ -170,7 +179,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", pairs=metrics["pairs"], v=state.version)
                 if checkpoint_due:
-                    _checkpoint(cfg, run_dir, learners, state)
+                    save_checkpoint(cfg, run_dir, learners, state)
         except (ActorFailure, RewardError) as exc:
             log.error("step %d failed and was not checkpointed; a resume repeats it from the last checkpoint: %s", state.step + 1, exc)
             raise
@@ -179,7 +188,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
             sink.close()
 
         # 9. The last policy as folders that transformers, PEFT and vLLM load (`make serve` serves it).
-        exported = _export(cfg, learners, run_dir / "final", state.step)
+        exported = export_policy(cfg, learners, run_dir / "final", state.step)
 
     history = read_metrics(run_dir)
     steerability = evaluation.closing_table()
@@ -195,24 +204,6 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
         "export": exported,
         "steerability_table": steerability,
     }
-
-
-def open_run(cfg: RunConfig, ray_address: str | None) -> tuple[Path, Path | None, str, Any]:
-    """The run directory (with the resolved config saved, after checking that a resumed run trains
-    the same problem), its latest checkpoint or None, Ray, the model's local path and tokenizer."""
-    from transformers import AutoTokenizer
-
-    from moalign.models import resolve_model_path
-
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = latest_checkpoint(run_dir)
-    if resume_from is not None:
-        _check_resume_config(cfg, run_dir / "config.yaml")
-    save_resolved(cfg, run_dir / "config.yaml")
-    _start_ray(cfg, ray_address)
-    model_path = str(resolve_model_path(cfg.model.path, cfg.model.cache_dir))
-    return run_dir, resume_from, model_path, AutoTokenizer.from_pretrained(model_path)
 
 
 def _window_mean(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -245,144 +236,6 @@ def _check_supported(cfg: RunConfig) -> None:
         )
 
 
-# Changing these between the stop and the resume does not change what is trained (the
-# checkpoint interval does: every checkpoint forces a weight sync). Health bounds only decide
-# when to warn. Evaluations run only after regular syncs and sample with their own seeds. A run
-# directory may be moved or copied and resumed where it lies.
-_RESUMABLE_CHANGES = ("run_dir", "steps", "logging.", "ray_timeout_s", "checkpoint.keep_last", "health.", "eval.")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}{key}."))
-    return out
-
-
-def _check_resume_config(cfg: RunConfig, saved_path: Path) -> None:
-    """A resumed run must train the same problem; otherwise 'continue as if never stopped' is false."""
-    saved = _flatten(load_config(saved_path).model_dump(mode="json"))
-    now = _flatten(cfg.model_dump(mode="json"))
-    changed = sorted(
-        k.rstrip(".") for k in now.keys() | saved.keys() if not k.startswith(_RESUMABLE_CHANGES) and now.get(k) != saved.get(k)
-    )
-    if changed:
-        raise ConfigError(
-            f"run_dir {cfg.run_dir} holds a checkpoint made with a different configuration (changed: {', '.join(changed)}); "
-            f"resume with the saved {saved_path} or choose a new run_dir"
-        )
-
-
-def _start_ray(cfg: RunConfig, address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"])
-        return
-    # A local cluster: logical CPUs are scheduling tokens; the loop's phases run one after
-    # another, so reserving more tokens than cores oversubscribes nothing at a time.
-    a = cfg.actors
-    wanted = a.num_generators * a.generator_cpus + a.num_reward_workers * a.reward_cpus + a.num_learners * a.learner_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(wanted))), include_dashboard=False)
-
-
-@contextlib.contextmanager
-def _actor_groups(cfg: RunConfig, model_path: str, roles: tuple[str, ...] = ("generator", "reward", "learner")):
-    """The actor groups named in `roles` (the others are None), killed when the block ends."""
-    groups: list = []
-    try:
-        yield _build_actors(cfg, model_path, groups, roles)
-    finally:
-        for group in groups:
-            group.kill()
-
-
-def _build_actors(cfg: RunConfig, model_path: str, started: list, roles: tuple[str, ...]):
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from actors.ray_actors import ActorGroup, LearnerActor, RewardActor
-    from moalign.weight_sync import free_port
-
-    a = cfg.actors
-    threads = {"OMP_NUM_THREADS": str(a.omp_threads or os.cpu_count() or 1)}
-    env = {
-        "env_vars": {**threads, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
-    }
-    timeout = cfg.ray_timeout_s
-    generators = scorers = learners = None
-    if "generator" in roles:
-        generators = _generator_group(cfg, model_path, env)
-        started.append(generators)
-    if "reward" in roles:
-        scorers = ActorGroup(
-            "reward",
-            RewardActor,
-            a.num_reward_workers,
-            {"num_cpus": a.reward_cpus, "num_gpus": a.reward_gpus, "runtime_env": env},
-            lambda i: ((cfg.objectives,), {}),
-            timeout,
-        )
-        started.append(scorers)
-    if "learner" in roles:
-        # Data-parallel ranks meet at learner 0, which is pinned to this (the driver's) node so the
-        # rendezvous address and port picked here are the right ones.
-        address, port = ray.util.get_node_ip_address(), free_port()
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        learners = ActorGroup(
-            "learner",
-            LearnerActor,
-            a.num_learners,
-            {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": env},
-            lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, "master_addr": address, "master_port": port}),
-            timeout,
-            first_actor_options={"scheduling_strategy": here} if a.num_learners > 1 else None,
-        )
-        started.append(learners)
-    # Construction errors (bad model path, OOM) surface here, named by role, not at step 1.
-    for group in (generators, scorers, learners):
-        if group is not None:
-            group.call("ping")
-    return generators, scorers, learners
-
-
-def _generator_group(cfg: RunConfig, model_path: str, env: dict):
-    from actors.ray_actors import ActorGroup, GeneratorActor
-
-    a = cfg.actors
-    return ActorGroup(
-        "generator",
-        GeneratorActor,
-        a.num_generators,
-        {"num_cpus": a.generator_cpus, "num_gpus": a.generator_gpus * a.tensor_parallel_size, "runtime_env": env},
-        lambda i: (
-            (model_path,),
-            {
-                "seed": cfg.seed + i,
-                "dtype": cfg.model.dtype,
-                "max_model_len": cfg.model.max_prompt_tokens + cfg.rollout.max_new_tokens,
-                "tensor_parallel_size": a.tensor_parallel_size,
-                "gpu_memory_utilization": a.gpu_memory_utilization,
-                "cpu_kvcache_gb": a.cpu_kvcache_gb,
-            },
-        ),
-        cfg.ray_timeout_s,
-    )
-
-
-def _render(tokenizer, prompt: str, names: list[str], weights: np.ndarray, cfg: RunConfig) -> list[int]:
-    ids = render_prompt_ids(tokenizer, condition_messages(prompt, names, weights, cfg.conditioning.style, cfg.conditioning.decimals))
-    if len(ids) > cfg.model.max_prompt_tokens:
-        raise ConfigError(
-            f"prompt {prompt[:60]!r} is {len(ids)} tokens after conditioning, over model.max_prompt_tokens={cfg.model.max_prompt_tokens}"
-        )
-    return ids
-
-
 def _relabel_weights(cfg: RunConfig, sampler: DirichletSampler | FixedWeights, weights: np.ndarray) -> list[np.ndarray]:
     count = cfg.algorithm.relabel_weights
     if count == 0:
@@ -392,37 +245,10 @@ def _relabel_weights(cfg: RunConfig, sampler: DirichletSampler | FixedWeights, w
     return [round_weights(sampler.sample(len(weights)), cfg.conditioning.decimals) for _ in range(count)]
 
 
-def _chunks(n: int, parts: int) -> list[slice]:
-    """`parts` contiguous slices covering range(n), sizes differing by at most one."""
-    bounds = np.linspace(0, n, parts + 1).round().astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
 def _step_seeds(cfg: RunConfig, step: int, count: int) -> list[int]:
     # Per-prompt seeds depend only on (seed, step, prompt): the same completions whatever the
     # number of generators, and again after a resume.
     return [int(np.random.SeedSequence([cfg.seed, step, i]).generate_state(1)[0]) for i in range(count)]
-
-
-def _generate(cfg: RunConfig, generators, prompt_ids: list[list[int]], seeds: list[int], n: int, step: int | None) -> list[list[dict]]:
-    r = cfg.rollout
-    parts = [s for s in _chunks(len(prompt_ids), len(generators)) if s.stop > s.start]
-    args = [(prompt_ids[s], n, r.temperature, r.top_p, r.max_new_tokens, seeds[s]) for s in parts]
-    out: list[list[dict]] = []
-    for chunk in generators.call_each("generate", args, step=step):
-        out += chunk
-    return out
-
-
-def _score(cfg: RunConfig, scorers, prompts: list[str], samples: list[list[dict]], n: int, step: int | None) -> np.ndarray:
-    flat_prompts = [p for p, group in zip(prompts, samples) for _ in group]
-    flat_texts = [s["text"] for group in samples for s in group]
-    # vLLM says "stop" for EOS or a stop string, "length" when the token cap cut the answer off.
-    flat_finished = [s["finish_reason"] == "stop" for group in samples for s in group]
-    parts = [s for s in _chunks(len(flat_texts), len(scorers)) if s.stop > s.start]
-    scores = scorers.call_each("score", [(flat_prompts[s], flat_texts[s], flat_finished[s]) for s in parts], step=step)
-    stacked = np.concatenate(scores, axis=0)
-    return check_rewards(stacked.reshape(len(prompts), n, -1), len(prompts), n, cfg.objective_names)
 
 
 def _learn(cfg: RunConfig, learners, prompt_ids, samples, pairs, step: int) -> dict[str, float]:
@@ -431,7 +257,7 @@ def _learn(cfg: RunConfig, learners, prompt_ids, samples, pairs, step: int) -> d
         return {}
     total_weight = float(sum(p.loss_weight for p in pairs))
     shards = []
-    for s in _chunks(len(pairs), len(learners)):
+    for s in chunks(len(pairs), len(learners)):
         part = pairs[s]
         shards.append(
             (
@@ -445,42 +271,7 @@ def _learn(cfg: RunConfig, learners, prompt_ids, samples, pairs, step: int) -> d
                 },
             )
         )
-    return _merge_rank_metrics(learners.call_each("train_step", shards, step=step))
-
-
-def _merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """Step metrics from the data-parallel ranks' sums: the loss is sum_i w_i l_i / sum_i w_i over
-    all ranks' pairs; per-pair means divide the ranks' sums by the total pair count."""
-    pairs = sum(m["pairs"] for m in per_rank)
-    per_pair = max(pairs, 1)
-    first = per_rank[0]
-    return {
-        "loss": sum(m["objective"] for m in per_rank),
-        "chosen_reward": sum(m["chosen_reward_sum"] for m in per_rank) / per_pair,
-        "rejected_reward": sum(m["rejected_reward_sum"] for m in per_rank) / per_pair,
-        "margin": sum(m["margin_sum"] for m in per_rank) / per_pair,
-        "accuracy": sum(m["accuracy_sum"] for m in per_rank) / per_pair,
-        "kl": sum(m["kl_sum"] for m in per_rank) / (2 * per_pair),
-        "grad_norm": first["grad_norm"],
-        "lr": first["lr"],
-        "learner_step": first["step"],
-        "time/learner_compute_s": max(m["seconds"] for m in per_rank),
-        # The algorithm's own figures (MOPO's multipliers) are the same on every rank.
-        **{k: v for k, v in first.items() if k.startswith("mopo/")},
-    }
-
-
-def _sync_weights(cfg: RunConfig, learners, generators, version: int, step: int) -> dict[str, float]:
-    if cfg.sync.backend == "broadcast":
-        from actors.ray_actors import broadcast_sync
-
-        # The collective's own timeout below the Ray one: a dead peer is then reported as the cause.
-        return broadcast_sync(learners, generators, cfg.sync.bucket_mb, version, step, timeout_s=0.8 * cfg.ray_timeout_s)
-    t = time.perf_counter()
-    refs = learners.wait([learners.actors[0].export_weight_refs.remote(cfg.sync.bucket_mb)], "export_weight_refs", step)[0]
-    exported = time.perf_counter() - t
-    loaded = generators.call("load_weight_refs", refs, version, cfg.ray_timeout_s, step=step)
-    return {"time/sync_export_s": exported, "sync/buckets": len(refs), "sync/bytes": loaded[0].get("bytes", 0)}
+    return merge_rank_metrics(learners.call_each("train_step", shards, step=step))
 
 
 def _step_metrics(names, raw, samples, selection, learn, timings, version) -> dict[str, float]:
@@ -501,27 +292,6 @@ def _step_metrics(names, raw, samples, selection, learn, timings, version) -> di
     metrics.update(timings)
     metrics.update({k: float(v) for k, v in learn.items()})
     return metrics
-
-
-def _checkpoint(cfg: RunConfig, run_dir: Path, learners, state: LoopState) -> None:
-    staging = staging_dir(run_dir, state.step)
-    learners.call("save_checkpoint", str(staging / "learner"), step=state.step)
-    final = publish(staging, state.step, state.state_dict(), cfg.checkpoint.keep_last)
-    log.info("checkpoint %s", final)
-
-
-def _export(cfg: RunConfig, learners, dest: Path, step: int) -> str:
-    from moalign.export import PolicyCard
-
-    card = PolicyCard.from_run(cfg, step).model_dump()
-    learners.call("export_policy", str(dest), card, step=step)
-    return str(dest)
-
-
-def _progress(cfg: RunConfig, start: int):
-    from tqdm import tqdm
-
-    return tqdm(total=cfg.steps, initial=start, desc="mo-odpo", unit="step", disable=not cfg.logging.progress_bar, file=sys.stderr)
 
 
 def _setup_logging(cfg: RunConfig) -> None:

@@ -38,10 +38,10 @@ def main() -> None:
 
     import ray
 
+    from actors.cluster import sync_weights
     from actors.ray_actors import ActorGroup, GeneratorActor, LearnerActor, broadcast_sync
     from moalign.config import load_config
     from moalign.models import build_tiny_model
-    from orchestrator import _sync_weights
 
     model = args.model or str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
     cfg = load_config(
@@ -67,7 +67,7 @@ def main() -> None:
                 version += 1
                 started = time.perf_counter()
                 if backend == "object_store":
-                    out = _sync_weights(cfg, learners, generators, version, step=version)
+                    out = sync_weights(cfg, learners, generators, version, step=version)
                 else:
                     out = broadcast_sync(learners, generators, args.bucket_mb, version, step=version, timeout_s=300)
                 seconds = time.perf_counter() - started

@@ -6,9 +6,9 @@ import time
 import pytest
 import ray
 
+from actors.cluster import sync_weights
 from actors.ray_actors import ActorFailure, ActorGroup, GeneratorActor, LearnerActor, broadcast_sync
 from moalign.config import load_config
-from orchestrator import _sync_weights
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ def test_synced_generator_equals_learner(tiny_model, ray_cluster):
         stale = generators.call("prompt_logprobs", probe)[0]
         assert max(abs(a - b) for a, b in zip(trained[0], stale[0])) > 1e-3, "the learner step must change the policy"
 
-        timings = _sync_weights(cfg, learners, generators, version=1, step=3)
+        timings = sync_weights(cfg, learners, generators, version=1, step=3)
         assert timings["sync/buckets"] > 1, "weights must travel in several buckets at bucket_mb=1"
         synced = generators.call("prompt_logprobs", probe)[0]
         for got, want in zip(synced, trained):

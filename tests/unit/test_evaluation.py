@@ -252,15 +252,15 @@ def test_base_front_is_reused_only_with_the_same_settings(tmp_path):
 
 
 def test_cli_base_only_reuses_the_saved_front_without_actors(tmp_path, monkeypatch):
-    import orchestrator
+    import actors.cluster
     from evaluate import main
 
     # Checked on the calls, not on ray.is_initialized(): another test may have started Ray already.
     def refuse(*args, **kwargs):
         raise AssertionError("started Ray or actors although nothing needed evaluating")
 
-    monkeypatch.setattr(orchestrator, "_start_ray", refuse)
-    monkeypatch.setattr(orchestrator, "_actor_groups", refuse)
+    monkeypatch.setattr(actors.cluster, "start_ray", refuse)
+    monkeypatch.setattr(actors.cluster, "actor_groups", refuse)
 
     cfg = run_config(tmp_path / "run", "eval.heldout_prompts=4")
     saved_base_front(cfg, tmp_path / "run")
@@ -291,7 +291,7 @@ def test_cli_exit_codes(tmp_path, caplog):
 
 
 class WordTokenizer:
-    """Just enough of a tokenizer for orchestrator._render: one token per word."""
+    """Just enough of a tokenizer for actors.cluster.render_conditioned: one token per word."""
 
     def apply_chat_template(self, messages, add_generation_prompt, tokenize):
         return " ".join(m["content"] for m in messages)

@@ -1,14 +1,15 @@
 import pytest
 
+from actors.cluster import check_resume_config, chunks, merge_rank_metrics
 from moalign.config import ConfigError, load_config, save_resolved
 from moalign.health import HealthMonitor
-from orchestrator import _check_resume_config, _check_supported, _chunks, _merge_rank_metrics, _report, _summarize
+from orchestrator import _check_supported, _report, _summarize
 
 
 def test_chunks_cover_range_evenly():
-    parts = _chunks(10, 3)
+    parts = chunks(10, 3)
     assert [(s.start, s.stop) for s in parts] == [(0, 3), (3, 7), (7, 10)]
-    sizes = [s.stop - s.start for s in _chunks(2, 4)]
+    sizes = [s.stop - s.start for s in chunks(2, 4)]
     assert sum(sizes) == 2 and max(sizes) - min(sizes) <= 1
 
 
@@ -29,7 +30,7 @@ def _rank(pairs, objective, chosen, kl, seconds):
 
 
 def test_merge_rank_metrics_from_sums():
-    merged = _merge_rank_metrics([_rank(3, 0.4, 3.0, 6.0, 1.0), _rank(1, 0.2, 1.0, 2.0, 2.0)])
+    merged = merge_rank_metrics([_rank(3, 0.4, 3.0, 6.0, 1.0), _rank(1, 0.2, 1.0, 2.0, 2.0)])
     assert merged["loss"] == pytest.approx(0.6)
     assert merged["chosen_reward"] == pytest.approx(1.0) and merged["accuracy"] == 1.0
     assert merged["kl"] == pytest.approx(1.0)
@@ -39,13 +40,13 @@ def test_merge_rank_metrics_from_sums():
 def test_resume_config_check(tmp_path):
     saved = load_config(None, ["steps=2"])
     save_resolved(saved, tmp_path / "config.yaml")
-    _check_resume_config(
+    check_resume_config(
         load_config(None, ["steps=10", "logging.level=DEBUG", "checkpoint.keep_last=5", "health.max_kl=20"]), tmp_path / "config.yaml"
     )
     with pytest.raises(ConfigError, match=r"changed: rollout\.temperature\)"):
-        _check_resume_config(load_config(None, ["rollout.temperature=0.5"]), tmp_path / "config.yaml")
+        check_resume_config(load_config(None, ["rollout.temperature=0.5"]), tmp_path / "config.yaml")
     with pytest.raises(ConfigError, match=r"changed: checkpoint\.every_steps"):
-        _check_resume_config(load_config(None, ["checkpoint.every_steps=3"]), tmp_path / "config.yaml")
+        check_resume_config(load_config(None, ["checkpoint.every_steps=3"]), tmp_path / "config.yaml")
 
 
 def test_offline_algorithms_are_not_run_as_mo_odpo():
