@@ -407,6 +407,13 @@ class RunConfig(_Section):
         unknown = sorted(set(self.offline.label_fields) - set(names))
         if unknown:
             raise ValueError(f"offline.label_fields: {unknown} are not objectives ({names})")
+        if a.name in OFFLINE_ALGORITHMS:
+            # MO-ODPO's pair construction has no meaning on fixed pairs, and MODPO's loss is the sigmoid one.
+            online_only = {"algorithm.pair_mode": a.pair_mode != "scalarised", "algorithm.relabel_weights": a.relabel_weights != 0}
+            online_only |= {"algorithm.loss": a.loss != "sigmoid", "algorithm.label_smoothing": a.label_smoothing != 0}
+            unused = [k for k, v in online_only.items() if v]
+            if unused:
+                raise ValueError(f"{', '.join(unused)}: not used by {a.name}; leave at the default")
         if a.name == "modpo":
             m = a.modpo
             if (m.weights is None) == (m.sweep_divisions == 0):

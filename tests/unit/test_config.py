@@ -166,6 +166,11 @@ def test_serve_config_refuses_what_cannot_run():
         (["algorithm.name=mopo", "learner.zero_stage=3"], "ZeRO-3"),
         (["offline.label_fields={Honesty: x}"], r"offline.label_fields: \['Honesty'\]"),
         (["algorithm.name=dpo"], "algorithm.name"),
+        (["algorithm.name=mopo", "algorithm.loss=ipo"], "algorithm.loss: not used by mopo"),
+        (
+            ["algorithm.name=modpo", "algorithm.modpo.sweep_divisions=2", "algorithm.relabel_weights=1"],
+            "algorithm.relabel_weights: not used by modpo",
+        ),
     ],
 )
 def test_offline_settings_that_cannot_run_are_refused(overrides, message):
