@@ -171,7 +171,7 @@ def _sample_and_score(cfg: RunConfig, generators, scorers, prompt_ids, records, 
             completions = generate(cfg, generators, prompt_ids[part], seeds[part], samples, step)
             rewards[part] = score(cfg, scorers, [r.prompt for r in records[part]], completions, samples, step)
             for record, group, group_scores in zip(records[part], completions, rewards[part]):
-                for j, (completion, score) in enumerate(zip(group, group_scores)):
+                for j, (completion, reward) in enumerate(zip(group, group_scores)):
                     rows.append(
                         {
                             "prompt_id": record.id,
@@ -179,7 +179,7 @@ def _sample_and_score(cfg: RunConfig, generators, scorers, prompt_ids, records, 
                             "sample": j,
                             "text": completion["text"],
                             "finish_reason": completion["finish_reason"],
-                            "rewards": dict(zip(names, map(float, score))),
+                            "rewards": dict(zip(names, map(float, reward))),
                         }
                     )
             progress.update(len(completions))

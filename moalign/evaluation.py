@@ -147,8 +147,8 @@ def front_metrics(stats: dict[str, Any]) -> dict[str, float]:
 
 
 def weights_label(weights: Sequence[float]) -> str:
-    """`0.7/0.3/0`: short enough to annotate a point."""
-    return "/".join(f"{float(x):g}" for x in weights)
+    """`0.7/0.3/0`, `0.33/0.33/0.33`: short enough to annotate a point."""
+    return "/".join(f"{round(float(x), 2):g}" for x in weights)
 
 
 def _number(value: float | None, spec: str = ".4g") -> str:

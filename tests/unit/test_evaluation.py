@@ -205,6 +205,7 @@ def test_steerability_table_compares_models_side_by_side():
 
 def test_weights_label_is_short():
     assert weights_label([0.7, 0.3, 0.0]) == "0.7/0.3/0"
+    assert weights_label([1 / 3, 1 / 3, 1 / 3]) == "0.33/0.33/0.33"
     assert weights_label([1.0, 0.0]) == "1/0"
 
 
