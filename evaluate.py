@@ -347,13 +347,6 @@ def evaluate_run(
     return fronts
 
 
-def trained_weights(cfg: RunConfig) -> list[float]:
-    """Where an offline policy sits on the simplex: MODPO's weights, MOPO's primary corner."""
-    if cfg.algorithm.name == "modpo":
-        return list(cfg.algorithm.modpo.weights)
-    return [float(i == cfg.algorithm.mopo.primary) for i in range(len(cfg.objectives))]
-
-
 def evaluate_offline(
     cfg: RunConfig, run_dir: Path, compare: Sequence[str] = (), address: str | None = None
 ) -> list[tuple[str, dict[str, Any]]]:
@@ -397,16 +390,16 @@ def evaluate_offline(
             step = int(read_state(checkpoint)["step"])
             learners.call("load_checkpoint", str(checkpoint / "learner"), True, step=step)
             sync_weights(cfg, learners, generators, step, step)
-            label = f"{cfg.algorithm.name} {weights_label(trained_weights(member))}"
+            label = f"{cfg.algorithm.name} {weights_label(member.offline_weights)}"
             rewards, member_rows = _sample_and_score(
                 cfg, generators, scorers, prompt_ids, heldout, seeds, e.samples_per_weight, label, step
             )
             points.append(rewards)
-            rows += [{"policy": member.run_dir, "weights": trained_weights(member), **row} for row in member_rows]
+            rows += [{"policy": member.run_dir, "weights": member.offline_weights, **row} for row in member_rows]
 
     equal = [[1.0 / len(names)] * len(names)]
     fronts = [("base", front_stats(equal, base[None], names, reference_point(cfg)))]
-    stats = front_stats([trained_weights(m) for m in members], np.stack(points), names, reference_point(cfg))
+    stats = front_stats([m.offline_weights for m in members], np.stack(points), names, reference_point(cfg))
     label = f"{cfg.algorithm.name}{' sweep' if len(members) > 1 else ''}"
     out = run_dir / "eval" / "offline"
     write_front(run_dir / "eval" / "offline_base", fronts[0][1], "base", {"run_dir": str(run_dir), **settings})

@@ -44,13 +44,12 @@ class OfflineState:
 
     cursor: PromptCursor
     step: int = 0
-    version: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "version": self.version, "cursor": self.cursor.state_dict()}
+        return {"step": self.step, "cursor": self.cursor.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.version = state["step"], state.get("version", 0)
+        self.step = state["step"]
         self.cursor.load_state_dict(state["cursor"])
 
 
@@ -92,7 +91,7 @@ def train(cfg: RunConfig, ray_address: str | None = None, reward_cache: Path | N
                 batch = [examples[i] for i in state.cursor.next(o.pairs_per_step)]
                 shards = [(_batch(batch[s], len(batch)),) for s in chunks(len(batch), len(learners))]
                 metrics = merge_rank_metrics(learners.call_each("train_step", shards, step=step))
-                state.step = state.version = step
+                state.step = step
                 metrics.update({"pairs": len(batch), "epoch": state.cursor.epoch, "time/step_s": time.perf_counter() - t0})
                 sink.log(step, metrics)
                 progress.update(1)

@@ -448,6 +448,15 @@ class RunConfig(_Section):
                 )
 
     @property
+    def offline_weights(self) -> list[float]:
+        """Where an offline policy sits on the simplex: MODPO's weights, MOPO's primary corner."""
+        if self.algorithm.name == "modpo":
+            if self.algorithm.modpo.weights is None:
+                raise ValueError("a MODPO sweep trains one policy per weight vector; ask one of its runs")
+            return list(self.algorithm.modpo.weights)
+        return [float(i == self.algorithm.mopo.primary) for i in range(len(self.objectives))]
+
+    @property
     def is_offline(self) -> bool:
         """MODPO and MOPO train on a fixed preference set; MO-ODPO samples its own pairs."""
         return self.algorithm.name in OFFLINE_ALGORITHMS

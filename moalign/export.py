@@ -67,12 +67,7 @@ class PolicyCard(BaseModel):
         names = list(cfg.objective_names)
         equal = [1.0 / len(names)] * len(names)
         offline = cfg.is_offline
-        if cfg.algorithm.name == "modpo":
-            trained = list(cfg.algorithm.modpo.weights)
-        elif cfg.algorithm.name == "mopo":
-            trained = [float(i == cfg.algorithm.mopo.primary) for i in range(len(names))]
-        else:
-            trained = equal
+        trained = cfg.offline_weights if offline else equal
         return cls(
             objectives=names,
             style="none" if offline else cfg.conditioning.style,

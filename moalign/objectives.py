@@ -18,7 +18,7 @@ Only torch is imported here; the learner hands in what it computed.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -206,8 +206,3 @@ OBJECTIVES: dict[str, type[DPOObjective]] = {
 
 def build_objective(cfg: RunConfig) -> DPOObjective:
     return OBJECTIVES[cfg.algorithm.name](cfg)
-
-
-def objective_fields(name: str) -> Sequence[str]:
-    """Per-pair batch fields beyond the token ids and loss weights, by algorithm."""
-    return {"modpo": ("margin_chosen", "margin_rejected"), "mopo": ("labels",)}.get(name, ())
