@@ -14,8 +14,10 @@ install: $(VENV)/.installed
 $(VENV)/.installed: requirements/cpu.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(FIND_LINKS) pip==26.3 setuptools==78.1.1 wheel==0.48.0
-	@# --no-compile: bytecode is written at first import; compiling all of torch, vLLM and Ray up front is a large share of the install.
 	$(PY) -m pip install -q --no-compile $(FIND_LINKS) --no-deps -r requirements/cpu.lock
+	@# Bytecode up front, on every core: where PYTHONDONTWRITEBYTECODE is set (these machines set it) nothing is
+	@# ever cached at import, and every Ray worker would recompile torch and vLLM, doubling the test time.
+	$(PY) -m compileall -q -j 0 -x 'torch/testing/_internal' $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

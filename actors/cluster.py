@@ -102,7 +102,7 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list, roles: tuple[s
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from actors.ray_actors import ActorGroup, LearnerActor, RewardActor
+    from actors.ray_actors import ActorGroup, LearnerActor, RewardActor, ping_all
     from moalign.weight_sync import free_port
 
     a = cfg.actors
@@ -141,9 +141,7 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list, roles: tuple[s
         )
         started.append(learners)
     # Construction errors (bad model path, OOM) surface here, named by role, not at step 1.
-    for group in (generators, scorers, learners):
-        if group is not None:
-            group.call("ping")
+    ping_all([g for g in (generators, scorers, learners) if g is not None])
     return generators, scorers, learners
 
 

@@ -126,6 +126,21 @@ class ActorGroup:
                 log.warning("could not kill %s actor: %s", self.role, exc)
 
 
+def ping_all(groups: Sequence[ActorGroup]) -> None:
+    """Wait until every actor of every group has started, and raise the first failure as soon as
+    it happens: a reward model that cannot load is reported in seconds, not after the vLLM
+    engines beside it have finished starting."""
+    pending = {a.ping.remote(): (group, i) for group in groups for i, a in enumerate(group.actors)}
+    deadline = time.monotonic() + max((g.timeout_s for g in groups), default=0)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            group, i = next(iter(pending.values()))
+            raise ActorFailure(group.role, i, None, "ping", _cause(GetTimeoutError()))
+        group, i = pending.pop(ready[0])
+        group.wait(ready, "ping", None, [i])
+
+
 # ---------------------------------------------------------------------------- broadcast weight sync
 
 # Broadcast groups that are up, by the ids of their actors (learner 0, then the generators).
