@@ -34,6 +34,7 @@ import torch
 
 from actors.learner_weights import WeightPublisher
 from moalign.config import RunConfig
+from moalign.losses import token_logprobs
 from moalign.models import checkpoint_shapes, resolve_model_path
 from moalign.objectives import build_objective
 from moalign.weight_sync import free_port
@@ -285,10 +286,13 @@ class Learner(WeightPublisher):
         keep = width - first + 1
         logits = forward(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits
         start = width - keep
-        logits = logits[:, :-1].float()
-        tokens = ids[:, start + 1 :]
+        # The log-softmax over the logits as they are: slicing off the last position first would
+        # copy the vocabulary-wide tensor, the largest in the step (and zero-fill another in
+        # backward). The last position is scored against a stand-in token and dropped from the
+        # small result instead.
+        tokens = torch.cat([ids[:, start + 1 :], ids[:, :1]], dim=1)
+        logp = token_logprobs(logits, tokens)[:, :-1]
         mask = target[:, start + 1 :]
-        logp = torch.gather(logits.log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
         return torch.where(mask, logp, torch.zeros_like(logp)), mask
 
     def _sequence_logps(self, forward, prompts, completions) -> torch.Tensor:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from moalign.losses import dpo_loss, dpo_margin, implicit_reward, modpo_loss, preference_loss
+from moalign.losses import dpo_loss, dpo_margin, implicit_reward, modpo_loss, preference_loss, token_logprobs
 
 PC = torch.tensor([-10.0, -20.0, -5.0])
 PR = torch.tensor([-12.0, -18.0, -5.0])
@@ -92,3 +92,24 @@ def test_modpo_rejects_zero_weight_on_trained_objective():
 
 def test_implicit_reward():
     torch.testing.assert_close(implicit_reward(PC, RC, 0.5), 0.5 * (PC - RC))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_value_and_gradient_match_autograd(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 11, generator=g)).to(dtype)
+    tokens = torch.randint(0, 11, (2, 5), generator=g)
+    weights = torch.randn(2, 5, generator=g)
+
+    mine = logits.clone().requires_grad_()
+    got = token_logprobs(mine, tokens)
+    (got * weights).sum().backward()
+    theirs = logits.clone().requires_grad_()
+    want = torch.gather(theirs.float().log_softmax(-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+    (want * weights).sum().backward()
+
+    assert got.dtype == torch.float32 and mine.grad.dtype == dtype
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(mine.grad, theirs.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(logits, tokens), want.detach())
