@@ -85,7 +85,8 @@ class PlainStep:
         model.config.use_cache = False
         lc = cfg.learner.lora
         model = get_peft_model(
-            model, LoraConfig(r=lc.rank, lora_alpha=lc.alpha, lora_dropout=0.0, target_modules=list(lc.target_modules), task_type="CAUSAL_LM")
+            model,
+            LoraConfig(r=lc.rank, lora_alpha=lc.alpha, lora_dropout=0.0, target_modules=list(lc.target_modules), task_type="CAUSAL_LM"),
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         pairs = cfg.pairs_per_step
@@ -191,7 +192,9 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     print(f"\n{device}; {args.shape}: {n_params / 1e6:.1f}M parameters, {args.dtype}, ZeRO-{args.zero_stage}, LoRA r{args.lora_rank}")
-    print(f"{args.pairs} pairs = {2 * args.pairs} sequences x {args.seq_tokens} tokens = {tokens} tokens a step; peak GPU memory {peak:.1f} GiB")
+    print(
+        f"{args.pairs} pairs = {2 * args.pairs} sequences x {args.seq_tokens} tokens = {tokens} tokens a step; peak GPU memory {peak:.1f} GiB"
+    )
     print(f"{'':10} {'s/step':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}   (median of {args.reps}; all: s)")
     median = {}
     for name, ts in times.items():
