@@ -7,7 +7,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-.PHONY: install demo eval export serve lint test test-unit bandit docs clean
+.PHONY: install demo eval export serve lint test test-unit bandit bench docs clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,15 @@ test: install lint
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
+
+# This loop beside TRL's online DPO trainer, same model, shapes and rewards (benchmarks/vs_trl.py; ~15 min on 2 cores).
+bench: install $(VENV)/.bench-installed
+	$(PY) benchmarks/vs_trl.py $(ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml
+	@# The `bench` extra's pin; TRL's own requirements are all in the pinned set already.
+	$(PY) -m pip install -q --no-deps $$($(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench'])")
+	touch $@
 
 bandit: install
 	$(PY) -m moalign.mopo_bandit

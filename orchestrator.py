@@ -18,17 +18,18 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from actors.cluster import (
+    Generation,
     actor_groups,
     chunks,
     export_policy,
-    generate,
     merge_rank_metrics,
     open_run,
     progress_bar,
@@ -54,6 +55,49 @@ log = logging.getLogger("moalign")
 
 
 @dataclass
+class Rollout:
+    """One step's prompts, their weights and conditioned token ids, and their samples, drawn and
+    sent to the generators up to `rollout.max_staleness` steps before the step trains on them."""
+
+    step: int
+    prompt_indices: list[int]
+    weights: np.ndarray
+    prompt_ids: list[list[int]]
+    version: int
+    """The policy version the generators hold when they reach this rollout."""
+    policy_step: int
+    """The learner step that produced that policy (0: the base model)."""
+    generation: Generation | None = None
+    samples: list[list[dict]] | None = None
+
+    def wait(self) -> list[list[dict]]:
+        if self.samples is None:
+            self.samples = self.generation.samples()
+            tags = {s["version"] for group in self.samples for s in group}
+            if tags != {self.version}:
+                # The overlap's correctness rests on generators running calls in the order sent.
+                raise RuntimeError(f"step {self.step}: samples from policy version(s) {sorted(tags)}, expected {self.version}")
+        return self.samples
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.samples is None:
+            raise RuntimeError(f"rollout of step {self.step} is still generating; wait() before checkpointing")
+        return {
+            "step": self.step,
+            "prompt_indices": self.prompt_indices,
+            "weights": self.weights.tolist(),
+            "prompt_ids": self.prompt_ids,
+            "version": self.version,
+            "policy_step": self.policy_step,
+            "samples": self.samples,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Rollout:
+        return cls(**{**state, "weights": np.asarray(state["weights"])})
+
+
+@dataclass
 class LoopState:
     """Everything besides the learner that a resumed run needs to continue as if never stopped."""
 
@@ -63,11 +107,17 @@ class LoopState:
     health: HealthMonitor
     step: int = 0
     version: int = 0
+    synced_step: int = 0
+    """The learner step whose weights the generators got with `version`."""
+    rollouts: deque[Rollout] = field(default_factory=deque)
+    """Rollouts drawn for steps after `step` (at most `rollout.max_staleness`)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "version": self.version,
+            "synced_step": self.synced_step,
+            "rollouts": [r.state_dict() for r in self.rollouts],
             "sampler": self.sampler.state_dict(),
             "cursor": self.cursor.state_dict(),
             "normalizer": self.normalizer.state_dict(),
@@ -76,6 +126,9 @@ class LoopState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.version = state["step"], state["version"]
+        # Checkpoints from before overlapped generation: synced at the checkpoint, nothing drawn ahead.
+        self.synced_step = state.get("synced_step", state["step"])
+        self.rollouts = deque(Rollout.from_state(r) for r in state.get("rollouts", []))
         self.sampler.load_state_dict(state["sampler"])
         self.cursor.load_state_dict(state["cursor"])
         self.normalizer.load_state_dict(state["normalizer"])
@@ -122,17 +175,18 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                 timings: dict[str, float] = {}
                 t0 = time.perf_counter()
 
-                # 1-2. Prompts, Dirichlet weights (rounded as written), conditioned prompt token ids.
-                batch = [prompts[i] for i in state.cursor.next(cfg.rollout.prompts_per_step)]
-                weights = round_weights(state.sampler.sample(len(batch)), cfg.conditioning.decimals)
-                prompt_ids = [render_conditioned(tokenizer, p.prompt, names, w, cfg) for p, w in zip(batch, weights)]
-
-                # 3. On-policy samples, n per prompt, tagged with the policy version.
+                # 1-3. Prompts, Dirichlet weights, conditioned prompts, sent to the generators for n
+                #      samples each. With max_staleness s > 0 they are sent s steps early, so the
+                #      generators sample step t+s while the learner trains step t.
+                while len(state.rollouts) <= cfg.rollout.max_staleness and state.step + len(state.rollouts) < cfg.steps:
+                    state.rollouts.append(_draw_rollout(cfg, state, prompts, tokenizer, generators))
+                rollout = state.rollouts.popleft()
+                batch = [prompts[i] for i in rollout.prompt_indices]
+                weights, prompt_ids = rollout.weights, list(rollout.prompt_ids)
                 t = time.perf_counter()
-                samples = generate(
-                    cfg, generators, prompt_ids, _step_seeds(cfg, step, len(prompt_ids)), cfg.rollout.samples_per_prompt, step
-                )
+                samples = rollout.wait()
                 timings["time/generate_s"] = time.perf_counter() - t
+                timings["staleness"] = step - 1 - rollout.policy_step
 
                 # 4. Rewards on the unconditioned prompt; per-objective running normalisation.
                 t = time.perf_counter()
@@ -157,11 +211,19 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                 #    exactly the weights the uninterrupted run's generators held, and before every
                 #    evaluation (eval.every_steps is a multiple of sync.every_steps, so this adds none).
                 checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == cfg.steps
-                t = time.perf_counter()
+                timings["time/sync_s"] = 0.0
                 if step % cfg.sync.every_steps == 0 or checkpoint_due or evaluation.due(step):
+                    # The generators finish the rollouts sent ahead first (they are older than
+                    # this policy); waiting here keeps that time out of the sync's.
+                    t = time.perf_counter()
+                    for ahead in state.rollouts:
+                        ahead.wait()
+                    timings["time/generate_s"] += time.perf_counter() - t
+                    t = time.perf_counter()
                     state.version += 1
+                    state.synced_step = step
                     timings.update(sync_weights(cfg, learners, generators, state.version, step))
-                timings["time/sync_s"] = time.perf_counter() - t
+                    timings["time/sync_s"] = time.perf_counter() - t
 
                 # 7b. Pareto evaluation on held-out prompts, on the weights just synced. Before
                 #     state.step moves on, so a failure here is reported as this step's; its time
@@ -245,6 +307,17 @@ def _relabel_weights(cfg: RunConfig, sampler: DirichletSampler | FixedWeights, w
     return [round_weights(sampler.sample(len(weights)), cfg.conditioning.decimals) for _ in range(count)]
 
 
+def _draw_rollout(cfg: RunConfig, state: LoopState, prompts, tokenizer, generators) -> Rollout:
+    """The next undrawn step's prompts and weights (rounded as written), sent to the generators."""
+    step = state.step + len(state.rollouts) + 1
+    indices = state.cursor.next(cfg.rollout.prompts_per_step)
+    weights = round_weights(state.sampler.sample(len(indices)), cfg.conditioning.decimals)
+    prompt_ids = [render_conditioned(tokenizer, prompts[i].prompt, cfg.objective_names, w, cfg) for i, w in zip(indices, weights)]
+    seeds = _step_seeds(cfg, step, len(prompt_ids))
+    generation = Generation(cfg, generators, prompt_ids, seeds, cfg.rollout.samples_per_prompt, step)
+    return Rollout(step, list(indices), weights, prompt_ids, state.version, state.synced_step, generation)
+
+
 def _step_seeds(cfg: RunConfig, step: int, count: int) -> list[int]:
     # Per-prompt seeds depend only on (seed, step, prompt): the same completions whatever the
     # number of generators, and again after a resume.
@@ -284,7 +357,8 @@ def _step_metrics(names, raw, samples, selection, learn, timings, version) -> di
             "dropped_ties": selection.dropped_ties,
             "dropped_zero_weight": selection.dropped_zero_weight,
             "tokens_generated": tokens,
-            "tokens_per_s": tokens / max(timings["time/generate_s"], 1e-9),
+            # Throughput: with generation overlapped, time/generate_s is only the part not hidden.
+            "tokens_per_s": tokens / max(timings["time/step_s"], 1e-9),
             "pairs_per_s": len(selection.pairs) / max(timings["time/step_s"], 1e-9),
             "completion_tokens_mean": tokens / max(1, sum(len(g) for g in samples)),
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -106,21 +107,17 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list, roles: tuple[s
     from moalign.weight_sync import free_port
 
     a = cfg.actors
-    threads = {"OMP_NUM_THREADS": str(a.omp_threads or os.cpu_count() or 1)}
-    env = {
-        "env_vars": {**threads, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
-    }
     timeout = cfg.ray_timeout_s
     generators = scorers = learners = None
     if "generator" in roles:
-        generators = _generator_group(cfg, model_path, env)
+        generators = _generator_group(cfg, model_path, actor_env(cfg, a.generator_cpus))
         started.append(generators)
     if "reward" in roles:
         scorers = ActorGroup(
             "reward",
             RewardActor,
             a.num_reward_workers,
-            {"num_cpus": a.reward_cpus, "num_gpus": a.reward_gpus, "runtime_env": env},
+            {"num_cpus": a.reward_cpus, "num_gpus": a.reward_gpus, "runtime_env": actor_env(cfg, a.reward_cpus)},
             lambda i: ((cfg.objectives,), {}),
             timeout,
         )
@@ -134,7 +131,7 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list, roles: tuple[s
             "learner",
             LearnerActor,
             a.num_learners,
-            {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": env},
+            {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": actor_env(cfg, a.learner_cpus)},
             lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, "master_addr": address, "master_port": port}),
             timeout,
             first_actor_options={"scheduling_strategy": here} if a.num_learners > 1 else None,
@@ -143,6 +140,23 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list, roles: tuple[s
     # Construction errors (bad model path, OOM) surface here, named by role, not at step 1.
     ping_all([g for g in (generators, scorers, learners) if g is not None])
     return generators, scorers, learners
+
+
+def actor_env(cfg: RunConfig, cpus: float) -> dict:
+    """An actor's runtime environment: one thread pool sized from its CPU allotment.
+
+    Pools sized to every core fight over them: with OpenMP's spin-waiting, one busy neighbour on
+    a 2-core machine made steps 5-7x slower. Give a role more cores with `actors.<role>_cpus`.
+    """
+    threads = cfg.actors.omp_threads or max(1, math.ceil(cpus))
+    return {
+        "env_vars": {
+            "OMP_NUM_THREADS": str(threads),
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_LOGGING_LEVEL": "WARNING",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    }
 
 
 def _generator_group(cfg: RunConfig, model_path: str, env: dict):
@@ -184,14 +198,31 @@ def chunks(n: int, parts: int) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+class Generation:
+    """Completions being sampled on the generators: submitted now, collected by `samples()`.
+
+    A generator runs its calls in the order they were sent, so a generation sent before a weight
+    sync samples from the weights before it, however long either takes.
+    """
+
+    def __init__(self, cfg: RunConfig, generators, prompt_ids: list[list[int]], seeds: list[int], n: int, step: int | None):
+        r = cfg.rollout
+        parts = [s for s in chunks(len(prompt_ids), len(generators)) if s.stop > s.start]
+        self._refs = generators.submit_each(
+            "generate", [(prompt_ids[s], n, r.temperature, r.top_p, r.max_new_tokens, seeds[s]) for s in parts]
+        )
+        self._generators, self._step = generators, step
+        self._samples: list[list[dict]] | None = None
+
+    def samples(self) -> list[list[dict]]:
+        """n samples per prompt, waiting for them (with the generators' timeout) the first time."""
+        if self._samples is None:
+            self._samples = [group for chunk in self._generators.wait(self._refs, "generate", self._step) for group in chunk]
+        return self._samples
+
+
 def generate(cfg: RunConfig, generators, prompt_ids: list[list[int]], seeds: list[int], n: int, step: int | None) -> list[list[dict]]:
-    r = cfg.rollout
-    parts = [s for s in chunks(len(prompt_ids), len(generators)) if s.stop > s.start]
-    args = [(prompt_ids[s], n, r.temperature, r.top_p, r.max_new_tokens, seeds[s]) for s in parts]
-    out: list[list[dict]] = []
-    for chunk in generators.call_each("generate", args, step=step):
-        out += chunk
-    return out
+    return Generation(cfg, generators, prompt_ids, seeds, n, step).samples()
 
 
 def score(cfg: RunConfig, scorers, prompts: list[str], samples: list[list[dict]], n: int, step: int | None) -> np.ndarray:

@@ -115,8 +115,11 @@ class ActorGroup:
 
     def call_each(self, method: str, per_actor_args: Sequence[tuple], step: int | None = None) -> list[Any]:
         """Actor i gets per_actor_args[i]; actors without an entry are skipped."""
-        refs = [getattr(self.actors[i], method).remote(*a) for i, a in enumerate(per_actor_args)]
-        return self.wait(refs, method, step)
+        return self.wait(self.submit_each(method, per_actor_args), method, step)
+
+    def submit_each(self, method: str, per_actor_args: Sequence[tuple]) -> list[ray.ObjectRef]:
+        """`call_each` without the wait: the refs, for `wait` later."""
+        return [getattr(self.actors[i], method).remote(*a) for i, a in enumerate(per_actor_args)]
 
     def kill(self) -> None:
         for actor in self.actors:

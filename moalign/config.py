@@ -171,6 +171,8 @@ class RolloutConfig(_Section):
     """Nucleus sampling mass."""
     max_new_tokens: int = Field(48, ge=1, le=8192)
     """Completion length cap in tokens."""
+    max_staleness: int = Field(0, ge=0, le=8)
+    """Steps generation runs ahead of learning: s > 0 samples step t+s while the learner trains step t (pairs up to s policy versions old); 0 = strictly on-policy, one phase after the other."""
 
 
 class LoRAConfig(_Section):
@@ -227,7 +229,7 @@ class ActorsConfig(_Section):
     cpu_kvcache_gb: float = Field(1.0, gt=0, le=1024)
     """vLLM CPU KV-cache size in GiB (CPU hosts)."""
     omp_threads: int = Field(0, ge=0, le=1024)
-    """OMP_NUM_THREADS of every actor (0 = all cores of its node); 1 keeps spin-waiting thread pools from stalling a busy machine."""
+    """OMP_NUM_THREADS of every actor (0 = its CPU allotment, `<role>_cpus` rounded up, so roles do not fight over cores)."""
 
 
 class SyncConfig(_Section):

@@ -64,11 +64,13 @@ def scrape_until(port, needles, seconds=60):
     raise AssertionError(f"metrics {needles} not exported within {seconds}s; got {len(body)} bytes")
 
 
-def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, metrics_port, tmp_path):
+@pytest.mark.parametrize(("max_staleness", "staleness"), [(0, [0, 1, 0, 1]), (1, [0, 1, 2, 1])])
+def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, metrics_port, tmp_path, max_staleness, staleness):
     """One uninterrupted run checked for what a step records and exports; a copy crashed after
     step 2's checkpoint resumes to the same losses and rewards (one run serves both: each run
-    starts its own actors, the largest cost here)."""
-    extra = ("checkpoint.every_steps=2", "sync.every_steps=2")
+    starts its own actors, the largest cost here). With max_staleness 1 the checkpoint holds the
+    rollout already generated for step 3, from the policy before step 2's update."""
+    extra = ("checkpoint.every_steps=2", "sync.every_steps=2", f"rollout.max_staleness={max_staleness}")
     cfg = tiny_config(tiny_model, tmp_path / "run", "steps=4", *extra)
     summary = run(cfg)
     reference = read_metrics(tmp_path / "run")
@@ -81,8 +83,10 @@ def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, me
         for key in ("time/generate_s", "time/score_s", "time/learn_s", "time/sync_s"):
             assert h[key] >= 0
         assert 0 < h["health/distinct_fraction"] <= 1 and h["health/completion_tokens_mean"] > 0
-    # The generators get new weights every second step.
+    # The generators get new weights every second step; samples lag the learner by up to
+    # max_staleness + sync.every_steps - 1 steps.
     assert [h["version"] for h in reference] == [0, 1, 1, 2]
+    assert [h["staleness"] for h in reference] == staleness
     assert summary["version"] == 2
     # Four steps are fewer than health.window_steps: nothing is judged yet.
     assert summary["health_warnings"] == [] and set(summary["health_start"]) >= {"distinct_fraction", "kl"}
@@ -113,7 +117,7 @@ def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, me
     history = read_metrics(tmp_path / "resumed")
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     for a, b in zip(reference, history):
-        assert a["pairs"] == b["pairs"] and a["version"] == b["version"]
+        assert a["pairs"] == b["pairs"] and a["version"] == b["version"] and a["staleness"] == b["staleness"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), f"step {a['step']}"
         for name in cfg.objective_names:
             assert b[f"reward/{name}"] == pytest.approx(a[f"reward/{name}"], rel=1e-6, abs=1e-9)

@@ -1,9 +1,12 @@
+import json
+
+import numpy as np
 import pytest
 
 from actors.cluster import check_resume_config, chunks, merge_rank_metrics
 from moalign.config import ConfigError, load_config, save_resolved
 from moalign.health import HealthMonitor
-from orchestrator import _check_supported, _report, _summarize
+from orchestrator import Rollout, _check_supported, _report, _summarize
 
 
 def test_chunks_cover_range_evenly():
@@ -120,3 +123,32 @@ def test_report_says_none_when_healthy(caplog):
         _report(_summary(_history([1.0] * 8), HealthMonitor()))
     assert "health: no bound crossed" in caplog.text and "health warnings: none" in caplog.text
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+class _DoneGeneration:
+    def __init__(self, samples):
+        self._samples = samples
+
+    def samples(self):
+        return self._samples
+
+
+def _rollout(version, tags):
+    samples = [[{"token_ids": [1, 2], "text": "a", "finish_reason": "stop", "version": v} for v in tags]]
+    return Rollout(3, [4], np.array([[0.25, 0.75]]), [[7, 8, 9]], version, 1, _DoneGeneration(samples))
+
+
+def test_rollout_round_trips_through_a_checkpoint_once_generated():
+    rollout = _rollout(2, [2, 2])
+    with pytest.raises(RuntimeError, match="step 3 is still generating"):
+        rollout.state_dict()
+    rollout.wait()
+    again = Rollout.from_state(json.loads(json.dumps(rollout.state_dict())))
+    assert again.samples == rollout.samples and again.wait() == rollout.samples
+    assert (again.step, again.prompt_indices, again.prompt_ids, again.version, again.policy_step) == (3, [4], [[7, 8, 9]], 2, 1)
+    np.testing.assert_array_equal(again.weights, rollout.weights)
+
+
+def test_rollout_from_another_policy_version_is_refused():
+    with pytest.raises(RuntimeError, match=r"step 3: samples from policy version\(s\) \[1, 2\], expected 2"):
+        _rollout(2, [1, 2]).wait()
