@@ -1,7 +1,7 @@
 """This project's MO-ODPO loop beside TRL's online DPO trainer, on the same machine in one invocation.
 
     make bench                                   # SmolLM2-135M, TRL's shape, 2 rounds x 3 steps each
-    python benchmarks/vs_trl.py --rounds 1 --steps 2 --contenders moalign-s0 trl
+    python benchmarks/vs_trl.py --rounds 1 --steps 2 --contenders moalign-s0-c2 trl
 
 Same model (SmolLM2-135M-Instruct, fp32), LoRA (r16, alpha 32, the same modules), prompts (the
 shipped training prompts, drawn in the same order), prompts per step, completions per prompt (2:
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import statistics
 import sys
 import tempfile
@@ -49,15 +50,24 @@ def shared_overrides(args) -> list[str]:
     ]
 
 
-def run_moalign(args, staleness: int, workdir: Path) -> list[dict]:
-    """Steps of the MO-ODPO loop (a fresh Ray cluster and actors), as per-step figures."""
+def layout(name: str) -> tuple[int, int]:
+    match = re.fullmatch(r"moalign-s(\d+)(?:-c(\d+))?", name)
+    if match is None:
+        raise ValueError(f"unknown contender {name!r}: trl or moalign-s<staleness>[-c<cores>]")
+    return int(match[1]), int(match[2] or 1)
+
+
+def run_moalign(args, name: str, workdir: Path) -> list[dict]:
+    """Steps of the MO-ODPO loop (a fresh Ray cluster and actors), as per-step figures. The name
+    gives the layout: `moalign-s<max_staleness>[-c<cores for the generator and the learner each>]`."""
+    staleness, cores = layout(name)
     import ray
 
     from actors.metrics import read_metrics
     from moalign.config import load_config
     from orchestrator import run
 
-    run_dir = workdir / f"moalign-s{staleness}-{time.monotonic_ns()}"
+    run_dir = workdir / f"{name}-{time.monotonic_ns()}"
     cfg = load_config(
         None,
         [
@@ -65,6 +75,8 @@ def run_moalign(args, staleness: int, workdir: Path) -> list[dict]:
             f"run_dir={run_dir}",
             f"steps={args.steps}",
             f"rollout.max_staleness={staleness}",
+            f"actors.generator_cpus={cores}",
+            f"actors.learner_cpus={cores}",
             "checkpoint.every_steps=1000",
             "eval.at_start_and_end=false",
             "logging.progress_bar=false",
@@ -170,7 +182,12 @@ def summarize(name: str, steps: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contenders", nargs="+", default=["trl", "moalign-s0", "moalign-s1"], help="trl, moalign-s<max_staleness>")
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        default=["trl", "moalign-s0-c2", "moalign-s1"],
+        help="trl, moalign-s<max_staleness>[-c<cores each for generator and learner; default 1>]",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="steps per round; the first is a warm-up, left out")
     parser.add_argument("--prompts", type=int, default=8)
@@ -181,17 +198,18 @@ def main() -> None:
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step of each round is a warm-up)")
 
+    for name in args.contenders:
+        if name != "trl":
+            try:
+                layout(name)
+            except ValueError as exc:
+                parser.error(str(exc))
     workdir = Path(tempfile.mkdtemp(prefix="moalign-bench-"))
     steps: dict[str, list[dict]] = {c: [] for c in args.contenders}
     for r in range(args.rounds):
         for name in args.contenders:
             log.info("round %d/%d: %s", r + 1, args.rounds, name)
-            if name == "trl":
-                steps[name] += run_trl(args, workdir)
-            elif name.startswith("moalign-s"):
-                steps[name] += run_moalign(args, int(name.removeprefix("moalign-s")), workdir)
-            else:
-                parser.error(f"unknown contender {name!r}")
+            steps[name] += run_trl(args, workdir) if name == "trl" else run_moalign(args, name, workdir)
 
     rows = [summarize(name, s) for name, s in steps.items()]
     trl = next((row for row in rows if row["name"] == "trl"), None)

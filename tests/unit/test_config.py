@@ -55,6 +55,8 @@ def test_invalid_value_names_field_value_and_allowed():
         load_config(None, ["rollout.samples_per_prompt=1"])
     with pytest.raises(ConfigError, match=r"rollout\.temperature"):
         load_config(None, ["rollout.temperature=0"])
+    with pytest.raises(ConfigError, match=r"rollout\.max_staleness.*less than or equal to 8.*got 9"):
+        load_config(None, ["rollout.max_staleness=9"])
 
 
 def test_batch_arithmetic_checked():

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from actors.cluster import check_resume_config, chunks, merge_rank_metrics
+from actors.cluster import actor_env, check_resume_config, chunks, merge_rank_metrics
 from moalign.config import ConfigError, load_config, save_resolved
 from moalign.health import HealthMonitor
 from orchestrator import Rollout, _check_supported, _report, _summarize
@@ -152,3 +152,9 @@ def test_rollout_round_trips_through_a_checkpoint_once_generated():
 def test_rollout_from_another_policy_version_is_refused():
     with pytest.raises(RuntimeError, match=r"step 3: samples from policy version\(s\) \[1, 2\], expected 2"):
         _rollout(2, [1, 2]).wait()
+
+
+def test_actor_threads_follow_the_cpu_allotment_unless_set():
+    cfg = load_config(None, [])
+    assert [actor_env(cfg, cpus)["env_vars"]["OMP_NUM_THREADS"] for cpus in (0.5, 1, 2, 2.5)] == ["1", "1", "2", "3"]
+    assert actor_env(load_config(None, ["actors.omp_threads=4"]), 1)["env_vars"]["OMP_NUM_THREADS"] == "4"
