@@ -143,15 +143,17 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list, roles: tuple[s
 
 
 def actor_env(cfg: RunConfig, cpus: float) -> dict:
-    """An actor's runtime environment: one thread pool sized from its CPU allotment.
+    """An actor's runtime environment: one thread pool sized from its CPU allotment, whose idle
+    threads sleep rather than spin.
 
-    Pools sized to every core fight over them: with OpenMP's spin-waiting, one busy neighbour on
-    a 2-core machine made steps 5-7x slower. Give a role more cores with `actors.<role>_cpus`.
+    Spinning pools that share cores (with each other or with a busy neighbour) stall: one busy
+    process on a 2-core machine made steps 5x slower. Give a role more cores with `actors.<role>_cpus`.
     """
     threads = cfg.actors.omp_threads or max(1, math.ceil(cpus))
     return {
         "env_vars": {
             "OMP_NUM_THREADS": str(threads),
+            "OMP_WAIT_POLICY": "PASSIVE",
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "VLLM_LOGGING_LEVEL": "WARNING",
             "TOKENIZERS_PARALLELISM": "false",
