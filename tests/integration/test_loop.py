@@ -41,8 +41,6 @@ def tiny_config(tiny_model, run_dir, *extra):
             "learner.lora.rank=4",
             "actors.cpu_kvcache_gb=0.25",
             "ray_timeout_s=300",
-            # Both cores per actor: these runs are mostly one phase at a time.
-            "actors.omp_threads=2",
             "logging.progress_bar=false",
             "logging.tensorboard=true",
             *extra,

@@ -55,8 +55,6 @@ def offline_config(tiny_model, run_dir, data, *extra):
             "learner.lora.rank=4",
             "checkpoint.every_steps=2",
             "ray_timeout_s=300",
-            # Both cores per actor: these runs are mostly one phase at a time.
-            "actors.omp_threads=2",
             "logging.progress_bar=false",
             "logging.tensorboard=false",
             *extra,
