@@ -158,3 +158,5 @@ def test_actor_threads_follow_the_cpu_allotment_unless_set():
     cfg = load_config(None, [])
     assert [actor_env(cfg, cpus)["env_vars"]["OMP_NUM_THREADS"] for cpus in (0.5, 1, 2, 2.5)] == ["1", "1", "2", "3"]
     assert actor_env(load_config(None, ["actors.omp_threads=4"]), 1)["env_vars"]["OMP_NUM_THREADS"] == "4"
+    # Idle threads sleep: spinning pools that share cores stalled steps 5x beside a busy process.
+    assert actor_env(cfg, 1)["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
