@@ -297,7 +297,8 @@ def evaluate_run(
 ) -> list[tuple[str, dict[str, Any]]]:
     """The command's work: base front (reused when possible), the checkpoint's front unless
     `base_only`, front.png and the steerability table; returns the fronts plotted."""
-    from actors.cluster import actor_groups, start_ray, sync_weights
+    from actors.cluster import actor_groups, start_ray
+    from actors.weight_sync import make_weight_sync
 
     e = cfg.eval
     names = cfg.objective_names
@@ -327,7 +328,7 @@ def evaluate_run(
                 state = read_state(checkpoint)
                 trained_step, version = int(state["step"]), int(state["version"])
                 learners.call("load_checkpoint", str(checkpoint / "learner"), step=trained_step)
-                sync_weights(cfg, learners, generators, version, trained_step)
+                make_weight_sync(cfg, learners, generators)(version, trained_step)
                 log.info("generators hold %s (policy version %d)", checkpoint, version)
                 label, out_dir = f"step {trained_step}", run_dir / "eval" / f"step_{trained_step}"
                 stats = evaluate_front(cfg, generators, scorers, tokenizer, heldout, label, out_dir, *settings, step=trained_step)
@@ -357,7 +358,8 @@ def evaluate_offline(
     beside the base model's point in RUN_DIR/eval/offline_base."""
     from transformers import AutoTokenizer
 
-    from actors.cluster import actor_groups, start_ray, sync_weights
+    from actors.cluster import actor_groups, start_ray
+    from actors.weight_sync import make_weight_sync
     from moalign.checkpoint import latest_checkpoint
     from moalign.conditioning import render_prompt_ids
     from moalign.models import resolve_model_path
@@ -389,7 +391,7 @@ def evaluate_offline(
         for member, checkpoint in zip(members, checkpoints):
             step = int(read_state(checkpoint)["step"])
             learners.call("load_checkpoint", str(checkpoint / "learner"), True, step=step)
-            sync_weights(cfg, learners, generators, step, step)
+            make_weight_sync(cfg, learners, generators)(step, step)
             label = f"{cfg.algorithm.name} {weights_label(member.offline_weights)}"
             rewards, member_rows = _sample_and_score(
                 cfg, generators, scorers, prompt_ids, heldout, seeds, e.samples_per_weight, label, step

@@ -36,8 +36,8 @@ from actors.cluster import (
     render_conditioned,
     save_checkpoint,
     score,
-    sync_weights,
 )
+from actors.weight_sync import make_weight_sync
 from moalign.checkpoint import latest_checkpoint, read_state
 from moalign.conditioning import (
     DirichletSampler,
@@ -151,6 +151,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
 
     # Wiring: three independently sized actor groups, killed when the run ends or fails.
     with actor_groups(cfg, model_path) as (generators, scorers, learners):
+        sync_weights = make_weight_sync(cfg, learners, generators)
         state = LoopState(
             sampler=(
                 FixedWeights(cfg.conditioning.fixed_weights)
@@ -164,7 +165,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
         if resume_from is not None:
             state.load_state_dict(read_state(resume_from))
             learners.call("load_checkpoint", str(resume_from / "learner"), step=state.step)
-            sync_weights(cfg, learners, generators, state.version, state.step)
+            sync_weights(state.version, state.step)
             log.info("resumed from %s at step %d (policy version %d)", resume_from, state.step, state.version)
 
         sink = MetricsSink(run_dir, run_dir.name, cfg.logging.tensorboard, cfg.logging.ray_metrics, resume_step=state.step)
@@ -219,11 +220,9 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     for ahead in state.rollouts:
                         ahead.wait()
                     timings["time/generate_s"] += time.perf_counter() - t
-                    t = time.perf_counter()
                     state.version += 1
                     state.synced_step = step
-                    timings.update(sync_weights(cfg, learners, generators, state.version, step))
-                    timings["time/sync_s"] = time.perf_counter() - t
+                    timings.update(sync_weights(state.version, step))
 
                 # 7b. Pareto evaluation on held-out prompts, on the weights just synced. Before
                 #     state.step moves on, so a failure here is reported as this step's; its time

@@ -1,7 +1,7 @@
 """The Ray side of a run, shared by the MO-ODPO loop (`orchestrator.py`), the offline loop
 (`offline.py`) and the evaluations (`evaluate.py`): opening a run directory, starting Ray and the
 actor groups, and the calls every loop makes through them (generate, score, merge the learner
-ranks' metrics, sync weights, checkpoint, export).
+ranks' metrics, checkpoint, export). Weight sync has its own module, `actors.weight_sync`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -258,19 +257,6 @@ def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
         # The algorithm's own figures (MOPO's multipliers) are the same on every rank.
         **{k: v for k, v in first.items() if k.startswith("mopo/")},
     }
-
-
-def sync_weights(cfg: RunConfig, learners, generators, version: int, step: int) -> dict[str, float]:
-    if cfg.sync.backend == "broadcast":
-        from actors.ray_actors import broadcast_sync
-
-        # The collective's own timeout below the Ray one: a dead peer is then reported as the cause.
-        return broadcast_sync(learners, generators, cfg.sync.bucket_mb, version, step, timeout_s=0.8 * cfg.ray_timeout_s)
-    t = time.perf_counter()
-    refs = learners.wait([learners.actors[0].export_weight_refs.remote(cfg.sync.bucket_mb)], "export_weight_refs", step)[0]
-    exported = time.perf_counter() - t
-    loaded = generators.call("load_weight_refs", refs, version, cfg.ray_timeout_s, step=step)
-    return {"time/sync_export_s": exported, "sync/buckets": len(refs), "sync/bytes": loaded[0].get("bytes", 0)}
 
 
 def save_checkpoint(cfg: RunConfig, run_dir: Path, learners, state: Any) -> None:

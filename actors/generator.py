@@ -87,10 +87,16 @@ def _refresh_tied_heads(wrapper: Any) -> int:
 
 class _ExpectedReloadWarnings(logging.Filter):
     """Drops vLLM's per-reload warning for layers that have nothing to load by design: rotary
-    embeddings (recomputed) and a tied LM head (it aliases the embedding; refreshed below)."""
+    embeddings (recomputed), a tied LM head (it aliases the embedding; refreshed below) and,
+    during an adapter load, every layer the adapters leave alone (`partial`)."""
+
+    partial = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() not in ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights")
+        message = record.getMessage()
+        if self.partial and message.endswith(": Failed to load weights"):
+            return False
+        return message not in ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights")
 
 
 class Generator:
@@ -162,7 +168,8 @@ class Generator:
             # with less budget left; without chunking the scheduler leaves them waiting instead,
             # and vLLM raises the budget to at least max_model_len, so no prompt exceeds it.
             engine_args["enable_chunked_prefill"] = False
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_ExpectedReloadWarnings())
+        self._reload_warnings = _ExpectedReloadWarnings()
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(self._reload_warnings)
         started = time.perf_counter()
         self.llm = vllm.LLM(**engine_args)
         self._sampling_params_cls = vllm.SamplingParams
@@ -174,6 +181,8 @@ class Generator:
             # HF state_dicts carry the tied head too; vLLM skips it (it aliases the embedding).
             self._expected.setdefault("lm_head.weight", self._expected["model.embed_tokens.weight"])
             self._optional.add("lm_head.weight")
+        self.dtype = dtype
+        self._read_base: Any = None  # moalign.models.checkpoint_reader, opened at the first adapter load
         self.version = 0
         self._broadcast: Any = None  # a moalign.weight_sync.BroadcastGroup once open_broadcast ran
         _LIVE.add(self)
@@ -267,8 +276,10 @@ class Generator:
 
     # ------------------------------------------------------------------ weights
 
-    def _check_bucket(self, index: int, bucket: list, seen: set[str]) -> None:
+    def _check_bucket(self, index: int, bucket: list, seen: set[str], payload: str) -> None:
         import torch
+
+        from moalign.lora_sync import adapter_shape_error, parse_adapter_name
 
         for item in bucket:
             if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)):
@@ -278,6 +289,12 @@ class Generator:
                 raise ValueError(f"bucket {index}: weight {name!r} sent twice")
             seen.add(name)
             if name.endswith(_IGNORED_SUFFIXES) or self._expected is None:
+                continue
+            adapter = parse_adapter_name(name) if payload == "adapter" else None
+            if adapter is not None:
+                error = adapter_shape_error(name, tuple(tensor.shape), self._expected.get(f"{adapter[0]}.weight"))
+                if error:
+                    raise ValueError(f"bucket {index}: {error}")
                 continue
             if name not in self._expected:
                 example = next(iter(self._expected), "?")
@@ -290,15 +307,35 @@ class Generator:
                     f"bucket {index}: weight {name!r} has shape {tuple(tensor.shape)}, the model expects {self._expected[name]}"
                 )
 
-    def _check_complete(self, seen: set[str]) -> None:
-        """A partial set would leave fused layers half-loaded (see load_weights)."""
-        if self._expected is not None:
+    def _check_complete(self, seen: set[str], payload: str) -> None:
+        """A partial full set would leave fused layers half-loaded (see load_weights); an adapter
+        payload is completed from the base checkpoint instead."""
+        if self._expected is not None and payload == "full":
             missing = sorted(set(self._expected) - self._optional - seen)
             if missing:
                 raise ValueError(f"incomplete weights: {len(missing)} missing, e.g. {missing[:5]}")
 
-    def load_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> dict:
+    def _adapter_merger(self):
+        import torch
+
+        from moalign.lora_sync import AdapterMerger
+        from moalign.models import checkpoint_reader
+
+        if self._read_base is None:
+            self._read_base = checkpoint_reader(self.model_path)
+        if self._read_base is None or self._expected is None:
+            raise ValueError(
+                f"an adapter payload is merged into the base weights read from {self.model_path}, which holds no "
+                "safetensors checkpoint; set sync.payload=full"
+            )
+        return AdapterMerger(self._read_base, set(self._expected) - self._optional, getattr(torch, self.dtype))
+
+    def load_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int, payload: str = "full") -> dict:
         """Replace the engine's weights with the HF-named tensors in `buckets`; set `version`.
+
+        `payload`: `full`, every checkpoint tensor; `adapter`, LoRA factors (and any other
+        changed tensors) as `moalign.lora_sync` names them, merged here into the base weights
+        read from the checkpoint at `model_path`, which must be the learner's base model.
 
         `buckets` is consumed lazily, one bucket at a time, and vLLM processes each layer as
         soon as all of its tensors have arrived, so a generator that fetches buckets on demand
@@ -314,6 +351,8 @@ class Generator:
         version = operator.index(version)
         if version < 0:
             raise ValueError(f"version must be >= 0, got {version}")
+        if payload not in ("full", "adapter"):
+            raise ValueError(f"payload must be 'full' or 'adapter', got {payload!r}")
         if not self._in_process:
             # The lazy iterator cannot cross into tensor-parallel worker processes; that needs
             # vLLM's weight-transfer engines (WeightTransferConfig, NCCL/IPC) instead.
@@ -327,27 +366,33 @@ class Generator:
             for index, bucket in enumerate(buckets):
                 bucket = list(bucket)
                 # Whole bucket first, so an error is raised before any of its tensors is loaded.
-                self._check_bucket(index, bucket, seen)
+                self._check_bucket(index, bucket, seen, payload)
                 for name, tensor in bucket:
                     state["bytes"] += tensor.numel() * tensor.element_size()
                     state["tensors"] += 1
                     yield name, tensor
                 del bucket  # drop our reference before the next bucket is fetched
-            self._check_complete(seen)
+            self._check_complete(seen, payload)
 
         started = time.perf_counter()
+        merger = self._adapter_merger() if payload == "adapter" else None
+        weights = merger(stream()) if merger is not None else stream()
         with self._lock:
+            self._reload_warnings.partial = merger is not None
             try:
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream()})
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
                 self.llm.collective_rpc(_refresh_tied_heads)
             except BaseException:
                 self._recover(loaded_some=state["tensors"] > 0)
                 raise
+            finally:
+                self._reload_warnings.partial = False
             # KV blocks computed under the old weights must never be reused.
             self.llm.reset_prefix_cache()
             self.version = version
         seconds = time.perf_counter() - started
-        log.info("loaded %d tensors (%.1f MB) as version %d in %.2fs", state["tensors"], state["bytes"] / 1e6, version, seconds)
+        merged = f", {merger.merged_layers} layers merged from adapters" if merger is not None else ""
+        log.info("loaded %d tensors (%.1f MB) as version %d in %.2fs%s", state["tensors"], state["bytes"] / 1e6, version, seconds, merged)
         return {"seconds": seconds, "bytes": state["bytes"]}
 
     def _recover(self, loaded_some: bool) -> None:
@@ -386,7 +431,7 @@ class Generator:
         if group is not None:
             group.close()
 
-    def _check_manifest(self, manifest: Sequence[Sequence[tuple]]) -> None:
+    def _check_manifest(self, manifest: Sequence[Sequence[tuple]], payload: str) -> None:
         """load_weights' checks, on the manifest alone: a bad set is refused before any byte
         arrives, so the engine keeps its weights instead of falling back to the checkpoint."""
         import torch
@@ -398,10 +443,10 @@ class Generator:
             bucket = [
                 (name, torch.empty(tuple(shape), dtype=dtype_from_name(dtype), device="meta")) for name, shape, dtype, _, _ in entries
             ]
-            self._check_bucket(index, bucket, seen)
-        self._check_complete(seen)
+            self._check_bucket(index, bucket, seen, payload)
+        self._check_complete(seen, payload)
 
-    def receive_weights(self, manifest: Sequence[Sequence[tuple]], version: int) -> dict:
+    def receive_weights(self, manifest: Sequence[Sequence[tuple]], version: int, payload: str = "full") -> dict:
         """Receive the learner's `broadcast_weights` (one flat buffer per bucket of `manifest`,
         from `learner.weight_manifest`) and load it as `version`, like `load_weights`.
 
@@ -440,8 +485,8 @@ class Generator:
 
         started = time.perf_counter()
         try:
-            self._check_manifest(manifest)
-            result = self.load_weights(buckets(), version)
+            self._check_manifest(manifest, payload)
+            result = self.load_weights(buckets(), version, payload)
             if received != len(manifest):
                 raise RuntimeError(f"the weight load stopped after {received} of {len(manifest)} buckets")
         except BroadcastError:

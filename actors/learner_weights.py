@@ -10,12 +10,14 @@ of place, so the training weights are never touched.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moalign.lora_sync import adapter_tensors, lora_delta
 from moalign.weight_sync import BroadcastGroup, bucket_manifest, bucketize, flatten_bucket, open_broadcast_group
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,8 @@ class WeightPublisher:
     cfg: Any
     _ckpt_keys: set[str]
     _broadcast: BroadcastGroup | None
-    # Buckets computed by weight_manifest() for the broadcast_weights() that follows: (step, bucket_mb, buckets).
-    _staged: tuple[int, float, list[NamedTensors]] | None
+    # Buckets computed by weight_manifest() for the broadcast_weights() that follows: (step, bucket_mb, payload, buckets).
+    _staged: tuple[int, float, str, list[NamedTensors]] | None
 
     def _hf_model(self) -> torch.nn.Module:
         module = self.engine.module
@@ -65,31 +67,51 @@ class WeightPublisher:
             if module.use_dora.get(adapter, False):
                 raise NotImplementedError("exporting DoRA adapters is not supported")
             if isinstance(module, LoraLinear):
-                delta = module.lora_B[adapter].weight.float() @ module.lora_A[adapter].weight.float()
+                delta = lora_delta(module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter])
                 if module.fan_in_fan_out:
                     delta = delta.T
-                delta = delta * module.scaling[adapter]
             else:
                 delta = module.get_delta_weight(adapter).float()
             merged += delta.to(merged.device).reshape(merged.shape)
         return merged.to(device="cpu", dtype=self.dtype).contiguous()
 
     def _named_full_weights(self) -> NamedTensors:
+        return self._named_payload(adapters=False)
+
+    def _named_payload(self, adapters: bool) -> NamedTensors:
+        """The policy as named CPU tensors: every checkpoint tensor under its Hugging Face name,
+        LoRA merged; or, with `adapters`, each plain LoRA linear layer as its factors (see
+        moalign.lora_sync) and only the trainable rest, the frozen weights staying behind."""
+        from peft.tuners.lora import Linear as LoraLinear
         from peft.tuners.lora import LoraLayer
 
         wanted = self._ckpt_keys
         out: NamedTensors = []
 
+        def as_adapters(module: torch.nn.Module, name: str) -> bool:
+            active = [a for a in module.active_adapters if a in module.lora_A]
+            if not (type(module) is LoraLinear and not module.fan_in_fan_out and not any(module.use_dora.get(a) for a in active)):
+                return False
+            for i, adapter in enumerate(active):
+                a, b = (t.weight.detach().to("cpu", copy=True) for t in (module.lora_A[adapter], module.lora_B[adapter]))
+                out.extend(adapter_tensors(name, i, a, b, module.scaling[adapter]))
+            return True
+
         def walk(module: torch.nn.Module, prefix: str) -> None:
             if isinstance(module, LoraLayer):
                 with self._gathered(list(module.parameters())):
+                    if adapters and as_adapters(module, prefix.removesuffix(".")):
+                        return
                     for pname, p in module.base_layer.named_parameters(recurse=False):
                         name = prefix + pname
                         if name in wanted:
                             out.append((name, self._merged_lora_weight(module) if pname == "weight" else self._export_copy(p)))
                 return
-            own = [(prefix + k, p) for k, p in module._parameters.items() if p is not None]
-            own += [(prefix + k, b) for k, b in module._buffers.items() if b is not None and k not in module._non_persistent_buffers_set]
+            own = [(prefix + k, p) for k, p in module._parameters.items() if p is not None and (p.requires_grad or not adapters)]
+            if not adapters:
+                own += [
+                    (prefix + k, b) for k, b in module._buffers.items() if b is not None and k not in module._non_persistent_buffers_set
+                ]
             own = [(k, t) for k, t in own if k in wanted]
             if own:
                 with self._gathered([t for _, t in own if isinstance(t, torch.nn.Parameter)]):
@@ -99,7 +121,7 @@ class WeightPublisher:
 
         walk(self._hf_model(), "")
         names = [k for k, _ in out]
-        missing, dupes = wanted - set(names), len(names) - len(set(names))
+        missing, dupes = (set() if adapters else wanted - set(names)), len(names) - len(set(names))
         if missing or dupes:
             raise RuntimeError(
                 f"weight export does not match the checkpoint's names: {len(missing)} missing "
@@ -107,11 +129,26 @@ class WeightPublisher:
             )
         return out
 
+    def _sync_payload(self, payload: str) -> NamedTensors:
+        if payload not in ("adapter", "full"):
+            raise ValueError(f"weight payload must be 'adapter' or 'full', got {payload!r}")
+        if payload == "adapter" and not self.lora:
+            raise ValueError("an adapter payload needs learner.lora.enabled; this learner trains all weights")
+        return self._named_payload(adapters=payload == "adapter")
+
+    def full_weight_bytes(self) -> int:
+        """Bytes of every checkpoint tensor in the model dtype: what a full sync sends."""
+        from moalign.models import checkpoint_shapes
+
+        shapes = checkpoint_shapes(self.model_path) or {}
+        return sum(math.prod(shape) for name, shape in shapes.items() if name in self._ckpt_keys) * self.dtype.itemsize
+
     @torch.no_grad()
-    def export_weights(self, bucket_mb: float) -> list[NamedTensors]:
-        """Full policy weights (LoRA merged out of place) under the checkpoint's Hugging Face names,
-        as detached contiguous CPU tensors in the model dtype, in buckets of about `bucket_mb` MiB."""
-        return bucketize(self._named_full_weights(), bucket_mb)
+    def export_weights(self, bucket_mb: float, payload: str = "full") -> list[NamedTensors]:
+        """The policy for a sync, in buckets of about `bucket_mb` MiB of detached CPU tensors:
+        `full`, every weight (LoRA merged out of place) under the checkpoint's Hugging Face
+        names in the model dtype; `adapter`, the LoRA factors (see moalign.lora_sync)."""
+        return bucketize(self._sync_payload(payload), bucket_mb)
 
     @torch.no_grad()
     def export_policy(self, dest: str, card: dict) -> dict:
@@ -159,30 +196,30 @@ class WeightPublisher:
             group.close()
 
     @torch.no_grad()
-    def weight_manifest(self, bucket_mb: float) -> list[list[tuple]]:
+    def weight_manifest(self, bucket_mb: float, payload: str = "full") -> list[list[tuple]]:
         """Per bucket, the flat-buffer manifest (name, shape, dtype, byte offset, numel) that the
         next `broadcast_weights(bucket_mb)` sends, in order. The receivers need it before the
         broadcast starts to allocate their buffers, so this is a separate call; the weights it
         computes are kept for that broadcast rather than merged twice."""
-        buckets = bucketize(self._named_full_weights(), bucket_mb)
-        self._staged = (self.step, bucket_mb, buckets)
+        buckets = bucketize(self._sync_payload(payload), bucket_mb)
+        self._staged = (self.step, bucket_mb, payload, buckets)
         return [bucket_manifest(b) for b in buckets]
 
     @torch.no_grad()
-    def broadcast_weights(self, bucket_mb: float) -> dict:
-        """Broadcast the weights described by the last `weight_manifest(bucket_mb)`, one flat
+    def broadcast_weights(self, bucket_mb: float, payload: str = "full") -> dict:
+        """Broadcast the weights described by the last `weight_manifest(bucket_mb, payload)`, one flat
         buffer per bucket; every generator must be in `receive_weights` with that manifest."""
         group = self._broadcast
         if group is None or not group.is_open:
             raise RuntimeError("no open broadcast group: call open_broadcast first (a failed broadcast closes it)")
         staged, self._staged = self._staged, None
-        if staged is not None and staged[:2] == (self.step, bucket_mb):
-            buckets = staged[2]
+        if staged is not None and staged[:3] == (self.step, bucket_mb, payload):
+            buckets = staged[3]
         else:
             # Names, shapes and order never change between steps, so the receivers' manifest
             # still matches; only the values are recomputed.
-            log.warning("broadcast_weights: no weights staged for step %d at %s MiB; recomputing", self.step, bucket_mb)
-            buckets = bucketize(self._named_full_weights(), bucket_mb)
+            log.warning("broadcast_weights: no %s weights staged for step %d at %s MiB; recomputing", payload, self.step, bucket_mb)
+            buckets = bucketize(self._sync_payload(payload), bucket_mb)
         device = self.device if group.backend == "nccl" else torch.device("cpu")
         started, sent = time.perf_counter(), 0
         try:

@@ -16,7 +16,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors.generator import Generator
 from actors.learner import Learner
 from actors.reward import RewardScorer
-from moalign.weight_sync import BroadcastError, LazyBuckets, free_port
+from moalign.weight_sync import LazyBuckets, free_port
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ class ActorFailure(RuntimeError):
         super().__init__(f"{role} actor #{index}{at}, in {method}(): {cause}")
 
 
-def _cause(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
+    """The cause of a failed remote call, in one line."""
     if isinstance(exc, RayTaskError):
         inner = exc.cause if getattr(exc, "cause", None) is not None else exc
         return f"{type(inner).__name__}: {inner}".split("\n\n")[0]
@@ -48,15 +49,15 @@ def _cause(exc: BaseException) -> str:
 
 
 class GeneratorActor(Generator):
-    def load_weight_refs(self, bucket_refs: list[ray.ObjectRef], version: int, timeout_s: float) -> dict:
+    def load_weight_refs(self, bucket_refs: list[ray.ObjectRef], version: int, timeout_s: float, payload: str = "full") -> dict:
         # Buckets are fetched one at a time so a generator never holds two copies of the model.
-        return self.load_weights(LazyBuckets(bucket_refs, functools.partial(ray.get, timeout=timeout_s)), version)
+        return self.load_weights(LazyBuckets(bucket_refs, functools.partial(ray.get, timeout=timeout_s)), version, payload)
 
 
 class LearnerActor(Learner):
-    def export_weight_refs(self, bucket_mb: float) -> list[ray.ObjectRef]:
+    def export_weight_refs(self, bucket_mb: float, payload: str = "full") -> list[ray.ObjectRef]:
         # Refs are owned by this actor: the driver never copies the weights through itself.
-        return [ray.put(bucket) for bucket in self.export_weights(bucket_mb)]
+        return [ray.put(bucket) for bucket in self.export_weights(bucket_mb, payload)]
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
@@ -105,7 +106,7 @@ class ActorGroup:
             try:
                 results.append(ray.get(ref, timeout=self.timeout_s))
             except (RayTaskError, RayActorError, GetTimeoutError) as exc:
-                raise ActorFailure(self.role, i, step, method, _cause(exc)) from exc
+                raise ActorFailure(self.role, i, step, method, describe_failure(exc)) from exc
         return results
 
     def call(self, method: str, *args: Any, step: int | None = None, **kwargs: Any) -> list[Any]:
@@ -139,112 +140,6 @@ def ping_all(groups: Sequence[ActorGroup]) -> None:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
             group, i = next(iter(pending.values()))
-            raise ActorFailure(group.role, i, None, "ping", _cause(GetTimeoutError()))
+            raise ActorFailure(group.role, i, None, "ping", describe_failure(GetTimeoutError()))
         group, i = pending.pop(ready[0])
         group.wait(ready, "ping", None, [i])
-
-
-# ---------------------------------------------------------------------------- broadcast weight sync
-
-# Broadcast groups that are up, by the ids of their actors (learner 0, then the generators).
-# A replaced actor has a new id, so a changed membership opens a new group.
-_open_broadcasts: set[tuple[str, ...]] = set()
-
-
-def _failure_rank(failure: ActorFailure) -> int:
-    """Which failure to report when a collective fails on several actors: the root cause first.
-
-    A dead actor makes its peers' broadcasts fail (BroadcastError) or time out, and a generator
-    that refused the weights fails alone; the peers' errors are consequences.
-    """
-    exc = failure.__cause__
-    if isinstance(exc, RayActorError):
-        return 0
-    if isinstance(exc, RayTaskError):
-        return 2 if isinstance(getattr(exc, "cause", None), BroadcastError) else 1
-    return 3  # no answer in time
-
-
-def _wait_collective(parts: Sequence[tuple[ActorGroup, list[ray.ObjectRef], list[int]]], method: str, step: int | None) -> list[list[Any]]:
-    """Wait for one collective's calls on several groups together, within the groups' timeouts.
-
-    Waiting on one actor after another would report whichever is first in line (often a
-    consequence, or a timeout) rather than what went wrong; here every call gets to finish or
-    fail before the most telling failure is raised, naming the others.
-    """
-    refs = [r for _, rs, _ in parts for r in rs]
-    ray.wait(refs, num_returns=len(refs), timeout=max(group.timeout_s for group, _, _ in parts))
-    ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
-    results: list[list[Any]] = []
-    failures: list[ActorFailure] = []
-    for group, group_refs, indices in parts:
-        out = []
-        for i, ref in zip(indices, group_refs):
-            if ref not in ready:
-                failures.append(ActorFailure(group.role, i, step, method, _cause(GetTimeoutError())))
-                continue
-            try:
-                out.append(group.wait([ref], method, step, [i])[0])
-            except ActorFailure as failure:
-                failures.append(failure)
-        results.append(out)
-    if failures:
-        first = min(failures, key=_failure_rank)
-        others = [f"{f.role} #{f.index}" for f in failures if f is not first]
-        cause = first.cause + (f" (also failed, as a consequence: {', '.join(others)})" if others else "")
-        raise ActorFailure(first.role, first.index, step, method, cause) from first.__cause__
-    return results
-
-
-def broadcast_sync(
-    learners: ActorGroup, generators: ActorGroup, bucket_mb: float, version: int, step: int | None, timeout_s: float
-) -> dict[str, float]:
-    """Weight sync by a collective broadcast from learner rank 0 to every generator.
-
-    The first call (and the first after a failure) builds the group: a port on learner 0's node,
-    learner 0 as rank 0, generator i as rank i+1, all joining concurrently. `timeout_s` bounds
-    every collective inside the actors, so a peer that died makes the others raise instead of
-    hanging; keep it below the groups' ray timeouts so that error, not a Ray timeout, is reported.
-    """
-    learner = learners.actors[0]
-    key = (learner._actor_id.hex(), *(g._actor_id.hex() for g in generators.actors))
-    timings: dict[str, float] = {}
-    try:
-        if key not in _open_broadcasts:
-            t = time.perf_counter()
-            addr, port = learners.wait([learner.node_ip.remote(), learner.free_port.remote()], "free_port", step, [0, 0])
-            world = 1 + len(generators)
-            joins = [g.open_broadcast.remote(addr, port, i + 1, world, timeout_s) for i, g in enumerate(generators.actors)]
-            _wait_collective(
-                [
-                    (learners, [learner.open_broadcast.remote(addr, port, world, timeout_s)], [0]),
-                    (generators, joins, list(range(len(generators)))),
-                ],
-                "open_broadcast",
-                step,
-            )
-            _open_broadcasts.add(key)
-            timings["time/sync_open_s"] = time.perf_counter() - t
-            log.info("broadcast group up: learner 0 at %s:%d and %d generator(s)", addr, port, len(generators))
-
-        t = time.perf_counter()
-        manifest = learners.wait([learner.weight_manifest.remote(bucket_mb)], "weight_manifest", step, [0])[0]
-        timings["time/sync_export_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        sent, received = _wait_collective(
-            [
-                (learners, [learner.broadcast_weights.remote(bucket_mb)], [0]),
-                (generators, [g.receive_weights.remote(manifest, version) for g in generators.actors], list(range(len(generators)))),
-            ],
-            "broadcast_weights/receive_weights",
-            step,
-        )
-        timings["time/sync_broadcast_s"] = time.perf_counter() - t
-    except ActorFailure:
-        # Some members may still hold the group: the next sync opens a new one (open_broadcast
-        # closes the old one first) rather than reusing a group in an unknown state.
-        _open_broadcasts.discard(key)
-        raise
-    sync_bytes = received[0]["bytes"] if received else sent[0]["bytes"]
-    return {**timings, "sync/buckets": len(manifest), "sync/bytes": sync_bytes}

@@ -1,5 +1,8 @@
-"""Weight sync side by side: `object_store` vs `broadcast`, one learner and two generators,
-interleaved in one run so machine noise hits both alike. Prints medians and their ratio.
+"""Weight sync side by side: each backend (`object_store`, `broadcast`) with each payload (the
+LoRA adapters, merged on the generators; the full merged weights), one learner and two
+generators, interleaved in one run so machine noise hits all alike. Prints per contender the
+median seconds, the bytes sent and their share of the full weights, and ratios to the
+full-weight object-store sync.
 
     python benchmarks/sync_backends.py --model builtin:smollm2-135m-instruct --bucket-mb 64
     python benchmarks/sync_backends.py            # a tiny random model, seconds
@@ -38,8 +41,8 @@ def main() -> None:
 
     import ray
 
-    from actors.cluster import sync_weights
-    from actors.ray_actors import ActorGroup, GeneratorActor, LearnerActor, broadcast_sync
+    from actors.ray_actors import ActorGroup, GeneratorActor, LearnerActor
+    from actors.weight_sync import BroadcastSync, ObjectStoreSync
     from moalign.config import load_config
     from moalign.models import build_tiny_model
 
@@ -60,23 +63,31 @@ def main() -> None:
     )
     try:
         learners.call("train_step", BATCH)
-        times: dict[str, list[float]] = {"object_store": [], "broadcast": []}
+        contenders = {
+            f"{backend}/{payload}": cls(learners, generators, args.bucket_mb, payload, 300.0)
+            for backend, cls in (("object_store", ObjectStoreSync), ("broadcast", BroadcastSync))
+            for payload in ("full", "adapter")
+        }
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        last: dict[str, dict] = {}
         version = 0
         for rep in range(args.reps + 1):  # rep 0 warms up (and opens the broadcast group)
-            for backend in times:
+            for name, sync in contenders.items():
                 version += 1
                 started = time.perf_counter()
-                if backend == "object_store":
-                    out = sync_weights(cfg, learners, generators, version, step=version)
-                else:
-                    out = broadcast_sync(learners, generators, args.bucket_mb, version, step=version, timeout_s=300)
+                last[name] = sync(version, step=version)
                 seconds = time.perf_counter() - started
-                log.info("%s rep %d: %.3f s", backend, rep, seconds)
+                log.info("%s rep %d: %.3f s", name, rep, seconds)
                 if rep:
-                    times[backend].append(seconds)
-        obj, bc = statistics.median(times["object_store"]), statistics.median(times["broadcast"])
-        print(f"model {model}: {out['sync/bytes'] / 1e6:.0f} MB in {out['sync/buckets']} bucket(s) to {args.generators} generator(s)")
-        print(f"object_store median {obj:.3f} s, broadcast median {bc:.3f} s, object_store/broadcast = {obj / bc:.2f}x")
+                    times[name].append(seconds)
+        reference = statistics.median(times["object_store/full"])
+        print(f"model {model}, {args.generators} generator(s), buckets of {args.bucket_mb} MiB, median of {args.reps}")
+        print(f"{'contender':<22} {'seconds':>8} {'MB sent':>9} {'of full':>8} {'vs object_store/full':>21}")
+        for name, seconds in times.items():
+            median, out = statistics.median(seconds), last[name]
+            print(
+                f"{name:<22} {median:>8.3f} {out['sync/bytes'] / 1e6:>9.1f} {out['sync/bytes_fraction']:>8.1%} {reference / median:>20.2f}x"
+            )
     finally:
         learners.kill()
         generators.kill()

@@ -239,6 +239,8 @@ class SyncConfig(_Section):
     """Weights travel in buckets of about this many MiB."""
     backend: Literal["object_store", "broadcast"] = "object_store"
     """`object_store`: buckets through Ray's object store; `broadcast`: a torch.distributed broadcast from learner rank 0 to every generator (NCCL on GPUs, gloo on CPU)."""
+    payload: Literal["auto", "full"] = "auto"
+    """`auto`: with learner.lora.enabled only the adapters travel and each generator merges them into its base weights (same result, a few % of the bytes); `full`: every merged weight travels."""
 
 
 class CheckpointConfig(_Section):

@@ -145,3 +145,22 @@ def checkpoint_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]
             shapes.update({k: tuple(v.shape) for k, v in state.items()})
         return shapes
     return None
+
+
+def checkpoint_reader(model_dir: str | os.PathLike):
+    """`read(name) -> tensor` over a safetensors checkpoint (memory-mapped, one tensor per call),
+    or None when the directory holds no safetensors files."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {name: handle for handle in handles for name in handle.keys()}
+
+    def read(name: str):
+        if name not in where:
+            raise KeyError(f"{model_dir} has no tensor {name!r}")
+        return where[name].get_tensor(name)
+
+    return read

@@ -172,6 +172,42 @@ def test_load_weights_streams_lazily_and_matches_hf(gen, hf):
     assert gen.prompt_logprobs(PROMPTS) == base
 
 
+def test_adapter_payload_loads_the_same_weights_as_merged_full_weights(gen, hf):
+    from moalign.lora_sync import adapter_tensors, lora_delta
+
+    base = {k: v.detach().clone() for k, v in hf.named_parameters()}
+    g = torch.Generator().manual_seed(3)
+    # Two adapted layers in different fused blocks; their siblings (k/v, up) come from the base.
+    adapted = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj"]
+    factors = {
+        m: (torch.randn(4, base[f"{m}.weight"].shape[1], generator=g), torch.randn(base[f"{m}.weight"].shape[0], 4, generator=g))
+        for m in adapted
+    }
+    merged = dict(base)
+    for m, (a, b) in factors.items():
+        merged[f"{m}.weight"] = base[f"{m}.weight"] + lora_delta(a, b, 0.5)
+    payload = [entry for m, (a, b) in factors.items() for entry in adapter_tensors(m, 0, a, b, 0.5)]
+    try:
+        gen.load_weights([list(merged.items())], version=1)
+        want = gen.prompt_logprobs(PROMPTS)
+        gen.load_weights([list(base.items())], version=2)
+        assert gen.prompt_logprobs(PROMPTS) != want
+        stats = gen.load_weights(bucketize(payload, bucket_mb=0.001), version=3, payload="adapter")
+        assert gen.version == 3 and stats["bytes"] == sum(t.numel() * t.element_size() for _, t in payload)
+        assert gen.prompt_logprobs(PROMPTS) == want
+
+        # A factor that cannot apply is refused before anything loads.
+        bad = adapter_tensors(adapted[0], 0, torch.zeros(4, 7), torch.zeros(128, 4), 1.0)
+        with pytest.raises(ValueError, match=r"q_proj\.lora\.0\.A' has shape \(4, 7\)"):
+            gen.load_weights([bad], version=4, payload="adapter")
+        assert gen.version == 3 and gen.prompt_logprobs(PROMPTS) == want
+        # Adapter names are not weights of a full payload.
+        with pytest.raises(ValueError, match="unknown weight name"):
+            gen.load_weights([payload], version=4)
+    finally:
+        gen.load_weights([list(base.items())], version=0)
+
+
 def test_rejected_first_bucket_keeps_weights_and_version(gen, hf):
     before, version = gen.prompt_logprobs(PROMPTS), gen.version
     good = list(hf.state_dict().items())

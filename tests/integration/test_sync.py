@@ -1,13 +1,14 @@
 """Weight sync through Ray: after a learner step and a sync, the vLLM generator computes the same
-token log-probs as the learner's policy; before the sync it does not."""
+token log-probs as the learner's policy; before the sync it does not. With LoRA the adapters
+travel and the generators merge them, to the same bits a full-weight sync gives."""
 
 import time
 
 import pytest
 import ray
 
-from actors.cluster import sync_weights
-from actors.ray_actors import ActorFailure, ActorGroup, GeneratorActor, LearnerActor, broadcast_sync
+from actors.ray_actors import ActorFailure, ActorGroup, GeneratorActor, LearnerActor
+from actors.weight_sync import BroadcastSync, ObjectStoreSync, make_weight_sync
 from moalign.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -55,12 +56,20 @@ def test_synced_generator_equals_learner(tiny_model, ray_cluster):
         stale = generators.call("prompt_logprobs", probe)[0]
         assert max(abs(a - b) for a, b in zip(trained[0], stale[0])) > 1e-3, "the learner step must change the policy"
 
-        timings = sync_weights(cfg, learners, generators, version=1, step=3)
-        assert timings["sync/buckets"] > 1, "weights must travel in several buckets at bucket_mb=1"
+        adapters = make_weight_sync(cfg, learners, generators)
+        assert isinstance(adapters, ObjectStoreSync) and adapters.payload == "adapter"
+        sent = adapters(version=1, step=3)
         synced = generators.call("prompt_logprobs", probe)[0]
         for got, want in zip(synced, trained):
             assert got == pytest.approx(want, abs=1e-4)
         assert generators.call("ping")[0]["version"] == 1
+
+        full = ObjectStoreSync(learners, generators, cfg.sync.bucket_mb, "full", cfg.ray_timeout_s)(version=2, step=3)
+        assert full["sync/buckets"] > 1, "weights must travel in several buckets at bucket_mb=1"
+        assert full["sync/bytes_fraction"] == pytest.approx(1.0)
+        assert sent["sync/bytes"] < full["sync/bytes"] / 10 and sent["sync/bytes_fraction"] < 0.1
+        # The generator's merge and the learner's are the same arithmetic: identical log-probs.
+        assert generators.call("prompt_logprobs", probe)[0] == synced
     finally:
         learners.kill()
         generators.kill()
@@ -84,13 +93,14 @@ def test_broadcast_sync_two_generators(tiny_model, ray_cluster):
         trained = learners.call("token_logprobs", probe)[0]
         assert max(abs(a - b) for a, b in zip(trained[0], stale[0])) > 1e-3, "the learner step must change the policy"
 
-        first = broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=1, step=3, timeout_s=30)
-        assert first["sync/buckets"] > 1, "weights must travel in several buckets at bucket_mb=1"
+        broadcast = BroadcastSync(learners, generators, 0.05, "adapter", 30.0)
+        first = broadcast(version=1, step=3)
+        assert first["sync/buckets"] > 1, "the adapters must travel in several buckets at bucket_mb=0.05"
         assert first["sync/bytes"] > 0 and "time/sync_open_s" in first
         assert_synced(1)
 
         learners.call("train_step", batch)
-        second = broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=2, step=4, timeout_s=30)
+        second = broadcast(version=2, step=4)
         assert "time/sync_open_s" not in second, "the second sync must reuse the group"
         assert second["sync/buckets"] == first["sync/buckets"]
         assert_synced(2)
@@ -99,21 +109,21 @@ def test_broadcast_sync_two_generators(tiny_model, ray_cluster):
         # timeout, the engines keep version 2, and the next sync works (on a new group).
         started = time.monotonic()
         with pytest.raises(ActorFailure, match=r"generator actor #0 at step 5.*version must be >= 0"):
-            broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=-1, step=5, timeout_s=30)
+            broadcast(version=-1, step=5)
         # Well under the actor groups' 300 s: the broadcast's own timeout ended it, not Ray's.
         assert time.monotonic() - started < 150
         assert [p["version"] for p in generators.call("ping")] == [2, 2]
         learners.call("train_step", batch)
-        assert "time/sync_open_s" in broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=3, step=6, timeout_s=30)
+        assert "time/sync_open_s" in broadcast(version=3, step=6)
         assert_synced(3)
 
         # A generator that died: the sync fails within the collective's timeout and blames it
         # (the learner sees the closed connection at once; the surviving generator waits out
-        # its 5 s timeout, as nothing tells it the learner gave up).
+        # its timeout, as nothing tells it the learner gave up).
         ray.kill(generators.actors[1], no_restart=True)
         started = time.monotonic()
         with pytest.raises(ActorFailure, match=r"generator actor #1 at step 7.*the actor died") as failure:
-            broadcast_sync(learners, generators, cfg.sync.bucket_mb, version=4, step=7, timeout_s=5)
+            broadcast(version=4, step=7)
         assert time.monotonic() - started < 150
         assert failure.value.role == "generator" and failure.value.step == 7
     finally:
