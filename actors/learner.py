@@ -299,6 +299,43 @@ class Learner(WeightPublisher):
         logp, _ = self._token_logps(forward, prompts, completions)
         return logp.sum(-1)
 
+    def _pair_logps(self, forward, prompts, chosen, rejected) -> torch.Tensor:
+        """Summed completion log-probs of every chosen, then every rejected completion (2m values),
+        each prompt run once: its cached keys and values serve both of its completions, which
+        cuts the tokens of a pass by the prompts' share (a third of them in the demo)."""
+        m = len(prompts)
+        width = max(len(p) for p in prompts)
+        # Left-padded prompts, so every completion continues right after its prompt's last token.
+        p_ids = torch.zeros(m, width, dtype=torch.long)
+        p_mask = torch.zeros(m, width, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            p_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            p_mask[i, width - len(p) :] = 1
+        p_ids, p_mask = p_ids.to(self.device), p_mask.to(self.device)
+        p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+        out = forward(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        both = torch.arange(m, device=self.device).repeat(2)
+        cache.reorder_cache(both)
+
+        completions = list(chosen) + list(rejected)
+        c_width = max(len(c) for c in completions)
+        c_ids = torch.zeros(2 * m, c_width, dtype=torch.long)
+        c_mask = torch.zeros(2 * m, c_width, dtype=torch.long)
+        for i, c in enumerate(completions):
+            c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            c_mask[i, : len(c)] = 1
+        c_ids, c_mask = c_ids.to(self.device), c_mask.to(self.device)
+        c_pos = p_mask.sum(-1)[both, None] + torch.arange(c_width, device=self.device)[None]
+        mask = torch.cat([p_mask[both], c_mask], dim=1)
+        logits = forward(input_ids=c_ids, attention_mask=mask, position_ids=c_pos, past_key_values=cache, use_cache=True).logits
+        # The prompt's last position predicts the first completion token; completion position j
+        # predicts token j+1, and the last position is scored against a stand-in and dropped.
+        first = token_logprobs(out.logits[both], c_ids[:, :1])[:, 0]
+        rest = token_logprobs(logits, torch.cat([c_ids[:, 1:], c_ids[:, :1]], dim=1))[:, :-1]
+        rest = torch.where(c_mask[:, 1:].bool(), rest, torch.zeros_like(rest))
+        return first + rest.sum(-1)
+
     def _base_logps(self, prompts, completions) -> torch.Tensor:
         with torch.no_grad():
             if self.ref_model is not None:
@@ -311,6 +348,17 @@ class Learner(WeightPublisher):
             return self._base_logps(prompts, completions)
         with self._eval_mode(), self._swapped_in(self._lagged):
             return self._sequence_logps(self.engine.module, prompts, completions)
+
+    def _reference_pair_logps(self, prompts, chosen, rejected) -> torch.Tensor:
+        """`_reference_logps` of the pairs, through `_pair_logps`."""
+        if self._lagged is not None:
+            with self._eval_mode(), self._swapped_in(self._lagged):
+                return self._pair_logps(self.engine.module, prompts, chosen, rejected)
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self._pair_logps(self.ref_model, prompts, chosen, rejected)
+            with self.engine.module.disable_adapter():
+                return self._pair_logps(self.engine.module, prompts, chosen, rejected)
 
     @contextlib.contextmanager
     def _swapped_in(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
@@ -387,11 +435,11 @@ class Learner(WeightPublisher):
                 rejected = [batch["rejected_ids"][i] if i >= 0 else dummy for i in idx]
                 w = torch.tensor([weights[i] if i >= 0 else 0.0 for i in idx], dtype=torch.float32, device=self.device)
                 m = len(idx)
-                # Chosen and rejected in one forward: half the kernel launches, one padding pass.
-                # The reference first: a lagged one is swapped into the policy's parameters, which
-                # must not change between the policy's forward and its backward.
-                ref = self._reference_logps(prompts + prompts, chosen + rejected).float()
-                policy = self._sequence_logps(self.engine, prompts + prompts, chosen + rejected).float()
+                # Chosen and rejected in one pass, behind their prompt run once. The reference
+                # first: a lagged one is swapped into the policy's parameters, which must not
+                # change between the policy's forward and its backward.
+                ref = self._reference_pair_logps(prompts, chosen, rejected).float()
+                policy = self._pair_logps(self.engine, prompts, chosen, rejected).float()
                 pc, pr, rc, rr = policy[:m], policy[m:], ref[:m], ref[m:]
                 losses = self.objective.pair_losses(pc, pr, rc, rr, torch.tensor(idx, dtype=torch.long), batch)
                 self.engine.backward((w * losses).sum() * scale, scale_wrt_gas=False)

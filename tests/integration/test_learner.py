@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from actors.learner import Learner
 from moalign.config import load_config
+from moalign.lora_sync import AdapterMerger, parse_adapter_name
 from moalign.models import build_tiny_model, checkpoint_shapes
 
 pytestmark = pytest.mark.integration
@@ -134,6 +135,17 @@ def test_first_step_matches_closed_form(tiny):
         m2 = learner.train_step(make_batch(pairs, weights))
         assert_finite_metrics(m2)
         assert m2["step"] == 2 and m2["loss"] < m["loss"] and m2["margin"] > 0
+
+        # The training pass runs each prompt once for both completions (cached keys and values,
+        # left-padded prompts): the same log-probs as whole sequences, for the policy and the reference.
+        prompts, chosen, rejected = ([list(x[k]) for x in PAIRS] for k in range(3))
+        with torch.no_grad():
+            shared = learner._pair_logps(learner.engine.module, prompts, chosen, rejected)
+            whole = learner._sequence_logps(learner.engine.module, prompts + prompts, chosen + rejected)
+            torch.testing.assert_close(shared, whole, rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                learner._reference_pair_logps(prompts, chosen, rejected), learner._base_logps(prompts + prompts, chosen + rejected), rtol=0, atol=1e-5
+            )
     finally:
         learner.close()
 
@@ -245,6 +257,16 @@ def test_export_weights_match_checkpoint_and_policy(tiny, tiny_weights):
         # Summed completion log-probs agree with the per-token ones.
         seq_lp = learner.sequence_logprobs([seqs[0][:2]], [seqs[0][2:]])
         assert seq_lp[0] == pytest.approx(sum(ours[0][1:]), abs=1e-5)
+
+        # The adapter payload, merged as a generator merges it, gives the same bits.
+        adapters = [nt for b in learner.export_weights(bucket_mb=0.05, payload="adapter") for nt in b]
+        assert {parse_adapter_name(n)[2] for n, _ in adapters} == {"A", "B", "scale"}
+        sent = sum(t.numel() * t.element_size() for _, t in adapters)
+        assert sent < learner.full_weight_bytes() / 10
+        merged = dict(AdapterMerger(lambda n: tiny_weights[n], tiny_weights, torch.float32)(iter(adapters)))
+        assert set(merged) == {n for n in tiny_weights if ".self_attn." in n or ".mlp." in n}
+        for name, t in merged.items():
+            assert torch.equal(t, exported[name]), name
     finally:
         learner.close()
 
