@@ -38,7 +38,7 @@ from actors.cluster import (
     score,
 )
 from actors.weight_sync import make_weight_sync
-from moalign.checkpoint import latest_checkpoint, read_state
+from moalign.checkpoint import RunDirInUse, file_sha256, latest_checkpoint, read_state
 from moalign.conditioning import (
     DirichletSampler,
     FixedWeights,
@@ -49,6 +49,7 @@ from moalign.config import ConfigError, RunConfig, load_config
 from moalign.data import DataError, PromptCursor, load_prompts
 from moalign.health import METRICS as HEALTH_METRICS
 from moalign.health import HealthMonitor
+from moalign.ledger import PromptLedger
 from moalign.pairs import RewardError, RunningNormalizer, select_relabelled_pairs
 
 log = logging.getLogger("moalign")
@@ -67,6 +68,8 @@ class Rollout:
     """The policy version the generators hold when they reach this rollout."""
     policy_step: int
     """The learner step that produced that policy (0: the base model)."""
+    drawn_from: tuple[int, int] | None = None
+    """The prompt cursor's (epoch, position) before these prompts were drawn, for the ledger."""
     generation: Generation | None = None
     samples: list[list[dict]] | None = None
 
@@ -89,12 +92,14 @@ class Rollout:
             "prompt_ids": self.prompt_ids,
             "version": self.version,
             "policy_step": self.policy_step,
+            "drawn_from": self.drawn_from,
             "samples": self.samples,
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Rollout:
-        return cls(**{**state, "weights": np.asarray(state["weights"])})
+        drawn_from = tuple(state["drawn_from"]) if state.get("drawn_from") is not None else None
+        return cls(**{**state, "weights": np.asarray(state["weights"]), "drawn_from": drawn_from})
 
 
 @dataclass
@@ -111,9 +116,12 @@ class LoopState:
     """The learner step whose weights the generators got with `version`."""
     rollouts: deque[Rollout] = field(default_factory=deque)
     """Rollouts drawn for steps after `step` (at most `rollout.max_staleness`)."""
+    prompts_sha256: str = ""
+    """Of the training prompt file: the cursor's positions mean something only in that file."""
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "prompts_sha256": self.prompts_sha256,
             "step": self.step,
             "version": self.version,
             "synced_step": self.synced_step,
@@ -146,6 +154,9 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     _check_supported(cfg)
     run_dir, resume_from, model_path, tokenizer = open_run(cfg, ray_address)
     prompts = load_prompts(cfg.data.train_path)
+    prompts_sha256 = file_sha256(cfg.data.train_path)
+    if resume_from is not None:
+        _check_same_prompts(cfg, read_state(resume_from), prompts_sha256)
     names = cfg.objective_names
     evaluation = TrainingEvaluation(cfg, run_dir, tokenizer)
 
@@ -161,6 +172,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
             cursor=PromptCursor(len(prompts), seed=cfg.seed, shuffle=cfg.data.shuffle),
             normalizer=RunningNormalizer(len(names)),
             health=HealthMonitor(**cfg.health.model_dump()),
+            prompts_sha256=prompts_sha256,
         )
         if resume_from is not None:
             state.load_state_dict(read_state(resume_from))
@@ -169,6 +181,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
             log.info("resumed from %s at step %d (policy version %d)", resume_from, state.step, state.version)
 
         sink = MetricsSink(run_dir, run_dir.name, cfg.logging.tensorboard, cfg.logging.ray_metrics, resume_step=state.step)
+        ledger = PromptLedger(run_dir, state.step, f"restarted; steps after the checkpoint of step {state.step} were never checkpointed")
         progress = progress_bar(cfg, state.step, "mo-odpo")
         try:
             evaluation.at_start(generators, scorers, state.step)
@@ -223,6 +236,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     state.version += 1
                     state.synced_step = step
                     timings.update(sync_weights(state.version, step))
+                timings["actor_restarts"] = generators.restarts + scorers.restarts
 
                 # 7b. Pareto evaluation on held-out prompts, on the weights just synced. Before
                 #     state.step moves on, so a failure here is reported as this step's; its time
@@ -237,6 +251,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                 metrics.update(state.health.update(step, samples, selection, learn))
                 metrics.update(eval_metrics)
                 sink.log(step, metrics)
+                ledger.record(step, rollout.drawn_from, rollout.prompt_indices)
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", pairs=metrics["pairs"], v=state.version)
                 if checkpoint_due:
@@ -290,6 +305,16 @@ def _summarize(history: list[dict[str, Any]], names: list[str], health: HealthMo
     }
 
 
+def _check_same_prompts(cfg: RunConfig, saved: dict[str, Any], sha256: str) -> None:
+    # Checkpoints from before the hash was kept are taken on trust.
+    if saved.get("prompts_sha256", sha256) != sha256:
+        raise DataError(
+            f"data.train_path {cfg.data.train_path} changed since the checkpoint of step {saved['step']} was written "
+            f"(sha256 {saved['prompts_sha256'][:12]}... then, {sha256[:12]}... now): the resumed run would draw other prompts "
+            "than the ones it counted as seen; put the file back, or start a new run_dir"
+        )
+
+
 def _check_supported(cfg: RunConfig) -> None:
     if cfg.is_offline:
         raise ConfigError(
@@ -309,12 +334,13 @@ def _relabel_weights(cfg: RunConfig, sampler: DirichletSampler | FixedWeights, w
 def _draw_rollout(cfg: RunConfig, state: LoopState, prompts, tokenizer, generators) -> Rollout:
     """The next undrawn step's prompts and weights (rounded as written), sent to the generators."""
     step = state.step + len(state.rollouts) + 1
+    drawn_from = (state.cursor.epoch, state.cursor.position)
     indices = state.cursor.next(cfg.rollout.prompts_per_step)
     weights = round_weights(state.sampler.sample(len(indices)), cfg.conditioning.decimals)
     prompt_ids = [render_conditioned(tokenizer, prompts[i].prompt, cfg.objective_names, w, cfg) for i, w in zip(indices, weights)]
     seeds = _step_seeds(cfg, step, len(prompt_ids))
     generation = Generation(cfg, generators, prompt_ids, seeds, cfg.rollout.samples_per_prompt, step)
-    return Rollout(step, list(indices), weights, prompt_ids, state.version, state.synced_step, generation)
+    return Rollout(step, list(indices), weights, prompt_ids, state.version, state.synced_step, drawn_from, generation)
 
 
 def _step_seeds(cfg: RunConfig, step: int, count: int) -> list[int]:
@@ -439,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = offline.run(cfg, args.address) if cfg.is_offline else run(cfg, args.address)
-    except (ConfigError, DataError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, RunDirInUse) as exc:
         log.error("%s", exc)
         return 2
     except (ActorFailure, RewardError):

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from moalign.checkpoint import latest_checkpoint, publish, staging_dir
+from moalign.checkpoint import latest_sound_checkpoint, own_run_dir, publish, staging_dir
 from moalign.conditioning import condition_messages, render_prompt_ids
 from moalign.config import ConfigError, RunConfig, load_config, save_resolved
 from moalign.pairs import check_rewards
@@ -33,7 +33,8 @@ def open_run(cfg: RunConfig, ray_address: str | None) -> tuple[Path, Path | None
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = latest_checkpoint(run_dir)
+    own_run_dir(run_dir)
+    resume_from = latest_sound_checkpoint(run_dir)
     if resume_from is not None:
         check_resume_config(cfg, run_dir / "config.yaml")
     save_resolved(cfg, run_dir / "config.yaml")
@@ -119,6 +120,7 @@ def _build_actors(cfg: RunConfig, model_path: str, started: list, roles: tuple[s
             {"num_cpus": a.reward_cpus, "num_gpus": a.reward_gpus, "runtime_env": actor_env(cfg, a.reward_cpus)},
             lambda i: ((cfg.objectives,), {}),
             timeout,
+            max_restarts=a.max_restarts,
         )
         started.append(scorers)
     if "learner" in roles:
@@ -181,6 +183,7 @@ def _generator_group(cfg: RunConfig, model_path: str, env: dict):
             },
         ),
         cfg.ray_timeout_s,
+        max_restarts=a.max_restarts,
     )
 
 
@@ -209,16 +212,25 @@ class Generation:
     def __init__(self, cfg: RunConfig, generators, prompt_ids: list[list[int]], seeds: list[int], n: int, step: int | None):
         r = cfg.rollout
         parts = [s for s in chunks(len(prompt_ids), len(generators)) if s.stop > s.start]
-        self._refs = generators.submit_each(
-            "generate", [(prompt_ids[s], n, r.temperature, r.top_p, r.max_new_tokens, seeds[s]) for s in parts]
-        )
+        self._args = [(prompt_ids[s], n, r.temperature, r.top_p, r.max_new_tokens, seeds[s]) for s in parts]
+        self._refs = generators.submit_each("generate", self._args)
         self._generators, self._step = generators, step
+        self._version = generators.policy_version
         self._samples: list[list[dict]] | None = None
 
+    def _stale(self, chunk: list[list[dict]]) -> str | None:
+        versions = {s["version"] for group in chunk for s in group}
+        if versions != {self._version}:
+            return f"it sampled from policy version {sorted(versions)}, not {self._version}: its process was restarted"
+        return None
+
     def samples(self) -> list[list[dict]]:
-        """n samples per prompt, waiting for them (with the generators' timeout) the first time."""
+        """n samples per prompt, waiting for them (with the generators' timeout) the first time.
+        A generator that died, or was restarted since this was sent, gets its weights back and
+        samples its part again: the same seeds and weights give the same samples."""
         if self._samples is None:
-            self._samples = [group for chunk in self._generators.wait(self._refs, "generate", self._step) for group in chunk]
+            chunks_ = self._generators.collect(self._refs, "generate", self._args, self._step, stale=self._stale)
+            self._samples = [group for chunk in chunks_ for group in chunk]
         return self._samples
 
 

@@ -86,15 +86,15 @@ def _refresh_tied_heads(wrapper: Any) -> int:
 
 
 class _ExpectedReloadWarnings(logging.Filter):
-    """Drops vLLM's per-reload warning for layers that have nothing to load by design: rotary
+    """Drops vLLM's per-reload warnings for layers that have nothing to load by design: rotary
     embeddings (recomputed), a tied LM head (it aliases the embedding; refreshed below) and,
-    during an adapter load, every layer the adapters leave alone (`partial`)."""
+    during an adapter load, every layer and weight the adapters leave alone (`partial`)."""
 
     partial = False
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if self.partial and message.endswith(": Failed to load weights"):
+        if self.partial and (message.endswith(": Failed to load weights") or message.startswith("Following weights were not loaded")):
             return False
         return message not in ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights")
 
@@ -169,7 +169,8 @@ class Generator:
             # and vLLM raises the budget to at least max_model_len, so no prompt exceeds it.
             engine_args["enable_chunked_prefill"] = False
         self._reload_warnings = _ExpectedReloadWarnings()
-        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(self._reload_warnings)
+        for name in ("layerwise", "inplace"):
+            logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").addFilter(self._reload_warnings)
         started = time.perf_counter()
         self.llm = vllm.LLM(**engine_args)
         self._sampling_params_cls = vllm.SamplingParams
@@ -389,11 +390,11 @@ class Generator:
                 self._reload_warnings.partial = False
             # KV blocks computed under the old weights must never be reused.
             self.llm.reset_prefix_cache()
-            self.version = version
+            previous, self.version = self.version, version
         seconds = time.perf_counter() - started
         merged = f", {merger.merged_layers} layers merged from adapters" if merger is not None else ""
         log.info("loaded %d tensors (%.1f MB) as version %d in %.2fs%s", state["tensors"], state["bytes"] / 1e6, version, seconds, merged)
-        return {"seconds": seconds, "bytes": state["bytes"]}
+        return {"seconds": seconds, "bytes": state["bytes"], "previous_version": previous}
 
     def _recover(self, loaded_some: bool) -> None:
         try:

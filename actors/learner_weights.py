@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from moalign.lora_sync import adapter_tensors, lora_delta
+from moalign.lora_sync import adapter_tensors, add_lora
 from moalign.weight_sync import BroadcastGroup, bucket_manifest, bucketize, flatten_bucket, open_broadcast_group
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,10 @@ class WeightPublisher:
                 continue
             if module.use_dora.get(adapter, False):
                 raise NotImplementedError("exporting DoRA adapters is not supported")
-            if isinstance(module, LoraLinear):
-                delta = lora_delta(module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter])
-                if module.fan_in_fan_out:
-                    delta = delta.T
-            else:
-                delta = module.get_delta_weight(adapter).float()
+            if isinstance(module, LoraLinear) and not module.fan_in_fan_out:
+                add_lora(merged, module.lora_A[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter])
+                continue
+            delta = module.get_delta_weight(adapter).float()
             merged += delta.to(merged.device).reshape(merged.shape)
         return merged.to(device="cpu", dtype=self.dtype).contiguous()
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from actors.generator import Generator
 from actors.learner import Learner
@@ -82,10 +82,22 @@ class ActorGroup:
         make_args: Callable[[int], tuple[tuple, dict]],
         timeout_s: float,
         first_actor_options: dict[str, Any] | None = None,
+        max_restarts: int = 0,
     ):
         self.role = role
         self.timeout_s = timeout_s
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        """Restarts this group has recovered from, over the run."""
+        self.after_restart: Callable[[int, int | None], None] | None = None
+        """Called with (actor index, step) once a restarted actor answers, before its call is sent
+        again: a generator's weights are put back here (set by actors.weight_sync)."""
+        self.policy_version = 0
+        """Generators: the policy version each holds once the calls sent so far have run (set by
+        actors.weight_sync); a restarted generator answers from version 0 until it is restored."""
         remote_cls = ray.remote(cls)
+        if max_restarts:
+            options = {**options, "max_restarts": max_restarts}
         self.actors = []
         for i in range(count):
             args, kwargs = make_args(i)
@@ -109,14 +121,75 @@ class ActorGroup:
                 raise ActorFailure(self.role, i, step, method, describe_failure(exc)) from exc
         return results
 
-    def call(self, method: str, *args: Any, step: int | None = None, **kwargs: Any) -> list[Any]:
-        """The same call on every actor."""
-        refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
-        return self.wait(refs, method, step)
+    def call(self, method: str, *args: Any, step: int | None = None) -> list[Any]:
+        """The same call on every actor (see `call_each` for restarts)."""
+        return self.call_each(method, [args] * len(self.actors), step)
 
     def call_each(self, method: str, per_actor_args: Sequence[tuple], step: int | None = None) -> list[Any]:
-        """Actor i gets per_actor_args[i]; actors without an entry are skipped."""
-        return self.wait(self.submit_each(method, per_actor_args), method, step)
+        """Actor i gets per_actor_args[i]; actors without an entry are skipped. A call whose actor
+        died is sent again once Ray has restarted it (up to the group's max_restarts)."""
+        return self.collect(self.submit_each(method, per_actor_args), method, per_actor_args, step)
+
+    def collect(
+        self,
+        refs: Sequence[ray.ObjectRef],
+        method: str,
+        per_actor_args: Sequence[tuple],
+        step: int | None,
+        stale: Callable[[Any], str | None] | None = None,
+    ) -> list[Any]:
+        """The results of `submit_each(method, per_actor_args)`, surviving restarts: when actor i
+        died during its call, or answered from a restarted process (`stale(result)` says why, or
+        None), this waits until Ray has restarted it, runs `after_restart` and sends the call again."""
+        results = []
+        for i, ref in enumerate(refs):
+            restarted = 0
+            while True:
+                try:
+                    result = ray.get(ref, timeout=self.timeout_s)
+                    cause = stale(result) if stale is not None else None
+                    if cause is None:
+                        break
+                except RayActorError as exc:
+                    if exc.actor_init_failed or restarted >= self.max_restarts:
+                        raise ActorFailure(self.role, i, step, method, describe_failure(exc)) from exc
+                    cause = describe_failure(exc)
+                except (RayTaskError, GetTimeoutError) as exc:
+                    raise ActorFailure(self.role, i, step, method, describe_failure(exc)) from exc
+                if restarted >= self.max_restarts:
+                    raise ActorFailure(self.role, i, step, method, f"{cause}, and no restarts are left")
+                restarted += 1
+                self._recover(i, step, method, cause)
+                ref = getattr(self.actors[i], method).remote(*per_actor_args[i])
+            results.append(result)
+        return results
+
+    def _recover(self, index: int, step: int | None, method: str, cause: str) -> None:
+        started = time.perf_counter()
+        log.warning("%s actor #%d at step %s, in %s(): %s; waiting for Ray to restart it", self.role, index, step, method, cause)
+        # A call while Ray restarts the actor fails at once as unavailable: ask again until the new
+        # process answers; an actor whose restarts ran out is dead, and that is the failure.
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                ray.get(self.actors[index].ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except ActorUnavailableError as exc:
+                if time.monotonic() > deadline:
+                    raise ActorFailure(self.role, index, step, f"{method} (restart)", describe_failure(exc)) from exc
+                time.sleep(1.0)
+            except (RayTaskError, RayActorError, GetTimeoutError) as exc:
+                raise ActorFailure(self.role, index, step, f"{method} (restart)", describe_failure(exc)) from exc
+        self.restarted(index, step, f"in {time.perf_counter() - started:.1f}s; {method}() sent again")
+
+    def restarted(self, index: int, step: int | None, how: str) -> None:
+        """Count a restart of actor `index` found at `step`, and hand it to `after_restart`."""
+        if self.after_restart is not None:
+            self.after_restart(index, step)
+        self.restarts += 1
+        log.warning(
+            "%s actor #%d restarted at step %s %s (%s restart %d of this run)", self.role, index, step, how, self.role, self.restarts
+        )
 
     def submit_each(self, method: str, per_actor_args: Sequence[tuple]) -> list[ray.ObjectRef]:
         """`call_each` without the wait: the refs, for `wait` later."""

@@ -33,15 +33,20 @@ log = logging.getLogger(__name__)
 class WeightSync:
     """Pushes learner 0's weights to every generator; subclasses are the backends."""
 
+    backend = ""
+
     def __init__(self, learners: ActorGroup, generators: ActorGroup, bucket_mb: float, payload: str, timeout_s: float):
         self.learners, self.generators = learners, generators
         self.bucket_mb, self.payload, self.timeout_s = bucket_mb, payload, timeout_s
         self._full_bytes: int | None = None
+        if generators is not None:
+            generators.after_restart = self.restore
 
     def __call__(self, version: int, step: int | None) -> dict[str, float]:
         """Sync, and return seconds by phase, buckets, bytes sent and their share of the full weights."""
         started = time.perf_counter()
         metrics = self.sync(version, step)
+        self.generators.policy_version = version
         if self._full_bytes is None:
             learner = self.learners.actors[0]
             self._full_bytes = self.learners.wait([learner.full_weight_bytes.remote()], "full_weight_bytes", step, [0])[0]
@@ -53,21 +58,57 @@ class WeightSync:
         """The backend's transfer: metrics with at least sync/buckets and sync/bytes."""
         raise NotImplementedError
 
+    def restore(self, index: int, step: int | None) -> None:
+        """Give restarted generator `index` the last synced weights (it restarts from the base)."""
+        if self.generators.policy_version:
+            raise ActorFailure(
+                "generator",
+                index,
+                step,
+                "restore",
+                f"it was restarted, and sync.backend={self.backend} keeps no copy of policy version "
+                f"{self.generators.policy_version} to give it; resume the run from its last checkpoint, or use sync.backend=object_store",
+            )
+
 
 class ObjectStoreSync(WeightSync):
+    """Keeps the last sync's buckets in the object store (a few % of the model with LoRA), so a
+    generator that Ray restarts gets exactly the weights the others hold."""
+
+    backend = "object_store"
+
+    _last: tuple[list[ray.ObjectRef], int] | None = None
+
     def sync(self, version: int, step: int | None) -> dict[str, float]:
         learner = self.learners.actors[0]
         t = time.perf_counter()
         refs = self.learners.wait([learner.export_weight_refs.remote(self.bucket_mb, self.payload)], "export_weight_refs", step, [0])[0]
         exported = time.perf_counter() - t
+        expected = self.generators.policy_version
         loaded = self.generators.call("load_weight_refs", refs, version, self.timeout_s, self.payload, step=step)
+        self._last = (refs, version)
+        for i, result in enumerate(loaded):
+            if result["previous_version"] != expected:
+                # Restarted while idle: this load gave it the new weights all the same.
+                self.generators.restarted(i, step, f"while idle (it held policy version {result['previous_version']}, not {expected})")
         return {"time/sync_export_s": exported, "sync/buckets": len(refs), "sync/bytes": loaded[0].get("bytes", 0)}
+
+    def restore(self, index: int, step: int | None) -> None:
+        if self._last is None:
+            return  # nothing synced yet: the restarted engine holds the base weights, as the others do
+        refs, version = self._last
+        generator = self.generators.actors[index]
+        self.generators.wait(
+            [generator.load_weight_refs.remote(refs, version, self.timeout_s, self.payload)], "load_weight_refs", step, [index]
+        )
 
 
 class BroadcastSync(WeightSync):
     """The group's members are learner 0 (rank 0) and generator i (rank i + 1). A failed sync
     drops the group: the next sync opens a new one (open_broadcast closes a member's old one
     first) rather than reusing a group in an unknown state."""
+
+    backend = "broadcast"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

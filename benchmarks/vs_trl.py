@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument(
         "--contenders",
         nargs="+",
-        default=["trl", "moalign-s0-c2", "moalign-s1"],
+        default=["trl", "moalign-s0-c2", "moalign-s1", "moalign-s1-c2"],
         help="trl, moalign-s<max_staleness>[-c<cores each for generator and learner; default 1>]",
     )
     parser.add_argument("--rounds", type=int, default=2)

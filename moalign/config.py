@@ -230,6 +230,8 @@ class ActorsConfig(_Section):
     """vLLM CPU KV-cache size in GiB (CPU hosts)."""
     omp_threads: int = Field(0, ge=0, le=1024)
     """OMP_NUM_THREADS of every actor (0 = its CPU allotment, `<role>_cpus` rounded up, so roles do not fight over cores)."""
+    max_restarts: int = Field(3, ge=0, le=100)
+    """Times Ray restarts each generator and reward actor that dies; its call is then sent again (a generator first gets the last synced weights). 0: a dead actor stops the run."""
 
 
 class SyncConfig(_Section):

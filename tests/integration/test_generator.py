@@ -173,7 +173,7 @@ def test_load_weights_streams_lazily_and_matches_hf(gen, hf):
 
 
 def test_adapter_payload_loads_the_same_weights_as_merged_full_weights(gen, hf):
-    from moalign.lora_sync import adapter_tensors, lora_delta
+    from moalign.lora_sync import adapter_tensors, add_lora
 
     base = {k: v.detach().clone() for k, v in hf.named_parameters()}
     g = torch.Generator().manual_seed(3)
@@ -185,7 +185,7 @@ def test_adapter_payload_loads_the_same_weights_as_merged_full_weights(gen, hf):
     }
     merged = dict(base)
     for m, (a, b) in factors.items():
-        merged[f"{m}.weight"] = base[f"{m}.weight"] + lora_delta(a, b, 0.5)
+        merged[f"{m}.weight"] = add_lora(base[f"{m}.weight"].clone(), a, b, 0.5)
     payload = [entry for m, (a, b) in factors.items() for entry in adapter_tensors(m, 0, a, b, 0.5)]
     try:
         gen.load_weights([list(merged.items())], version=1)

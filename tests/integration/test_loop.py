@@ -16,8 +16,10 @@ from export import export_checkpoint
 from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import load_config
 from moalign.export import PolicyCard
+from moalign.ledger import audit
 from orchestrator import run
 from tests.helpers.crash import crashed_copy
+from tests.helpers.reward_fns import kill_marker
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +72,11 @@ def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, me
     step 2's checkpoint resumes to the same losses and rewards (one run serves both: each run
     starts its own actors, the largest cost here). With max_staleness 1 the checkpoint holds the
     rollout already generated for step 3, from the policy before step 2's update."""
-    extra = ("checkpoint.every_steps=2", "sync.every_steps=2", f"rollout.max_staleness={max_staleness}")
+    objectives = (
+        "objectives=[{name: Relevance, source: relevance}, {name: Conciseness, source: conciseness}, "
+        "{name: Length, source: callable, path: 'tests.helpers.reward_fns:length_or_kill_once'}]"
+    )
+    extra = ("checkpoint.every_steps=2", "sync.every_steps=2", f"rollout.max_staleness={max_staleness}", objectives)
     cfg = tiny_config(tiny_model, tmp_path / "run", "steps=4", *extra)
     summary = run(cfg)
     reference = read_metrics(tmp_path / "run")
@@ -94,10 +100,11 @@ def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, me
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 4]
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
-    body = scrape_until(
-        metrics_port, ["ray_moalign_loss{", "ray_moalign_reward_relevance{", "ray_moalign_time_sync_s{", "ray_moalign_version{"]
+    # This run's label among the series: an earlier test's run may have been exported first.
+    scrape_until(
+        metrics_port,
+        ["ray_moalign_loss{", "ray_moalign_reward_relevance{", "ray_moalign_time_sync_s{", "ray_moalign_version{", 'run="run"'],
     )
-    assert 'run="run"' in body
 
     # The run exported its last policy; exporting the kept checkpoint afterwards gives the same weights.
     final = tmp_path / "run" / "final"
@@ -111,11 +118,25 @@ def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, me
     for name, tensor in exported.items():
         assert torch.equal(tensor, reread[name]), name
 
-    # A crash right after step 2's checkpoint; the resumed run picks up from it.
+    assert all(h["actor_restarts"] == 0 for h in reference)
+
+    # A crash right after step 2's checkpoint; the resumed run picks up from it. In its step 3,
+    # the generator and the reward actor are killed (SIGKILL) while the reward actor scores: Ray
+    # restarts both, the scoring is sent again, the generator gets the synced weights back before
+    # it samples again, and the run goes on to the same losses and rewards by itself.
     crashed_copy(tmp_path / "run", 2, tmp_path / "resumed")
-    run(tiny_config(tiny_model, tmp_path / "resumed", "steps=4", *extra))
+    kill_marker().touch()
+    try:
+        run(tiny_config(tiny_model, tmp_path / "resumed", "steps=4", *extra))
+    finally:
+        assert not kill_marker().exists(), "the faults were never injected"
     history = read_metrics(tmp_path / "resumed")
     assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert [h["actor_restarts"] for h in history[2:]] == [1, 2]
+    # The ledger: steps 3 and 4 of the copied run were dropped and redone, every prompt once.
+    ledger = audit(tmp_path / "resumed", read_state(list_checkpoints(tmp_path / "resumed")[-1][1])["cursor"])
+    assert ledger["problems"] == [] and ledger["steps"] == 4 and ledger["prompts_trained"] == 16
+    assert ledger["resumes"] == 1 and ledger["redone_steps"] == [3, 4]
     for a, b in zip(reference, history):
         assert a["pairs"] == b["pairs"] and a["version"] == b["version"] and a["staleness"] == b["staleness"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), f"step {a['step']}"
@@ -156,7 +177,9 @@ def test_dead_actor_is_reported_with_role_step_and_cause(tiny_model, ray_cluster
         tmp_path / "run",
         "steps=2",
         "objectives=[{name: Fatal, source: callable, path: 'tests.helpers.reward_fns:exit_process'}]",
+        "actors.max_restarts=1",
     )
+    # The reward dies again after its one restart: the run stops, naming it.
     with pytest.raises(ActorFailure) as err:
         run(cfg)
     assert err.value.role == "reward" and err.value.step == 1 and "died" in err.value.cause

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moalign.lora_sync import AdapterMerger, adapter_shape_error, adapter_tensors, lora_delta, parse_adapter_name
+from moalign.lora_sync import AdapterMerger, adapter_shape_error, adapter_tensors, add_lora, parse_adapter_name
 
 ATTN, MLP = "model.layers.0.self_attn", "model.layers.0.mlp"
 
@@ -63,9 +63,9 @@ def test_merge_is_bitwise_the_learner_formula_and_completes_fused_blocks():
     names = [n for n, _ in out]
     got = dict(out)
 
-    # The learner merges as base.float() + lora_delta(A, B, scale): the same bits here.
-    assert torch.equal(got[f"{ATTN}.q_proj.weight"], base[f"{ATTN}.q_proj.weight"] + lora_delta(a_q, b_q, 2.0))
-    assert torch.equal(got[f"{MLP}.gate_proj.weight"], base[f"{MLP}.gate_proj.weight"] + lora_delta(a_g, b_g, 2.0))
+    # The learner merges with add_lora on a float32 copy of the base: the same bits here.
+    assert torch.equal(got[f"{ATTN}.q_proj.weight"], add_lora(base[f"{ATTN}.q_proj.weight"].clone(), a_q, b_q, 2.0))
+    assert torch.equal(got[f"{MLP}.gate_proj.weight"], add_lora(base[f"{MLP}.gate_proj.weight"].clone(), a_g, b_g, 2.0))
     # Siblings of an adapted layer travel from the base, and a block is complete before the next one starts.
     assert torch.equal(got[f"{ATTN}.k_proj.weight"], base[f"{ATTN}.k_proj.weight"])
     assert set(names) == {n for n in base if n.startswith((ATTN, MLP))}
@@ -85,8 +85,7 @@ def test_two_adapters_and_plain_tensors_in_one_stream():
         + [("model.layers.0.input_layernorm.weight", norm)]
     )
     got = dict(merger(base)(iter(payload)))
-    want = base[f"{ATTN}.o_proj.weight"] + lora_delta(a0, b0, 0.5)
-    want += lora_delta(a1, b1, 3.0)
+    want = add_lora(add_lora(base[f"{ATTN}.o_proj.weight"].clone(), a0, b0, 0.5), a1, b1, 3.0)
     assert torch.equal(got[f"{ATTN}.o_proj.weight"], want)
     assert got["model.layers.0.input_layernorm.weight"] is norm
 
@@ -100,7 +99,7 @@ def test_delta_agrees_with_peft():
     lora = model.base_model.model.proj
     torch.nn.init.normal_(lora.lora_B["default"].weight)
     want = lora.get_delta_weight("default")
-    got = lora_delta(lora.lora_A["default"].weight, lora.lora_B["default"].weight, lora.scaling["default"])
+    got = add_lora(torch.zeros(6, 8), lora.lora_A["default"].weight, lora.lora_B["default"].weight, lora.scaling["default"])
     assert torch.allclose(got, want, atol=1e-6)
 
 

@@ -135,7 +135,7 @@ class _DoneGeneration:
 
 def _rollout(version, tags):
     samples = [[{"token_ids": [1, 2], "text": "a", "finish_reason": "stop", "version": v} for v in tags]]
-    return Rollout(3, [4], np.array([[0.25, 0.75]]), [[7, 8, 9]], version, 1, _DoneGeneration(samples))
+    return Rollout(3, [4], np.array([[0.25, 0.75]]), [[7, 8, 9]], version, 1, (0, 8), _DoneGeneration(samples))
 
 
 def test_rollout_round_trips_through_a_checkpoint_once_generated():
@@ -146,6 +146,7 @@ def test_rollout_round_trips_through_a_checkpoint_once_generated():
     again = Rollout.from_state(json.loads(json.dumps(rollout.state_dict())))
     assert again.samples == rollout.samples and again.wait() == rollout.samples
     assert (again.step, again.prompt_indices, again.prompt_ids, again.version, again.policy_step) == (3, [4], [[7, 8, 9]], 2, 1)
+    assert again.drawn_from == (0, 8)
     np.testing.assert_array_equal(again.weights, rollout.weights)
 
 
@@ -160,3 +161,19 @@ def test_actor_threads_follow_the_cpu_allotment_unless_set():
     assert actor_env(load_config(None, ["actors.omp_threads=4"]), 1)["env_vars"]["OMP_NUM_THREADS"] == "4"
     # Idle threads sleep: spinning pools that share cores stalled steps 5x beside a busy process.
     assert actor_env(cfg, 1)["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_a_resumed_run_refuses_a_changed_prompt_file(tmp_path):
+    from moalign.checkpoint import file_sha256
+    from moalign.data import DataError
+    from orchestrator import _check_same_prompts
+
+    prompts = tmp_path / "train.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    cfg = load_config(None, [f"data.train_path={prompts}"])
+    saved = {"step": 6, "prompts_sha256": file_sha256(prompts)}
+    _check_same_prompts(cfg, saved, file_sha256(prompts))
+    _check_same_prompts(cfg, {"step": 6}, file_sha256(prompts))  # a checkpoint from before the hash
+    prompts.write_text('{"prompt": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl changed since the checkpoint of step 6"):
+        _check_same_prompts(cfg, saved, file_sha256(prompts))
