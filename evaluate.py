@@ -387,11 +387,12 @@ def evaluate_offline(
 
     points, rows = [], []
     with actor_groups(members[0], model_path) as (generators, scorers, learners):
+        sync_weights = make_weight_sync(cfg, learners, generators)
         base, _ = _sample_and_score(cfg, generators, scorers, prompt_ids, heldout, seeds, e.samples_per_weight, "base", None)
         for member, checkpoint in zip(members, checkpoints):
             step = int(read_state(checkpoint)["step"])
             learners.call("load_checkpoint", str(checkpoint / "learner"), True, step=step)
-            make_weight_sync(cfg, learners, generators)(step, step)
+            sync_weights(step, step)
             label = f"{cfg.algorithm.name} {weights_label(member.offline_weights)}"
             rewards, member_rows = _sample_and_score(
                 cfg, generators, scorers, prompt_ids, heldout, seeds, e.samples_per_weight, label, step

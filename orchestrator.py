@@ -155,8 +155,9 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     run_dir, resume_from, model_path, tokenizer = open_run(cfg, ray_address)
     prompts = load_prompts(cfg.data.train_path)
     prompts_sha256 = file_sha256(cfg.data.train_path)
-    if resume_from is not None:
-        _check_same_prompts(cfg, read_state(resume_from), prompts_sha256)
+    saved = read_state(resume_from) if resume_from is not None else None
+    if saved is not None:
+        _check_same_prompts(cfg, saved, prompts_sha256)
     names = cfg.objective_names
     evaluation = TrainingEvaluation(cfg, run_dir, tokenizer)
 
@@ -174,8 +175,8 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
             health=HealthMonitor(**cfg.health.model_dump()),
             prompts_sha256=prompts_sha256,
         )
-        if resume_from is not None:
-            state.load_state_dict(read_state(resume_from))
+        if saved is not None:
+            state.load_state_dict(saved)
             learners.call("load_checkpoint", str(resume_from / "learner"), step=state.step)
             sync_weights(state.version, state.step)
             log.info("resumed from %s at step %d (policy version %d)", resume_from, state.step, state.version)

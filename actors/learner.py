@@ -318,15 +318,9 @@ class Learner(WeightPublisher):
         both = torch.arange(m, device=self.device).repeat(2)
         cache.reorder_cache(both)
 
-        completions = list(chosen) + list(rejected)
-        c_width = max(len(c) for c in completions)
-        c_ids = torch.zeros(2 * m, c_width, dtype=torch.long)
-        c_mask = torch.zeros(2 * m, c_width, dtype=torch.long)
-        for i, c in enumerate(completions):
-            c_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-            c_mask[i, : len(c)] = 1
-        c_ids, c_mask = c_ids.to(self.device), c_mask.to(self.device)
-        c_pos = p_mask.sum(-1)[both, None] + torch.arange(c_width, device=self.device)[None]
+        # The completions alone, right-padded (as sequences with empty prompts).
+        c_ids, c_mask, _, _ = self._encode([[]] * (2 * m), list(chosen) + list(rejected))
+        c_pos = p_mask.sum(-1)[both, None] + torch.arange(c_ids.shape[1], device=self.device)[None]
         mask = torch.cat([p_mask[both], c_mask], dim=1)
         logits = forward(input_ids=c_ids, attention_mask=mask, position_ids=c_pos, past_key_values=cache, use_cache=True).logits
         # The prompt's last position predicts the first completion token; completion position j
@@ -336,29 +330,34 @@ class Learner(WeightPublisher):
         rest = torch.where(c_mask[:, 1:].bool(), rest, torch.zeros_like(rest))
         return first + rest.sum(-1)
 
-    def _base_logps(self, prompts, completions) -> torch.Tensor:
+    @contextlib.contextmanager
+    def _base_model(self) -> Iterator[Any]:
+        """The model before training, gradients off: the frozen copy, or the policy with its LoRA
+        adapters disabled."""
         with torch.no_grad():
             if self.ref_model is not None:
-                return self._sequence_logps(self.ref_model, prompts, completions)
-            with self.engine.module.disable_adapter():
-                return self._sequence_logps(self.engine.module, prompts, completions)
+                yield self.ref_model
+            else:
+                with self.engine.module.disable_adapter():
+                    yield self.engine.module
+
+    @contextlib.contextmanager
+    def _reference_model(self) -> Iterator[Any]:
+        """The reference, gradients off: the lagged policy (MOPO), else the base model."""
+        if self._lagged is None:
+            with self._base_model() as model:
+                yield model
+        else:
+            with self._eval_mode(), self._swapped_in(self._lagged):
+                yield self.engine.module
+
+    def _base_logps(self, prompts, completions) -> torch.Tensor:
+        with self._base_model() as model:
+            return self._sequence_logps(model, prompts, completions)
 
     def _reference_logps(self, prompts, completions) -> torch.Tensor:
-        if self._lagged is None:
-            return self._base_logps(prompts, completions)
-        with self._eval_mode(), self._swapped_in(self._lagged):
-            return self._sequence_logps(self.engine.module, prompts, completions)
-
-    def _reference_pair_logps(self, prompts, chosen, rejected) -> torch.Tensor:
-        """`_reference_logps` of the pairs, through `_pair_logps`."""
-        if self._lagged is not None:
-            with self._eval_mode(), self._swapped_in(self._lagged):
-                return self._pair_logps(self.engine.module, prompts, chosen, rejected)
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return self._pair_logps(self.ref_model, prompts, chosen, rejected)
-            with self.engine.module.disable_adapter():
-                return self._pair_logps(self.engine.module, prompts, chosen, rejected)
+        with self._reference_model() as model:
+            return self._sequence_logps(model, prompts, completions)
 
     @contextlib.contextmanager
     def _swapped_in(self, weights: dict[str, torch.Tensor]) -> Iterator[None]:
@@ -438,7 +437,8 @@ class Learner(WeightPublisher):
                 # Chosen and rejected in one pass, behind their prompt run once. The reference
                 # first: a lagged one is swapped into the policy's parameters, which must not
                 # change between the policy's forward and its backward.
-                ref = self._reference_pair_logps(prompts, chosen, rejected).float()
+                with self._reference_model() as reference:
+                    ref = self._pair_logps(reference, prompts, chosen, rejected).float()
                 policy = self._pair_logps(self.engine, prompts, chosen, rejected).float()
                 pc, pr, rc, rr = policy[:m], policy[m:], ref[:m], ref[m:]
                 losses = self.objective.pair_losses(pc, pr, rc, rr, torch.tensor(idx, dtype=torch.long), batch)

@@ -64,7 +64,8 @@ def write_json(path: str | Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes: a checkpoint's files, or a data file that must not change under a resumed run."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -72,16 +73,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, e.g. to notice a data file that changed under a resumed run."""
-    return _sha256(Path(path))
-
-
 def publish(staging: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
     """Write the checksums of every file, then state.json last (its presence marks a complete
     checkpoint), rename, prune old ones."""
     files = sorted(p for p in staging.rglob("*") if p.is_file())
-    write_json(staging / CHECKSUMS, {str(p.relative_to(staging)): _sha256(p) for p in files})
+    write_json(staging / CHECKSUMS, {str(p.relative_to(staging)): file_sha256(p) for p in files})
     write_json(staging / "state.json", state)
     final = staging.parent / f"step_{step:08d}"
     if final.exists():
@@ -107,7 +103,7 @@ def checkpoint_damage(checkpoint: str | Path) -> str | None:
         path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             return f"{name} does not match its checksum (truncated or altered after the save)"
     return None
 

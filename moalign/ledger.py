@@ -54,8 +54,9 @@ class PromptLedger:
 def audit(run_dir: str | Path, cursor_state: dict[str, Any]) -> dict[str, Any]:
     """Check the ledger against the cursor (`cursor_state`: a checkpoint's saved cursor, whose
     seed and prompt count fix the draw order). Returns totals and every problem found."""
-    entries = [e for e in read_ledger(run_dir) if "event" not in e]
-    resumes = [e for e in read_ledger(run_dir) if e.get("event") == "resumed"]
+    ledger = read_ledger(run_dir)
+    entries = [e for e in ledger if "event" not in e]
+    resumes = [e for e in ledger if e.get("event") == "resumed"]
     cursor = PromptCursor(cursor_state["n"], cursor_state["seed"], cursor_state["shuffle"])
     problems: list[str] = []
     steps = [e["step"] for e in entries]
@@ -63,7 +64,9 @@ def audit(run_dir: str | Path, cursor_state: dict[str, Any]) -> dict[str, Any]:
         problems.append(f"steps are not 1..{len(steps)} once each: {steps}")
     trained: dict[tuple[int, int], int] = {}
     for e in entries:
-        if (cursor.epoch, cursor.position) != (e["epoch"], e["position"]):
+        if e["epoch"] is None:
+            problems.append(f"step {e['step']}: where its prompts were drawn is unknown (a rollout checkpointed before the ledger)")
+        elif (cursor.epoch, cursor.position) != (e["epoch"], e["position"]):
             problems.append(
                 f"step {e['step']} drew from epoch {e['epoch']} position {e['position']}, but the steps before it "
                 f"end at epoch {cursor.epoch} position {cursor.position}: prompts were skipped or drawn twice"

@@ -54,3 +54,14 @@ def test_command_line_reads_the_cursor_from_the_last_checkpoint(tmp_path, capsys
     publish(staging_dir(tmp_path, 2), 2, {"step": 2, "cursor": cursor.state_dict()}, keep_last=1)
     assert main([str(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out)["prompts_trained"] == 4
+
+
+def test_a_step_drawn_before_the_ledger_existed_is_reported_not_guessed(tmp_path):
+    cursor = PromptCursor(6, seed=0)
+    ledger = PromptLedger(tmp_path)
+    train(ledger, cursor, [1], batch=2)
+    ledger.record(2, None, cursor.next(2))  # a rollout restored from an older checkpoint
+    train(ledger, cursor, [3], batch=2)
+    report = audit(tmp_path, cursor.state_dict())
+    assert report["problems"] == ["step 2: where its prompts were drawn is unknown (a rollout checkpointed before the ledger)"]
+    assert report["steps"] == 3 and report["complete_epochs"] == 1
