@@ -203,21 +203,13 @@ class TrainingEvaluation:
     def __init__(self, cfg: RunConfig, run_dir: Path, tokenizer):
         self.cfg, self.run_dir, self.tokenizer = cfg, Path(run_dir), tokenizer
         self.enabled = cfg.eval.every_steps > 0 or cfg.eval.at_start_and_end
-        # Read now so a missing held-out file stops the run before step 1, not at the first evaluation.
-        self.heldout = load_prompts(cfg.data.heldout_path) if self.enabled else []
+        # Read and measured now: a missing held-out file, or one whose prompts are all too long
+        # once conditioned, stops the run before step 1, not at the first evaluation.
+        from actors.cluster import load_fitted_prompts
+
+        self.heldout = load_fitted_prompts(cfg, cfg.data.heldout_path, tokenizer) if self.enabled else []
         self.base: dict[str, Any] | None = None
         self.latest: tuple[str, dict[str, Any]] | None = None
-        if self.enabled:
-            self._check_prompt_lengths()
-
-    def _check_prompt_lengths(self) -> None:
-        """A held-out prompt too long once conditioned stops the run now, not after hours of training."""
-        from actors.cluster import render_conditioned
-
-        e = self.cfg.eval
-        for weights in eval_weights(len(self.cfg.objectives), e.during_training_divisions, self.cfg.conditioning.decimals):
-            for record in self.heldout[: e.during_training_prompts]:
-                render_conditioned(self.tokenizer, record.prompt, self.cfg.objective_names, weights, self.cfg)
 
     def due(self, step: int) -> bool:
         e = self.cfg.eval

@@ -30,6 +30,7 @@ from actors.cluster import (
     actor_groups,
     chunks,
     export_policy,
+    load_fitted_prompts,
     merge_rank_metrics,
     open_run,
     progress_bar,
@@ -38,7 +39,7 @@ from actors.cluster import (
     score,
 )
 from actors.weight_sync import make_weight_sync
-from moalign.checkpoint import RunDirInUse, file_sha256, latest_checkpoint, read_state
+from moalign.checkpoint import CheckpointError, RunDirInUse, file_sha256, latest_checkpoint, latest_sound_checkpoint, read_state
 from moalign.conditioning import (
     DirichletSampler,
     FixedWeights,
@@ -46,7 +47,7 @@ from moalign.conditioning import (
     round_weights,
 )
 from moalign.config import ConfigError, RunConfig, load_config
-from moalign.data import DataError, PromptCursor, load_prompts
+from moalign.data import DataError, PromptCursor
 from moalign.health import METRICS as HEALTH_METRICS
 from moalign.health import HealthMonitor
 from moalign.ledger import PromptLedger
@@ -153,110 +154,116 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
 
     _check_supported(cfg)
     run_dir, resume_from, model_path, tokenizer = open_run(cfg, ray_address)
-    prompts = load_prompts(cfg.data.train_path)
+    prompts = load_fitted_prompts(cfg, cfg.data.train_path, tokenizer, run_dir / "data_report.json")
     prompts_sha256 = file_sha256(cfg.data.train_path)
-    saved = read_state(resume_from) if resume_from is not None else None
-    if saved is not None:
-        _check_same_prompts(cfg, saved, prompts_sha256)
+    if resume_from is not None:
+        _check_same_prompts(cfg, read_state(resume_from), prompts_sha256)
     names = cfg.objective_names
     evaluation = TrainingEvaluation(cfg, run_dir, tokenizer)
 
     # Wiring: three independently sized actor groups, killed when the run ends or fails.
-    with actor_groups(cfg, model_path) as (generators, scorers, learners):
-        sync_weights = make_weight_sync(cfg, learners, generators)
-        state = LoopState(
-            sampler=(
-                FixedWeights(cfg.conditioning.fixed_weights)
-                if cfg.conditioning.fixed_weights is not None
-                else DirichletSampler(len(names), cfg.conditioning.alpha, seed=cfg.seed)
-            ),
-            cursor=PromptCursor(len(prompts), seed=cfg.seed, shuffle=cfg.data.shuffle),
-            normalizer=RunningNormalizer(len(names)),
-            health=HealthMonitor(**cfg.health.model_dump()),
-            prompts_sha256=prompts_sha256,
-        )
-        if saved is not None:
-            state.load_state_dict(saved)
-            learners.call("load_checkpoint", str(resume_from / "learner"), step=state.step)
-            sync_weights(state.version, state.step)
-            log.info("resumed from %s at step %d (policy version %d)", resume_from, state.step, state.version)
-
+    with actor_groups(cfg, model_path) as actors:
+        generators, scorers = actors.generators, actors.scorers
+        sync_weights = make_weight_sync(cfg, actors.learners, generators)
+        state = _start_state(cfg, len(prompts), prompts_sha256, resume_from, actors.learners, sync_weights)
         sink = MetricsSink(run_dir, run_dir.name, cfg.logging.tensorboard, cfg.logging.ray_metrics, resume_step=state.step)
         ledger = PromptLedger(run_dir, state.step, f"restarted; steps after the checkpoint of step {state.step} were never checkpointed")
         progress = progress_bar(cfg, state.step, "mo-odpo")
+        learner_restarts = 0
         try:
             evaluation.at_start(generators, scorers, state.step)
-            for step in range(state.step + 1, cfg.steps + 1):
-                timings: dict[str, float] = {}
-                t0 = time.perf_counter()
+            while state.step < cfg.steps:
+                step = state.step + 1
+                try:
+                    timings: dict[str, float] = {}
+                    t0 = time.perf_counter()
 
-                # 1-3. Prompts, Dirichlet weights, conditioned prompts, sent to the generators for n
-                #      samples each. With max_staleness s > 0 they are sent s steps early, so the
-                #      generators sample step t+s while the learner trains step t.
-                while len(state.rollouts) <= cfg.rollout.max_staleness and state.step + len(state.rollouts) < cfg.steps:
-                    state.rollouts.append(_draw_rollout(cfg, state, prompts, tokenizer, generators))
-                rollout = state.rollouts.popleft()
-                batch = [prompts[i] for i in rollout.prompt_indices]
-                weights, prompt_ids = rollout.weights, list(rollout.prompt_ids)
-                t = time.perf_counter()
-                samples = rollout.wait()
-                timings["time/generate_s"] = time.perf_counter() - t
-                timings["staleness"] = step - 1 - rollout.policy_step
-
-                # 4. Rewards on the unconditioned prompt; per-objective running normalisation.
-                t = time.perf_counter()
-                raw = score(cfg, scorers, [p.prompt for p in batch], samples, cfg.rollout.samples_per_prompt, step)
-                state.normalizer.update(raw)
-                normalized = state.normalizer.normalize(raw)
-                timings["time/score_s"] = time.perf_counter() - t
-
-                # 5. Chosen / rejected by the weighted (normalised) reward, under the sampled weights
-                #    and under `relabel_weights` extra ones (each with its own weight line).
-                weight_sets = [weights] + _relabel_weights(cfg, state.sampler, weights)
-                for extra in weight_sets[1:]:
-                    prompt_ids += [render_conditioned(tokenizer, p.prompt, names, w, cfg) for p, w in zip(batch, extra)]
-                selection = select_relabelled_pairs(weight_sets, normalized, cfg.algorithm.pair_mode)
-
-                # 6. One learner step on the conditioned prompts.
-                t = time.perf_counter()
-                learn = _learn(cfg, learners, prompt_ids, samples, selection.pairs, step)
-                timings["time/learn_s"] = time.perf_counter() - t
-
-                # 7. Weight sync; also before every checkpoint so a resumed run's generators hold
-                #    exactly the weights the uninterrupted run's generators held, and before every
-                #    evaluation (eval.every_steps is a multiple of sync.every_steps, so this adds none).
-                checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == cfg.steps
-                timings["time/sync_s"] = 0.0
-                if step % cfg.sync.every_steps == 0 or checkpoint_due or evaluation.due(step):
-                    # The generators finish the rollouts sent ahead first (they are older than
-                    # this policy); waiting here keeps that time out of the sync's.
+                    # 1-3. Prompts, Dirichlet weights, conditioned prompts, sent to the generators for n
+                    #      samples each. With max_staleness s > 0 they are sent s steps early, so the
+                    #      generators sample step t+s while the learner trains step t.
+                    while len(state.rollouts) <= cfg.rollout.max_staleness and state.step + len(state.rollouts) < cfg.steps:
+                        state.rollouts.append(_draw_rollout(cfg, state, prompts, tokenizer, generators))
+                    rollout = state.rollouts.popleft()
+                    batch = [prompts[i] for i in rollout.prompt_indices]
+                    weights, prompt_ids = rollout.weights, list(rollout.prompt_ids)
                     t = time.perf_counter()
-                    for ahead in state.rollouts:
-                        ahead.wait()
-                    timings["time/generate_s"] += time.perf_counter() - t
-                    state.version += 1
-                    state.synced_step = step
-                    timings.update(sync_weights(state.version, step))
-                timings["actor_restarts"] = generators.restarts + scorers.restarts
+                    samples = rollout.wait()
+                    timings["time/generate_s"] = time.perf_counter() - t
+                    timings["staleness"] = step - 1 - rollout.policy_step
 
-                # 7b. Pareto evaluation on held-out prompts, on the weights just synced. Before
-                #     state.step moves on, so a failure here is reported as this step's; its time
-                #     is left out of time/step_s (it is time/eval_s).
-                eval_metrics = evaluation.evaluate(generators, scorers, step) if evaluation.due(step) else {}
-                t0 += eval_metrics.get("time/eval_s", 0.0)
+                    # 4. Rewards on the unconditioned prompt; per-objective running normalisation.
+                    t = time.perf_counter()
+                    raw = score(cfg, scorers, [p.prompt for p in batch], samples, cfg.rollout.samples_per_prompt, step)
+                    state.normalizer.update(raw)
+                    normalized = state.normalizer.normalize(raw)
+                    timings["time/score_s"] = time.perf_counter() - t
 
-                # 8. Metrics, progress, checkpoint.
-                state.step = step
-                timings["time/step_s"] = time.perf_counter() - t0
-                metrics = _step_metrics(names, raw, samples, selection, learn, timings, state.version)
-                metrics.update(state.health.update(step, samples, selection, learn))
-                metrics.update(eval_metrics)
-                sink.log(step, metrics)
-                ledger.record(step, rollout.drawn_from, rollout.prompt_indices)
-                progress.update(1)
-                progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", pairs=metrics["pairs"], v=state.version)
-                if checkpoint_due:
-                    save_checkpoint(cfg, run_dir, learners, state)
+                    # 5. Chosen / rejected by the weighted (normalised) reward, under the sampled weights
+                    #    and under `relabel_weights` extra ones (each with its own weight line).
+                    weight_sets = [weights] + _relabel_weights(cfg, state.sampler, weights)
+                    for extra in weight_sets[1:]:
+                        prompt_ids += [render_conditioned(tokenizer, p.prompt, names, w, cfg) for p, w in zip(batch, extra)]
+                    selection = select_relabelled_pairs(weight_sets, normalized, cfg.algorithm.pair_mode)
+
+                    # 6. One learner step on the conditioned prompts.
+                    t = time.perf_counter()
+                    learn = _learn(cfg, actors.learners, prompt_ids, samples, selection.pairs, step)
+                    timings["time/learn_s"] = time.perf_counter() - t
+
+                    # 7. Weight sync; also before every checkpoint so a resumed run's generators hold
+                    #    exactly the weights the uninterrupted run's generators held, and before every
+                    #    evaluation (eval.every_steps is a multiple of sync.every_steps, so this adds none).
+                    checkpoint_due = step % cfg.checkpoint.every_steps == 0 or step == cfg.steps
+                    timings["time/sync_s"] = 0.0
+                    if step % cfg.sync.every_steps == 0 or checkpoint_due or evaluation.due(step):
+                        # The generators finish the rollouts sent ahead first (they are older than
+                        # this policy); waiting here keeps that time out of the sync's.
+                        t = time.perf_counter()
+                        for ahead in state.rollouts:
+                            ahead.wait()
+                        timings["time/generate_s"] += time.perf_counter() - t
+                        state.version += 1
+                        state.synced_step = step
+                        timings.update(sync_weights(state.version, step))
+                    timings["actor_restarts"] = generators.restarts + scorers.restarts + learner_restarts
+
+                    # 7b. Pareto evaluation on held-out prompts, on the weights just synced. Before
+                    #     state.step moves on, so a failure here is reported as this step's; its time
+                    #     is left out of time/step_s (it is time/eval_s).
+                    eval_metrics = evaluation.evaluate(generators, scorers, step) if evaluation.due(step) else {}
+                    t0 += eval_metrics.get("time/eval_s", 0.0)
+
+                    # 8. Metrics, progress, checkpoint.
+                    state.step = step
+                    timings["time/step_s"] = time.perf_counter() - t0
+                    metrics = _step_metrics(names, raw, samples, selection, learn, timings, state.version)
+                    metrics.update(state.health.update(step, samples, selection, learn))
+                    metrics.update(eval_metrics)
+                    sink.log(step, metrics)
+                    ledger.record(step, rollout.drawn_from, rollout.prompt_indices)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}", pairs=metrics["pairs"], v=state.version)
+                    if checkpoint_due:
+                        save_checkpoint(cfg, run_dir, actors.learners, state)
+                except ActorFailure as exc:
+                    # A learner that died or hangs: a fresh learner group goes on from the last
+                    # checkpoint, and the steps after it are trained again from the same state.
+                    if not (exc.role == "learner" and exc.actor_lost) or learner_restarts >= cfg.actors.max_learner_restarts:
+                        raise
+                    learner_restarts += 1
+                    started = time.perf_counter()
+                    log.error("%s; starting the learners again from the last checkpoint (restart %d of at most %d)",
+                              exc, learner_restarts, cfg.actors.max_learner_restarts)  # fmt: skip
+                    sync_weights = make_weight_sync(cfg, actors.replace_learners(), generators)
+                    state = _start_state(
+                        cfg, len(prompts), prompts_sha256, latest_sound_checkpoint(run_dir), actors.learners, sync_weights, True
+                    )
+                    how = f"learner restart {learner_restarts} after: {exc}; back at step {state.step} in {time.perf_counter() - started:.1f}s"
+                    log.warning("%s", how)
+                    sink.rewind(state.step)
+                    ledger.rewind(state.step, "learner_restarted", how)
+                    progress.n = state.step
+                    progress.refresh()
         except (ActorFailure, RewardError) as exc:
             log.error("step %d failed and was not checkpointed; a resume repeats it from the last checkpoint: %s", state.step + 1, exc)
             raise
@@ -265,7 +272,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
             sink.close()
 
         # 9. The last policy as folders that transformers, PEFT and vLLM load (`make serve` serves it).
-        exported = export_policy(cfg, learners, run_dir / "final", state.step)
+        exported = export_policy(cfg, actors.learners, run_dir / "final", state.step)
 
     history = read_metrics(run_dir)
     steerability = evaluation.closing_table()
@@ -275,12 +282,39 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "steps": state.step,
         "version": state.version,
+        "learner_restarts": learner_restarts,
         **_summarize(history, names, state.health),
         "history": history,
         "checkpoint": str(latest_checkpoint(run_dir)),
         "export": exported,
         "steerability_table": steerability,
     }
+
+
+def _start_state(
+    cfg: RunConfig, n_prompts: int, prompts_sha256: str, checkpoint: Path | None, learners, sync_weights, after_failure: bool = False
+) -> LoopState:
+    """The loop's state at step 0, or at `checkpoint` with the learners restored; the generators
+    are synced to the weights they held then (after a failure, also at step 0: they hold later ones)."""
+    names = cfg.objective_names
+    state = LoopState(
+        sampler=(
+            FixedWeights(cfg.conditioning.fixed_weights)
+            if cfg.conditioning.fixed_weights is not None
+            else DirichletSampler(len(names), cfg.conditioning.alpha, seed=cfg.seed)
+        ),
+        cursor=PromptCursor(n_prompts, seed=cfg.seed, shuffle=cfg.data.shuffle),
+        normalizer=RunningNormalizer(len(names)),
+        health=HealthMonitor(**cfg.health.model_dump()),
+        prompts_sha256=prompts_sha256,
+    )
+    if checkpoint is not None:
+        state.load_state_dict(read_state(checkpoint))
+        learners.call("load_checkpoint", str(checkpoint / "learner"), step=state.step)
+        log.info("resumed from %s at step %d (policy version %d)", checkpoint, state.step, state.version)
+    if checkpoint is not None or after_failure:
+        sync_weights(state.version, state.step)
+    return state
 
 
 def _window_mean(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -471,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (ActorFailure, RewardError):
         # Already logged with its step; the traceback adds nothing for the user.
+        return 1
+    except CheckpointError as exc:
+        log.error("%s", exc)
         return 1
     offline.report(summary) if cfg.is_offline else _report(summary)
     return 0

@@ -10,13 +10,14 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from moalign.checkpoint import latest_sound_checkpoint, own_run_dir, publish, staging_dir
+from moalign.checkpoint import CheckpointError, latest_checkpoint, latest_sound_checkpoint, own_run_dir, publish, staging_dir
 from moalign.conditioning import condition_messages, render_prompt_ids
 from moalign.config import ConfigError, RunConfig, load_config, save_resolved
 from moalign.pairs import check_rewards
@@ -88,59 +89,101 @@ def start_ray(cfg: RunConfig, address: str | None) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(wanted))), include_dashboard=False)
 
 
-@contextlib.contextmanager
-def actor_groups(cfg: RunConfig, model_path: str, roles: tuple[str, ...] = ("generator", "reward", "learner")):
-    """The actor groups named in `roles` (the others are None), killed when the block ends."""
-    groups: list = []
-    try:
-        yield _build_actors(cfg, model_path, groups, roles)
-    finally:
-        for group in groups:
+class RunActors:
+    """A run's actor groups (None for a role not started), each killed when the run ends. The
+    learners can be replaced: data-parallel ranks rendezvous once, so a lost learner is never
+    restarted alone, its whole group is started again."""
+
+    def __init__(self, cfg: RunConfig, model_path: str):
+        self.cfg, self.model_path = cfg, model_path
+        self.generators = self.scorers = self.learners = None
+        self._started: list = []
+
+    def start(self, roles: tuple[str, ...]) -> RunActors:
+        """Start the groups of `roles` and wait until every actor answers: construction errors
+        (bad model path, OOM) surface here, named by role, not at step 1."""
+        from actors.ray_actors import ping_all
+
+        cfg = self.cfg
+        if "generator" in roles:
+            self.generators = self._start(_generator_group(cfg, self.model_path, actor_env(cfg, cfg.actors.generator_cpus)))
+        if "reward" in roles:
+            self.scorers = self._start(_reward_group(cfg))
+        if "learner" in roles:
+            self.learners = self._start(_learner_group(cfg, self.model_path))
+        ping_all(self._started)
+        return self
+
+    def _start(self, group):
+        self._started.append(group)
+        return group
+
+    def __iter__(self):
+        return iter((self.generators, self.scorers, self.learners))
+
+    def replace_learners(self):
+        """Kill the learner group and start a fresh one from the base model (load a checkpoint into it)."""
+        from actors.ray_actors import ping_all
+
+        self.learners.kill()
+        self._started.remove(self.learners)
+        self.learners = self._start(_learner_group(self.cfg, self.model_path))
+        ping_all([self.learners])
+        return self.learners
+
+    def kill(self) -> None:
+        for group in self._started:
             group.kill()
 
 
-def _build_actors(cfg: RunConfig, model_path: str, started: list, roles: tuple[str, ...]):
+@contextlib.contextmanager
+def actor_groups(cfg: RunConfig, model_path: str, roles: tuple[str, ...] = ("generator", "reward", "learner")):
+    """The actor groups named in `roles` (a RunActors, which unpacks as generators, scorers,
+    learners), killed when the block ends."""
+    actors = RunActors(cfg, model_path)
+    try:
+        yield actors.start(roles)
+    finally:
+        actors.kill()
+
+
+def _reward_group(cfg: RunConfig):
+    from actors.ray_actors import ActorGroup, RewardActor
+
+    a = cfg.actors
+    return ActorGroup(
+        "reward",
+        RewardActor,
+        a.num_reward_workers,
+        # A second thread answers `busy` while a score call runs, to name a source that hangs.
+        {"num_cpus": a.reward_cpus, "num_gpus": a.reward_gpus, "runtime_env": actor_env(cfg, a.reward_cpus), "max_concurrency": 2},
+        lambda i: ((cfg.objectives,), {}),
+        a.reward_timeout_s,
+        max_restarts=a.max_restarts,
+    )
+
+
+def _learner_group(cfg: RunConfig, model_path: str):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from actors.ray_actors import ActorGroup, LearnerActor, RewardActor, ping_all
+    from actors.ray_actors import ActorGroup, LearnerActor
     from moalign.weight_sync import free_port
 
     a = cfg.actors
-    timeout = cfg.ray_timeout_s
-    generators = scorers = learners = None
-    if "generator" in roles:
-        generators = _generator_group(cfg, model_path, actor_env(cfg, a.generator_cpus))
-        started.append(generators)
-    if "reward" in roles:
-        scorers = ActorGroup(
-            "reward",
-            RewardActor,
-            a.num_reward_workers,
-            {"num_cpus": a.reward_cpus, "num_gpus": a.reward_gpus, "runtime_env": actor_env(cfg, a.reward_cpus)},
-            lambda i: ((cfg.objectives,), {}),
-            timeout,
-            max_restarts=a.max_restarts,
-        )
-        started.append(scorers)
-    if "learner" in roles:
-        # Data-parallel ranks meet at learner 0, which is pinned to this (the driver's) node so the
-        # rendezvous address and port picked here are the right ones.
-        address, port = ray.util.get_node_ip_address(), free_port()
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        learners = ActorGroup(
-            "learner",
-            LearnerActor,
-            a.num_learners,
-            {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": actor_env(cfg, a.learner_cpus)},
-            lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, "master_addr": address, "master_port": port}),
-            timeout,
-            first_actor_options={"scheduling_strategy": here} if a.num_learners > 1 else None,
-        )
-        started.append(learners)
-    # Construction errors (bad model path, OOM) surface here, named by role, not at step 1.
-    ping_all([g for g in (generators, scorers, learners) if g is not None])
-    return generators, scorers, learners
+    # Data-parallel ranks meet at learner 0, which is pinned to this (the driver's) node so the
+    # rendezvous address and port picked here are the right ones.
+    address, port = ray.util.get_node_ip_address(), free_port()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ActorGroup(
+        "learner",
+        LearnerActor,
+        a.num_learners,
+        {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": actor_env(cfg, a.learner_cpus)},
+        lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, "master_addr": address, "master_port": port}),
+        cfg.ray_timeout_s,
+        first_actor_options={"scheduling_strategy": here} if a.num_learners > 1 else None,
+    )
 
 
 def actor_env(cfg: RunConfig, cpus: float) -> dict:
@@ -187,9 +230,42 @@ def _generator_group(cfg: RunConfig, model_path: str, env: dict):
     )
 
 
+def load_fitted_prompts(cfg: RunConfig, path: str, tokenizer, report_path: Path | None = None) -> list:
+    """The prompt file's records that fit model.max_prompt_tokens with any weight line written in
+    (the others skipped or cut, `data.too_long`), counted in the log and at `report_path`."""
+    from moalign.checkpoint import write_json
+    from moalign.conditioning import fit_prompts
+    from moalign.data import DataError, load_prompts
+
+    c = cfg.conditioning
+    try:
+        prompts, report = fit_prompts(
+            load_prompts(path), tokenizer, cfg.objective_names, c.style, c.decimals, cfg.model.max_prompt_tokens, cfg.data.too_long
+        )
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    if report["too_long"]:
+        done = "left out" if cfg.data.too_long == "skip" else "cut at the start to fit"
+        log.warning(
+            "%s: %d of %d prompts are over model.max_prompt_tokens=%d with the weight line written in (longest %d tokens): %s "
+            "(data.too_long=%s), e.g. %s",
+            path, report["too_long"], report["prompts"], cfg.model.max_prompt_tokens, report["longest_tokens"], done,
+            cfg.data.too_long, ", ".join(report["too_long_ids"][:3]),
+        )  # fmt: skip
+    if not prompts:
+        raise DataError(
+            f"{path}: every prompt is over model.max_prompt_tokens={cfg.model.max_prompt_tokens}; raise it or use data.too_long=truncate"
+        )
+    if report_path is not None:
+        write_json(report_path, {"path": str(path), **report})
+    return prompts
+
+
 def render_conditioned(tokenizer, prompt: str, names: list[str], weights: np.ndarray, cfg: RunConfig) -> list[int]:
     ids = render_prompt_ids(tokenizer, condition_messages(prompt, names, weights, cfg.conditioning.style, cfg.conditioning.decimals))
     if len(ids) > cfg.model.max_prompt_tokens:
+        # load_fitted_prompts measured every prompt under the longest weight line: only a
+        # prompt that did not pass through it lands here.
         raise ConfigError(
             f"prompt {prompt[:60]!r} is {len(ids)} tokens after conditioning, over model.max_prompt_tokens={cfg.model.max_prompt_tokens}"
         )
@@ -272,9 +348,24 @@ def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
 
 
 def save_checkpoint(cfg: RunConfig, run_dir: Path, learners, state: Any) -> None:
+    """Write and publish step `state.step`'s checkpoint, or raise CheckpointError having removed
+    what was written: a full disk or a failed write leaves the previous checkpoint the latest."""
+    from actors.ray_actors import ActorFailure
+
     staging = staging_dir(run_dir, state.step)
-    learners.call("save_checkpoint", str(staging / "learner"), step=state.step)
-    final = publish(staging, state.step, state.state_dict(), cfg.checkpoint.keep_last)
+    try:
+        learners.call("save_checkpoint", str(staging / "learner"), step=state.step)
+        final = publish(staging, state.step, state.state_dict(), cfg.checkpoint.keep_last)
+    except (OSError, ActorFailure) as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, ActorFailure) and exc.actor_lost:
+            raise  # the learner is gone: restarting it is the loop's business, not a write failure
+        latest = latest_checkpoint(run_dir)
+        raise CheckpointError(
+            f"the checkpoint of step {state.step} could not be written ({exc}); "
+            f"{f'the latest is still {latest}' if latest else 'there is no earlier checkpoint'}, and what was written of this one "
+            f"is removed. Free space under {run_dir} (or fix the cause) and run the same command again: it resumes from there"
+        ) from exc
     log.info("checkpoint %s", final)
 
 

@@ -20,17 +20,23 @@ class MetricsSink:
     def __init__(self, run_dir: Path, run_name: str, tensorboard: bool, ray_metrics: bool, resume_step: int = 0):
         self.path = run_dir / "metrics.jsonl"
         self.run_name = run_name
-        # Steps after the checkpoint we resume from were never committed: drop their records so
-        # the history reads like one uninterrupted run.
-        kept = [m for m in read_metrics(run_dir) if m["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        self.tensorboard_dir = run_dir / "tensorboard" if tensorboard else None
         self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         self.ray_metrics = ray_metrics
         self._gauges: dict[str, Any] = {}
+        self.rewind(resume_step)
+
+    def rewind(self, step: int) -> None:
+        """Drop the records of steps after `step`: they were never checkpointed and will be
+        trained again, so the history reads like one uninterrupted run."""
+        kept = [m for m in read_metrics(self.path.parent) if m["step"] <= step]
+        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        if self.tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            if self.writer is not None:
+                self.writer.close()
+            self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=step + 1 if step else None)
 
     def _gauge(self, key: str):
         if key not in self._gauges:

@@ -30,6 +30,11 @@ class ActorFailure(RuntimeError):
         at = f" at step {step}" if step is not None else ""
         super().__init__(f"{role} actor #{index}{at}, in {method}(): {cause}")
 
+    @property
+    def actor_lost(self) -> bool:
+        """The actor died or stopped answering, rather than its call raising an error."""
+        return isinstance(self.__cause__, (RayActorError, GetTimeoutError))
+
 
 def describe_failure(exc: BaseException) -> str:
     """The cause of a failed remote call, in one line."""
@@ -143,7 +148,7 @@ class ActorGroup:
         None), this waits until Ray has restarted it, runs `after_restart` and sends the call again."""
         results = []
         for i, ref in enumerate(refs):
-            restarted = 0
+            restarted, hung_pid = 0, None
             while True:
                 try:
                     result = ray.get(ref, timeout=self.timeout_s)
@@ -154,32 +159,58 @@ class ActorGroup:
                     if exc.actor_init_failed or restarted >= self.max_restarts:
                         raise ActorFailure(self.role, i, step, method, describe_failure(exc)) from exc
                     cause = describe_failure(exc)
-                except (RayTaskError, GetTimeoutError) as exc:
+                except GetTimeoutError as exc:
+                    doing, hung_pid = self._hung_state(i)
+                    cause = f"no answer within {self.timeout_s:g}s{doing}"
+                    if restarted >= self.max_restarts:
+                        tries = f" ({restarted + 1} tries, restarted in between)" if restarted else ""
+                        raise ActorFailure(self.role, i, step, method, f"{cause}{tries}; it may hang") from exc
+                    # A hung process finishes nothing: kill it so that Ray starts it again.
+                    ray.kill(self.actors[i], no_restart=False)
+                    cause += "; killed as hung"
+                except RayTaskError as exc:
                     raise ActorFailure(self.role, i, step, method, describe_failure(exc)) from exc
                 if restarted >= self.max_restarts:
                     raise ActorFailure(self.role, i, step, method, f"{cause}, and no restarts are left")
                 restarted += 1
-                self._recover(i, step, method, cause)
+                self._recover(i, step, method, cause, hung_pid)
+                hung_pid = None
                 ref = getattr(self.actors[i], method).remote(*per_actor_args[i])
             results.append(result)
         return results
 
-    def _recover(self, index: int, step: int | None, method: str, cause: str) -> None:
+    def _hung_state(self, index: int) -> tuple[str, int | None]:
+        """What a slow actor says it is doing, and its process id: asked of actors that answer
+        `busy` from a second thread while their call runs (others give nothing)."""
+        actor = self.actors[index]
+        if not hasattr(actor, "busy"):
+            return "", None
+        try:
+            doing, pong = ray.get([actor.busy.remote(), actor.ping.remote()], timeout=10)
+        except (RayTaskError, RayActorError, GetTimeoutError):
+            return "", None
+        return (f" ({doing})" if doing else ""), pong.get("pid")
+
+    def _recover(self, index: int, step: int | None, method: str, cause: str, old_pid: int | None = None) -> None:
         started = time.perf_counter()
         log.warning("%s actor #%d at step %s, in %s(): %s; waiting for Ray to restart it", self.role, index, step, method, cause)
         # A call while Ray restarts the actor fails at once as unavailable: ask again until the new
-        # process answers; an actor whose restarts ran out is dead, and that is the failure.
+        # process answers (a killed one may still answer for a moment: `old_pid`); an actor whose
+        # restarts ran out is dead, and that is the failure.
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                ray.get(self.actors[index].ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
-                break
+                pong = ray.get(self.actors[index].ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                if old_pid is None or pong.get("pid") != old_pid:
+                    break
             except ActorUnavailableError as exc:
                 if time.monotonic() > deadline:
                     raise ActorFailure(self.role, index, step, f"{method} (restart)", describe_failure(exc)) from exc
-                time.sleep(1.0)
             except (RayTaskError, RayActorError, GetTimeoutError) as exc:
                 raise ActorFailure(self.role, index, step, f"{method} (restart)", describe_failure(exc)) from exc
+            if time.monotonic() > deadline:
+                raise ActorFailure(self.role, index, step, f"{method} (restart)", f"process {old_pid} still answers after it was killed")
+            time.sleep(1.0)
         self.restarted(index, step, f"in {time.perf_counter() - started:.1f}s; {method}() sent again")
 
     def restarted(self, index: int, step: int | None, how: str) -> None:

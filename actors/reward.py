@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -242,10 +243,19 @@ class RewardScorer:
     def __init__(self, objectives: Sequence[ObjectiveConfig], sources: Sequence[ScoreFn] | None = None):
         self.names = [o.name for o in objectives]
         self.sources = list(sources) if sources is not None else [build_source(o) for o in objectives]
+        self._busy: tuple[str, int, float] | None = None
         log.info("reward scorer ready: %s", ", ".join(f"{o.name}={o.source}" for o in objectives))
 
     def ping(self) -> dict:
         return {"objectives": self.names, "pid": os.getpid()}
+
+    def busy(self) -> str:
+        """Which objective the scoring in progress is in, and for how long ('' when idle): asked
+        from a second thread when a call takes too long, so the error names the source that hangs."""
+        if self._busy is None:
+            return ""
+        name, count, since = self._busy
+        return f"objective {name!r} has been scoring {count} completions for {time.monotonic() - since:.0f}s"
 
     def score(self, prompts: Sequence[str], completions: Sequence[str], finished: Sequence[bool] | None = None) -> np.ndarray:
         """`finished[i]`: completion i ended by itself (not cut off at the token cap); None = unknown."""
@@ -254,6 +264,7 @@ class RewardScorer:
             raise RewardError(f"{len(prompts)} prompts but {len(completions)} completions{n_finished}")
         out = np.empty((len(completions), len(self.names)))
         for k, (name, source) in enumerate(zip(self.names, self.sources)):
+            self._busy = (name, len(completions), time.monotonic())
             try:
                 if getattr(source, "takes_finished", False):
                     raw = source(prompts, completions, finished=finished)
@@ -261,6 +272,8 @@ class RewardScorer:
                     raw = source(prompts, completions)
             except Exception as exc:
                 raise RewardError(f"objective {name!r}: reward source raised {type(exc).__name__}: {exc}") from exc
+            finally:
+                self._busy = None
             try:
                 values = np.asarray(raw, dtype=float)
             except (TypeError, ValueError):

@@ -200,7 +200,9 @@ def wait_collective(parts: Sequence[tuple[ActorGroup, list[ray.ObjectRef], list[
         out = []
         for i, ref in zip(indices, group_refs):
             if ref not in ready:
-                failures.append(ActorFailure(group.role, i, step, method, describe_failure(GetTimeoutError())))
+                timeout = ActorFailure(group.role, i, step, method, describe_failure(GetTimeoutError()))
+                timeout.__cause__ = GetTimeoutError()
+                failures.append(timeout)
                 continue
             try:
                 out.append(group.wait([ref], method, step, [i])[0])

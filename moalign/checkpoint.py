@@ -23,6 +23,10 @@ _STEP_RE = re.compile(r"^step_(\d{8})$")
 CHECKSUMS = "checksums.json"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written; the previous one is still the latest."""
+
+
 def checkpoints_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 

@@ -195,3 +195,70 @@ def render_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> lis
     the chat template's text with the generation prompt, tokenised without added special tokens."""
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def probe_weights(n_objectives: int, decimals: int, seed: int = 0) -> np.ndarray:
+    """Weight vectors whose written lines bound how long any line gets: the corners, the centre
+    and a few seeded draws (a tokenizer that splits digits writes every vector equally long)."""
+    draws = DirichletSampler(n_objectives, 1.0, seed).sample(8)
+    return round_weights(np.vstack([np.eye(n_objectives), np.full(n_objectives, 1.0 / n_objectives), draws]), decimals)
+
+
+def fit_prompts(
+    records: Sequence[Any],
+    tokenizer: Any,
+    names: Sequence[str],
+    style: Literal["system_prefix", "chat_system"],
+    decimals: int,
+    max_tokens: int,
+    too_long: Literal["skip", "truncate"],
+) -> tuple[list[Any], dict[str, Any]]:
+    """The prompt records (`.prompt`, `.id`) that fit `max_tokens` once conditioned under any
+    weights, and a report counting the others. `skip` leaves them out; `truncate` cuts their
+    start (the question usually comes last) until they fit. The rendering is measured under the
+    longest probe line, so a kept prompt fits whatever weights are drawn for it."""
+    from dataclasses import replace
+
+    probes = probe_weights(len(names), decimals)
+
+    def length(text: str, weights: np.ndarray) -> int:
+        return len(render_prompt_ids(tokenizer, condition_messages(text, names, weights, style, decimals)))
+
+    # The weight line and the prompt add up: measure each prompt under one line, plus the
+    # longest line's excess over it.
+    centre = probes[len(names)]
+    excess = max(length("x", w) for w in probes) - length("x", centre)
+    kept, over = [], []
+    longest = 0
+    for record in records:
+        tokens = length(record.prompt, centre) + excess
+        longest = max(longest, tokens)
+        if tokens <= max_tokens:
+            kept.append(record)
+            continue
+        over.append(record.id)
+        if too_long == "truncate":
+            kept.append(replace(record, prompt=_cut_start(record.prompt, tokenizer, lambda t: length(t, centre) + excess, max_tokens)))
+    report = {
+        "prompts": len(records),
+        "too_long": len(over),
+        "too_long_ids": over,
+        "longest_tokens": longest,
+        "max_prompt_tokens": max_tokens,
+        "action": too_long,
+        "kept": len(kept),
+    }
+    return kept, report
+
+
+def _cut_start(text: str, tokenizer: Any, measure: Any, max_tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = measure(text) - max_tokens
+    while cut < len(ids):
+        shorter = tokenizer.decode(ids[cut:]).strip()
+        overshoot = measure(shorter) - max_tokens
+        if shorter and overshoot <= 0:
+            return shorter
+        # Re-tokenising a cut text can merge or split a token at the cut: cut a little more.
+        cut += max(1, overshoot)
+    raise ValueError(f"the chat template and weight line alone take {measure('')} of max_prompt_tokens={max_tokens}: no prompt fits")

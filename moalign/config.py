@@ -143,6 +143,8 @@ class DataConfig(_Section):
     """Held-out prompts for evaluation."""
     shuffle: bool = True
     """Shuffle the prompt (MO-ODPO) or preference-pair (MODPO, MOPO) order once per epoch (seeded, resumable)."""
+    too_long: Literal["skip", "truncate"] = "skip"
+    """MO-ODPO and evaluation: a prompt over model.max_prompt_tokens once its weight line is written in is left out (`skip`) or has its start cut (`truncate`); counted in RUN_DIR/data_report.json either way."""
 
 
 class OfflineConfig(_Section):
@@ -232,6 +234,10 @@ class ActorsConfig(_Section):
     """OMP_NUM_THREADS of every actor (0 = its CPU allotment, `<role>_cpus` rounded up, so roles do not fight over cores)."""
     max_restarts: int = Field(3, ge=0, le=100)
     """Times Ray restarts each generator and reward actor that dies; its call is then sent again (a generator first gets the last synced weights). 0: a dead actor stops the run."""
+    max_learner_restarts: int = Field(2, ge=0, le=100)
+    """Times a learner group that dies or stops answering is started again from the last checkpoint, redoing the steps after it (the ledger says which and why); 0: it stops the run."""
+    reward_timeout_s: float = Field(600.0, gt=0)
+    """Longest a reward actor may take to score one step's share; past it the actor is taken to hang, killed and its call sent again (up to max_restarts times), then the run stops naming it."""
 
 
 class SyncConfig(_Section):

@@ -1,8 +1,8 @@
 """The prompt ledger: which step trained on which prompts, across restarts and resumes.
 
 `<run dir>/ledger.jsonl` holds one line per trained step (the cursor position its prompts were
-drawn from, and the prompt indices) and one per resume (which steps were dropped to be redone,
-and why). `audit` proves from it alone, with the prompt cursor's seed, that the steps drew the
+drawn from, and the prompt indices) and one per resume or learner restart (which steps were
+dropped to be redone, and why). `audit` proves from it alone, with the prompt cursor's seed, that the steps drew the
 cursor's sequence without a gap or a repeat: every prompt of an epoch trained exactly once.
 
     python -m moalign.ledger RUN_DIR
@@ -33,11 +33,18 @@ class PromptLedger:
 
     def __init__(self, run_dir: str | Path, resume_step: int = 0, reason: str = ""):
         self.path = Path(run_dir) / LEDGER
-        entries = read_ledger(run_dir)
-        kept = [e for e in entries if e.get("step", 0) <= resume_step or "event" in e]
-        dropped = sorted(e["step"] for e in entries if "event" not in e and e["step"] > resume_step)
-        if resume_step or entries:
-            kept.append({"event": "resumed", "from_step": resume_step, "redone_steps": dropped, "reason": reason})
+        if resume_step or read_ledger(run_dir):
+            self.rewind(resume_step, "resumed", reason)
+        else:
+            self.path.write_text("")
+
+    def rewind(self, step: int, event: str, reason: str) -> None:
+        """Drop the steps after `step` (they will be trained again) and record which and why:
+        `event` is `resumed` (a new process) or `learner_restarted` (within the run)."""
+        entries = read_ledger(self.path.parent)
+        kept = [e for e in entries if e.get("step", 0) <= step or "event" in e]
+        dropped = sorted(e["step"] for e in entries if "event" not in e and e["step"] > step)
+        kept.append({"event": event, "from_step": step, "redone_steps": dropped, "reason": reason})
         tmp = self.path.with_name(LEDGER + ".tmp")
         tmp.write_text("".join(json.dumps(e) + "\n" for e in kept))
         tmp.replace(self.path)
@@ -57,6 +64,7 @@ def audit(run_dir: str | Path, cursor_state: dict[str, Any]) -> dict[str, Any]:
     ledger = read_ledger(run_dir)
     entries = [e for e in ledger if "event" not in e]
     resumes = [e for e in ledger if e.get("event") == "resumed"]
+    restarts = [e for e in ledger if e.get("event") == "learner_restarted"]
     cursor = PromptCursor(cursor_state["n"], cursor_state["seed"], cursor_state["shuffle"])
     problems: list[str] = []
     steps = [e["step"] for e in entries]
@@ -92,7 +100,8 @@ def audit(run_dir: str | Path, cursor_state: dict[str, Any]) -> dict[str, Any]:
         "distinct_prompts": len({i for e in entries for i in e["prompts"]}),
         "complete_epochs": cursor.epoch,
         "resumes": len(resumes),
-        "redone_steps": sorted({s for r in resumes for s in r["redone_steps"]}),
+        "learner_restarts": len(restarts),
+        "redone_steps": sorted({s for r in resumes + restarts for s in r["redone_steps"]}),
         "problems": problems,
     }
 

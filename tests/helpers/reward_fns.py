@@ -24,27 +24,64 @@ def exit_process(prompts, completions):
     os._exit(1)
 
 
-KILL_MARKER = "moalign-test-kill-generators-and-scorer"
+KILL_MARKER = "moalign-test-kill-actors"
 
 
-def length_or_kill_once(prompts, completions):
-    """`length_reward`; but while a marker file exists (`kill_marker()`), the first call removes
-    it and SIGKILLs the run's generator actors and then its own process: a generator and a reward
-    actor dead mid-step, at a step the test chooses."""
+def length_or_kill(prompts, completions):
+    """`length_reward`; but while the marker file (`kill_marker()`) lists faults, one per line,
+    each call takes the first and injects it (SIGKILL, mid-step, at a step the test chooses):
+    `generators+self` kills the run's generator actors and then this reward actor's own process,
+    `learner` kills the learner actor, `-` injects nothing."""
     import os
     import signal
 
     import ray
 
+    path = kill_marker()
     try:
-        kill_marker().unlink()
-    except FileNotFoundError:
+        fault, *rest = path.read_text().split()
+    except (FileNotFoundError, ValueError):
         return length_reward(prompts, completions)
-    for name in ray.util.list_named_actors():
-        if name.startswith("moalign-generator-"):
+    if rest:
+        path.write_text("\n".join(rest))
+    else:
+        path.unlink()
+    victims = {"generators+self": "moalign-generator-", "learner": "moalign-learner-"}.get(fault)
+    for name in ray.util.list_named_actors() if victims else []:
+        if name.startswith(victims):
             pid = ray.get(ray.get_actor(name).ping.remote(), timeout=120)["pid"]
             os.kill(pid, signal.SIGKILL)
-    os.kill(os.getpid(), signal.SIGKILL)
+    if fault == "generators+self":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return length_reward(prompts, completions)
+
+
+HANG_MARKER = "moalign-test-hang-once"
+
+
+def hang_once(prompts, completions):
+    """`length_reward`, but the first call after the marker file `hang_marker()` appears removes
+    it and never returns: a reward source that hangs once."""
+    import time
+
+    try:
+        hang_marker().unlink()
+    except FileNotFoundError:
+        return length_reward(prompts, completions)
+    time.sleep(3600)
+
+
+def hang(prompts, completions):
+    import time
+
+    time.sleep(3600)
+
+
+def hang_marker():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.gettempdir()) / HANG_MARKER
 
 
 def kill_marker():

@@ -74,7 +74,7 @@ def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, me
     rollout already generated for step 3, from the policy before step 2's update."""
     objectives = (
         "objectives=[{name: Relevance, source: relevance}, {name: Conciseness, source: conciseness}, "
-        "{name: Length, source: callable, path: 'tests.helpers.reward_fns:length_or_kill_once'}]"
+        "{name: Length, source: callable, path: 'tests.helpers.reward_fns:length_or_kill'}]"
     )
     extra = ("checkpoint.every_steps=2", "sync.every_steps=2", f"rollout.max_staleness={max_staleness}", objectives)
     cfg = tiny_config(tiny_model, tmp_path / "run", "steps=4", *extra)
@@ -123,20 +123,29 @@ def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, me
     # A crash right after step 2's checkpoint; the resumed run picks up from it. In its step 3,
     # the generator and the reward actor are killed (SIGKILL) while the reward actor scores: Ray
     # restarts both, the scoring is sent again, the generator gets the synced weights back before
-    # it samples again, and the run goes on to the same losses and rewards by itself.
+    # it samples again. With max_staleness 1 the learner is killed too, while step 4 is scored:
+    # a new learner group starts from step 2's checkpoint and steps 3 and 4 are trained again.
+    # Either way the run goes on to the same losses and rewards by itself.
     crashed_copy(tmp_path / "run", 2, tmp_path / "resumed")
-    kill_marker().touch()
+    kill_marker().write_text("generators+self\n-\nlearner" if max_staleness else "generators+self")
     try:
-        run(tiny_config(tiny_model, tmp_path / "resumed", "steps=4", *extra))
+        resumed = run(tiny_config(tiny_model, tmp_path / "resumed", "steps=4", *extra))
     finally:
         assert not kill_marker().exists(), "the faults were never injected"
     history = read_metrics(tmp_path / "resumed")
     assert [h["step"] for h in history] == [1, 2, 3, 4]
-    assert [h["actor_restarts"] for h in history[2:]] == [1, 2]
+    # Cumulative over the run: the reward actor at step 3, the generator when step 4's samples
+    # are collected, and (max_staleness 1) the learner group before steps 3 and 4 were redone.
+    assert [h["actor_restarts"] for h in history[2:]] == ([3, 3] if max_staleness else [1, 2])
+    assert resumed["learner_restarts"] == (1 if max_staleness else 0)
     # The ledger: steps 3 and 4 of the copied run were dropped and redone, every prompt once.
     ledger = audit(tmp_path / "resumed", read_state(list_checkpoints(tmp_path / "resumed")[-1][1])["cursor"])
     assert ledger["problems"] == [] and ledger["steps"] == 4 and ledger["prompts_trained"] == 16
-    assert ledger["resumes"] == 1 and ledger["redone_steps"] == [3, 4]
+    assert ledger["resumes"] == 1 and ledger["redone_steps"] == [3, 4] and ledger["learner_restarts"] == (1 if max_staleness else 0)
+    # The policy the resumed, disturbed run exported is the undisturbed run's.
+    redone = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    for name, tensor in exported.items():
+        assert torch.allclose(redone[name], tensor, rtol=0, atol=1e-6), (name, (redone[name] - tensor).abs().max().item())
     for a, b in zip(reference, history):
         assert a["pairs"] == b["pairs"] and a["version"] == b["version"] and a["staleness"] == b["staleness"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), f"step {a['step']}"

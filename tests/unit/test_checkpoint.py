@@ -96,3 +96,92 @@ def test_a_second_process_cannot_own_the_run_dir(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.startswith("refused:") and f"pid {os.getpid()}" in out and "choose another run_dir" in out
+
+
+def test_a_killed_owner_leaves_the_run_dir_to_the_next_run(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    # An orchestrator killed outright (SIGKILL, a lost node) cannot clean up: its lock must go
+    # with its process, or resubmitting the job would be refused.
+    script = f"import os, signal; from moalign.checkpoint import own_run_dir; own_run_dir({str(tmp_path)!r}); os.kill(os.getpid(), signal.SIGKILL)"
+    died = subprocess.run([sys.executable, "-c", script], timeout=120)
+    assert died.returncode == -signal.SIGKILL and (tmp_path / ".lock").read_text().startswith("pid ")
+    own_run_dir(tmp_path)
+    assert f"pid {os.getpid()} " in (tmp_path / ".lock").read_text()
+
+
+class _Learners:
+    """Stands in for the learner group: its save writes a shard, then fails as `fail` says."""
+
+    def __init__(self, fail):
+        self.fail = fail
+
+    def call(self, method, path, step):
+        os.makedirs(path)
+        with open(os.path.join(path, "shard.pt"), "wb") as fh:
+            fh.write(b"\0" * 4096)
+        raise self.fail
+
+
+class _State:
+    def __init__(self, step):
+        self.step = step
+
+    def state_dict(self):
+        return {"step": self.step}
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_the_latest(tmp_path):
+    import errno
+
+    from actors.cluster import save_checkpoint
+    from moalign.checkpoint import CheckpointError
+    from moalign.config import load_config
+
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+    previous = publish(staging_dir(tmp_path, 2), 2, {"step": 2}, keep_last=1)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(CheckpointError, match=r"step 4 could not be written \(\[Errno 28\] No space left on device\).*latest is still"):
+        save_checkpoint(cfg, tmp_path, _Learners(full), _State(4))
+    # What was written of step 4 is gone (it would hold the space the next save needs).
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [previous.name]
+    assert latest_sound_checkpoint(tmp_path) == previous
+
+
+def test_a_failed_publish_removes_the_staging_folder(tmp_path, monkeypatch):
+    import errno
+
+    import moalign.checkpoint
+    from actors.cluster import save_checkpoint
+    from moalign.checkpoint import CheckpointError
+    from moalign.config import load_config
+
+    cfg = load_config(None, [f"run_dir={tmp_path}"])
+
+    class Saves:
+        def call(self, method, path, step):
+            os.makedirs(path)
+
+    def full(path, payload):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(moalign.checkpoint, "write_json", full)
+    with pytest.raises(CheckpointError, match="there is no earlier checkpoint"):
+        save_checkpoint(cfg, tmp_path, Saves(), _State(1))
+    assert list((tmp_path / "checkpoints").iterdir()) == [] and latest_checkpoint(tmp_path) is None
+
+
+def test_a_learner_lost_while_saving_is_not_a_write_failure(tmp_path):
+    from ray.exceptions import ActorDiedError
+
+    from actors.cluster import save_checkpoint
+    from actors.ray_actors import ActorFailure
+    from moalign.config import load_config
+
+    lost = ActorFailure("learner", 0, 3, "save_checkpoint", "the actor died")
+    lost.__cause__ = ActorDiedError()
+    with pytest.raises(ActorFailure) as err:
+        save_checkpoint(load_config(None, [f"run_dir={tmp_path}"]), tmp_path, _Learners(lost), _State(3))
+    assert err.value.actor_lost and list((tmp_path / "checkpoints").iterdir()) == []

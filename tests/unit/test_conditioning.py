@@ -178,3 +178,55 @@ def test_neglected_corners_pick_the_least_weighted_objectives():
     np.testing.assert_array_equal(second, [[0, 0, 1], [0, 1, 0], [0, 1, 0]])
     with pytest.raises(WeightsError, match="need 1..3 corners"):
         neglected_corners(w, 4)
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word; the chat template joins the messages' contents."""
+
+    def __init__(self):
+        self.words: list[str] = []
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return " ".join(m["content"] for m in messages)
+
+    def __call__(self, text, add_special_tokens):
+        ids = []
+        for word in text.split():
+            if word not in self.words:
+                self.words.append(word)
+            ids.append(self.words.index(word))
+        return {"input_ids": ids}
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids)
+
+
+@pytest.mark.parametrize("too_long", ["skip", "truncate"])
+def test_prompts_too_long_once_conditioned_are_skipped_or_cut_at_the_start(too_long):
+    from dataclasses import dataclass
+
+    from moalign.conditioning import fit_prompts
+
+    @dataclass(frozen=True)
+    class Record:
+        id: str
+        prompt: str
+
+    records = [Record("short", "why is the sky blue"), Record("long", "a long story " * 4 + "so what happened next")]
+    # The weight line for two objectives is 10 words: `[Begin System Instruction] A: 0.70, B: 0.30 [End System Instruction]`.
+    kept, report = fit_prompts(records, WordTokenizer(), ["A", "B"], "chat_system", 2, 10 + 6, too_long)
+    assert report["too_long"] == 1 and report["too_long_ids"] == ["long"] and report["longest_tokens"] == 10 + 16
+    if too_long == "skip":
+        assert kept == records[:1] and report["kept"] == 1
+    else:
+        assert kept[0] == records[0] and kept[1].id == "long" and kept[1].prompt == "long story so what happened next"
+
+
+def test_no_room_for_any_prompt_is_an_error():
+    from moalign.conditioning import fit_prompts
+
+    class Record:
+        id, prompt = "r", "a question"
+
+    with pytest.raises(ValueError, match="weight line alone take"):
+        fit_prompts([Record()], WordTokenizer(), ["A", "B"], "chat_system", 2, 10, "truncate")

@@ -317,10 +317,10 @@ def test_training_evaluation_schedule(tmp_path):
 
 def test_training_evaluation_checks_prompt_lengths_up_front(tmp_path):
     from evaluate import TrainingEvaluation
-    from moalign.config import ConfigError
+    from moalign.data import DataError
 
     cfg = load_config(None, [f"data.heldout_path={REPO / 'data/prompts/heldout.jsonl'}", "eval.every_steps=1", "model.max_prompt_tokens=8"])
-    with pytest.raises(ConfigError, match="max_prompt_tokens"):
+    with pytest.raises(DataError, match="every prompt is over model.max_prompt_tokens=8"):
         TrainingEvaluation(cfg, tmp_path, WordTokenizer())
     TrainingEvaluation(load_config(None, ["model.max_prompt_tokens=8"]), tmp_path, WordTokenizer())  # off: nothing checked
 

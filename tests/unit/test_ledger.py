@@ -29,6 +29,22 @@ def test_a_resumed_run_records_each_prompt_once_and_says_what_was_redone(tmp_pat
     assert [e.get("step") for e in read_ledger(tmp_path)] == [1, 2, None, 3, 4, 5]
 
 
+def test_a_learner_restart_within_the_run_is_recorded_beside_resumes(tmp_path):
+    cursor = PromptCursor(8, seed=1)
+    ledger = PromptLedger(tmp_path)
+    train(ledger, cursor, [1, 2], batch=2)
+    saved = cursor.state_dict()
+    train(ledger, cursor, [3, 4], batch=2)
+    cursor.load_state_dict(saved)
+    ledger.rewind(2, "learner_restarted", "learner actor #0 at step 5, in train_step(): the actor died")
+    train(ledger, cursor, [3, 4, 5], batch=2)
+    report = audit(tmp_path, cursor.state_dict())
+    assert report["problems"] == [] and report["steps"] == 5 and report["prompts_trained"] == 10
+    assert report["learner_restarts"] == 1 and report["resumes"] == 0 and report["redone_steps"] == [3, 4]
+    event = [e for e in read_ledger(tmp_path) if "event" in e][0]
+    assert event["event"] == "learner_restarted" and "train_step" in event["reason"] and event["from_step"] == 2
+
+
 def test_audit_finds_skipped_and_repeated_prompts(tmp_path):
     cursor = PromptCursor(6, seed=0)
     ledger = PromptLedger(tmp_path)

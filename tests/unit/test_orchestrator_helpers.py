@@ -177,3 +177,18 @@ def test_a_resumed_run_refuses_a_changed_prompt_file(tmp_path):
     prompts.write_text('{"prompt": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(DataError, match=r"train\.jsonl changed since the checkpoint of step 6"):
         _check_same_prompts(cfg, saved, file_sha256(prompts))
+
+
+def test_metrics_rewind_drops_the_steps_to_be_redone(tmp_path):
+    from actors.metrics import MetricsSink, read_metrics
+
+    sink = MetricsSink(tmp_path, "run", tensorboard=True, ray_metrics=False)
+    for step in (1, 2, 3):
+        sink.log(step, {"loss": float(step)})
+    sink.rewind(1)
+    sink.log(2, {"loss": 20.0})
+    sink.close()
+    assert [(m["step"], m["loss"]) for m in read_metrics(tmp_path)] == [(1, 1.0), (2, 20.0)]
+    # A resume opens the history where its checkpoint left it.
+    MetricsSink(tmp_path, "run", tensorboard=False, ray_metrics=False, resume_step=1).close()
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1]

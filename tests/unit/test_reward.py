@@ -159,3 +159,20 @@ def test_mismatched_lengths():
     scorer = RewardScorer([ObjectiveConfig(name="C", source="conciseness")])
     with pytest.raises(RewardError, match="2 prompts but 1 completions"):
         scorer.score(["a", "b"], ["x"])
+
+
+def test_busy_names_the_objective_being_scored():
+    from actors.reward import RewardScorer
+    from moalign.config import ObjectiveConfig
+
+    seen = []
+
+    def slow(prompts, completions):
+        seen.append(scorer.busy())
+        return [0.0] * len(completions)
+
+    objectives = [ObjectiveConfig(name="Quick", source="conciseness"), ObjectiveConfig(name="Slow", source="callable", path="x:y")]
+    scorer = RewardScorer(objectives, sources=[lambda p, c: [1.0] * len(c), slow])
+    assert scorer.busy() == ""
+    scorer.score(["p", "q"], ["a", "b"])
+    assert seen == ["objective 'Slow' has been scoring 2 completions for 0s"] and scorer.busy() == ""
