@@ -44,7 +44,8 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, RayActorError):
         # The last line carries the reason: the __init__ exception, or the worker's exit detail.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = lines[-1] if lines else type(exc).__name__
+        # Ray follows an unexpected exit with a paragraph of generic advice (OOM, ray stop, ...).
+        reason = (lines[-1] if lines else type(exc).__name__).split(" Some common causes include")[0]
         if exc.actor_init_failed:
             return f"the actor failed to start: {reason}"
         return f"the actor died ({reason})"

@@ -58,17 +58,33 @@ class WeightSync:
         """The backend's transfer: metrics with at least sync/buckets and sync/bytes."""
         raise NotImplementedError
 
+    _last: tuple[list[ray.ObjectRef], int] | None = None
+    """The last sync's buckets in the object store and their version, for a restarted generator."""
+
     def restore(self, index: int, step: int | None) -> None:
         """Give restarted generator `index` the last synced weights (it restarts from the base)."""
-        if self.generators.policy_version:
-            raise ActorFailure(
-                "generator",
-                index,
-                step,
-                "restore",
-                f"it was restarted, and sync.backend={self.backend} keeps no copy of policy version "
-                f"{self.generators.policy_version} to give it; resume the run from its last checkpoint, or use sync.backend=object_store",
-            )
+        if self._last is None:
+            if self.generators.policy_version:
+                raise ActorFailure(
+                    "generator",
+                    index,
+                    step,
+                    "restore",
+                    f"it was restarted, and sync.backend={self.backend} with sync.payload={self.payload} keeps no copy of policy "
+                    f"version {self.generators.policy_version} to give it; resume the run from its last checkpoint, or use "
+                    "sync.backend=object_store (or LoRA adapters)",
+                )
+            return  # nothing synced yet: the restarted engine holds the base weights, as the others do
+        refs, version = self._last
+        generator = self.generators.actors[index]
+        self.generators.wait(
+            [generator.load_weight_refs.remote(refs, version, self.timeout_s, self.payload)], "load_weight_refs", step, [index]
+        )
+
+    def _keep(self, step: int | None) -> list[ray.ObjectRef]:
+        """Learner 0's payload put into the object store (owned by the learner: never copied through here)."""
+        learner = self.learners.actors[0]
+        return self.learners.wait([learner.export_weight_refs.remote(self.bucket_mb, self.payload)], "export_weight_refs", step, [0])[0]
 
 
 class ObjectStoreSync(WeightSync):
@@ -77,12 +93,9 @@ class ObjectStoreSync(WeightSync):
 
     backend = "object_store"
 
-    _last: tuple[list[ray.ObjectRef], int] | None = None
-
     def sync(self, version: int, step: int | None) -> dict[str, float]:
-        learner = self.learners.actors[0]
         t = time.perf_counter()
-        refs = self.learners.wait([learner.export_weight_refs.remote(self.bucket_mb, self.payload)], "export_weight_refs", step, [0])[0]
+        refs = self._keep(step)
         exported = time.perf_counter() - t
         expected = self.generators.policy_version
         loaded = self.generators.call("load_weight_refs", refs, version, self.timeout_s, self.payload, step=step)
@@ -92,15 +105,6 @@ class ObjectStoreSync(WeightSync):
                 # Restarted while idle: this load gave it the new weights all the same.
                 self.generators.restarted(i, step, f"while idle (it held policy version {result['previous_version']}, not {expected})")
         return {"time/sync_export_s": exported, "sync/buckets": len(refs), "sync/bytes": loaded[0].get("bytes", 0)}
-
-    def restore(self, index: int, step: int | None) -> None:
-        if self._last is None:
-            return  # nothing synced yet: the restarted engine holds the base weights, as the others do
-        refs, version = self._last
-        generator = self.generators.actors[index]
-        self.generators.wait(
-            [generator.load_weight_refs.remote(refs, version, self.timeout_s, self.payload)], "load_weight_refs", step, [index]
-        )
 
 
 class BroadcastSync(WeightSync):
@@ -155,8 +159,17 @@ class BroadcastSync(WeightSync):
         except ActorFailure:
             self._open = False
             raise
+        if self.payload == "adapter":
+            # The broadcast leaves no copy behind; the adapters are small enough to keep one for
+            # a generator Ray restarts (a full payload is not: such a restart stops the run).
+            self._last = (self._keep(step), version)
         sync_bytes = received[0]["bytes"] if received else sent[0]["bytes"]
         return {**metrics, "sync/buckets": len(manifest), "sync/bytes": sync_bytes}
+
+    def restore(self, index: int, step: int | None) -> None:
+        super().restore(index, step)
+        # The new process is in no group, and the old group has a dead member: open a new one.
+        self._open = False
 
 
 def make_weight_sync(cfg: RunConfig, learners: ActorGroup, generators: ActorGroup) -> WeightSync:

@@ -2,6 +2,8 @@
 token log-probs as the learner's policy; before the sync it does not. With LoRA the adapters
 travel and the generators merge them, to the same bits a full-weight sync gives."""
 
+import os
+import signal
 import time
 
 import pytest
@@ -24,7 +26,7 @@ BATCH = {
 }
 
 
-def start_actors(tiny_model, n_generators):
+def start_actors(tiny_model, n_generators, max_restarts=0):
     """One learner with a large learning rate (so a step visibly moves the policy) and n generators."""
     cfg = load_config(
         None,
@@ -39,6 +41,7 @@ def start_actors(tiny_model, n_generators):
         {"num_cpus": 1, "runtime_env": env},
         lambda i: ((tiny_model,), {"cpu_kvcache_gb": 0.25}),
         300,
+        max_restarts=max_restarts,
     )
     return cfg, learners, generators
 
@@ -76,7 +79,7 @@ def test_synced_generator_equals_learner(tiny_model, ray_cluster):
 
 
 def test_broadcast_sync_two_generators(tiny_model, ray_cluster):
-    cfg, learners, generators = start_actors(tiny_model, 2)
+    cfg, learners, generators = start_actors(tiny_model, 2, max_restarts=1)
     probe, batch = PROBE, BATCH
 
     def assert_synced(version):
@@ -117,15 +120,25 @@ def test_broadcast_sync_two_generators(tiny_model, ray_cluster):
         assert "time/sync_open_s" in broadcast(version=3, step=6)
         assert_synced(3)
 
+        # A generator killed (SIGKILL) and restarted by Ray gets version 3 back from the adapter
+        # copy the broadcast kept before its call is sent again; the next sync opens a new group.
+        os.kill(generators.call("ping")[0]["pid"], signal.SIGKILL)
+        restored = generators.call_each("prompt_logprobs", [(probe,), (probe,)], step=6)
+        assert generators.restarts == 1 and restored[0] == restored[1]
+        assert_synced(3)
+        learners.call("train_step", batch)
+        assert "time/sync_open_s" in broadcast(version=4, step=7)
+        assert_synced(4)
+
         # A generator that died: the sync fails within the collective's timeout and blames it
         # (the learner sees the closed connection at once; the surviving generator waits out
         # its timeout, as nothing tells it the learner gave up).
         ray.kill(generators.actors[1], no_restart=True)
         started = time.monotonic()
-        with pytest.raises(ActorFailure, match=r"generator actor #1 at step 7.*the actor died") as failure:
-            broadcast(version=4, step=7)
+        with pytest.raises(ActorFailure, match=r"generator actor #1 at step 8.*the actor died") as failure:
+            broadcast(version=5, step=8)
         assert time.monotonic() - started < 150
-        assert failure.value.role == "generator" and failure.value.step == 7
+        assert failure.value.role == "generator" and failure.value.step == 8
     finally:
         learners.kill()
         generators.kill()

@@ -1,6 +1,7 @@
 """What weight sync does for a generator Ray restarted, on stand-in actor groups (no Ray): the
 object-store backend finds a restart by the version a load replaced and puts the last synced
-weights back; the broadcast backend, which keeps none, refuses with a clear error."""
+weights back; the broadcast backend keeps a copy of adapter payloads only, and without one
+refuses with a clear error."""
 
 import pytest
 
@@ -56,10 +57,23 @@ def test_a_generator_restarted_while_idle_is_counted_and_given_the_synced_weight
     assert log == [("load", ["bucket-ref"], 2, "adapter")] * 3
 
 
-def test_broadcast_cannot_restore_a_restarted_generator_and_says_what_to_do():
+def test_broadcast_cannot_restore_a_restarted_generator_without_a_copy_and_says_what_to_do():
     generators = _Group([_Actor([], 0)])
-    sync = BroadcastSync(_Group([]), generators, 64.0, "adapter", 30.0)
+    sync = BroadcastSync(_Group([]), generators, 64.0, "full", 30.0)
     sync.restore(0, step=3)  # nothing synced yet: the base weights are right
     generators.policy_version = 4
-    with pytest.raises(ActorFailure, match=r"generator actor #0 at step 3, in restore\(\).*broadcast keeps no copy of policy version 4"):
+    with pytest.raises(
+        ActorFailure,
+        match=r"generator actor #0 at step 3, in restore\(\).*broadcast with sync.payload=full keeps no copy of policy version 4",
+    ):
         sync.restore(0, step=3)
+
+
+def test_broadcast_restores_a_restarted_generator_from_its_adapter_copy_and_reopens_the_group():
+    log = []
+    generators = _Group([_Actor(log, 0)])
+    sync = BroadcastSync(_Group([_Actor([], 0)]), generators, 64.0, "adapter", 30.0)
+    sync._open, sync._last = True, (["bucket-ref"], 4)  # as after a broadcast of version 4
+    generators.policy_version = 4
+    sync.restore(0, step=3)
+    assert log == [("load", ["bucket-ref"], 4, "adapter")] and not sync._open
