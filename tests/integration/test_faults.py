@@ -1,19 +1,20 @@
-"""A reward source that hangs, on real Ray actors: the hung actor is killed and restarted and its
-call sent again; one that keeps hanging stops the run with an error naming the objective."""
+"""Reward actors that hang, die or cannot start, on real Ray actors: a hung actor is killed and
+restarted and its call sent again, one that keeps hanging is named with the objective it was in;
+one that dies again after its restarts, or never starts, is named with its role, step and cause."""
 
 import pytest
 
-from actors.ray_actors import ActorFailure, ActorGroup, RewardActor
+from actors.ray_actors import ActorFailure, ActorGroup, RewardActor, ping_all
 from moalign.config import ObjectiveConfig
 from tests.helpers.reward_fns import hang_marker
 
 pytestmark = pytest.mark.integration
 
 
-def reward_group(source: str) -> ActorGroup:
-    objectives = [ObjectiveConfig(name="Slow", source="callable", path=f"tests.helpers.reward_fns:{source}")]
+def reward_group(source: str, **objective) -> ActorGroup:
+    objectives = [ObjectiveConfig(name="Slow", source="callable", path=f"tests.helpers.reward_fns:{source}", **objective)]
     options = {"num_cpus": 0.5, "max_concurrency": 2}
-    return ActorGroup("reward", RewardActor, 1, options, lambda i: ((objectives,), {}), timeout_s=4, max_restarts=1)
+    return ActorGroup("reward", RewardActor, 1, options, lambda i: ((objectives,), {}), timeout_s=3, max_restarts=1)
 
 
 def test_a_hanging_reward_is_restarted_and_one_that_keeps_hanging_is_named(ray_cluster):
@@ -35,5 +36,26 @@ def test_a_hanging_reward_is_restarted_and_one_that_keeps_hanging_is_named(ray_c
         always.kill()
     failure = err.value
     assert failure.role == "reward" and failure.step == 7 and failure.actor_lost
-    assert "no answer within 4s (objective 'Slow' has been scoring 1 completions for" in failure.cause
+    assert "no answer within 3s (objective 'Slow' has been scoring 1 completions for" in failure.cause
     assert "(2 tries, restarted in between); it may hang" in failure.cause
+
+
+def test_a_reward_actor_that_dies_again_after_its_restarts_or_never_starts_is_named(ray_cluster, tmp_path):
+    dies = reward_group("exit_process")
+    try:
+        with pytest.raises(ActorFailure) as err:
+            dies.call_each("score", [(["p"], ["ab"])], step=1)
+    finally:
+        dies.kill()
+    assert err.value.role == "reward" and err.value.step == 1 and err.value.method.startswith("score")
+    assert "died" in err.value.cause
+
+    objectives = [ObjectiveConfig(name="Judge", source="hf_classifier", path=str(tmp_path / "no-such-model"))]
+    never = ActorGroup("reward", RewardActor, 1, {"num_cpus": 0.5}, lambda i: ((objectives,), {}), timeout_s=60)
+    try:
+        with pytest.raises(ActorFailure) as err:
+            ping_all([never])
+    finally:
+        never.kill()
+    assert err.value.role == "reward" and err.value.method == "ping"
+    assert "failed to start" in err.value.cause and "no-such-model" in err.value.cause

@@ -1,0 +1,176 @@
+"""moalign runs as Ray jobs: submit, follow, stop and resume them over the cluster's Jobs API.
+
+    deploy/moalign-job submit configs/default.yaml run_dir=/shared/runs/demo steps=50
+    deploy/moalign-job status|logs|stop JOB_ID
+    deploy/moalign-job resume /shared/runs/demo          # the run directory's saved config.yaml
+    deploy/moalign-job list
+
+The cluster is `--address`, else $RAY_ADDRESS, else http://127.0.0.1:8265 (the dashboard of a
+head started on this machine). A cluster started with token authentication (Ray's default for
+new clusters) is reached with the token Ray keeps for this user (~/.ray/auth_token, or
+$RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH): nothing to set by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("moalign-job")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# The working directory travels to the cluster (Ray caps it; ours is about 2 MB without these).
+EXCLUDES = [".venv", "runs", ".git", ".whl", "**/__pycache__", "**/*.egg-info", ".pytest_cache", ".ruff_cache"]
+FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class JobError(RuntimeError):
+    """A submission that would not work, or a cluster that cannot be reached; says what to do."""
+
+
+def token_available() -> bool:
+    """Whether Ray would find an authentication token for this user (its own lookup order)."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return True
+    return (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def client(address: str | None):
+    """A Jobs API client for the cluster, in token mode when a token is at hand (the client does
+    not switch to it by itself, and a token cluster refuses it: 'Missing authentication token')."""
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    if "RAY_AUTH_MODE" not in os.environ and token_available():
+        # Read once, when Ray is first imported: set before that.
+        os.environ["RAY_AUTH_MODE"] = "token"
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # Ray raises ConnectionError, AuthenticationError or RuntimeError here
+        hint = (
+            "the cluster wants a token: copy ~/.ray/auth_token from the head (`ray get-auth-token` prints it) or set RAY_AUTH_TOKEN"
+            if "auth" in str(exc).lower()
+            else "is the head running (`ray start --head`), and is this its dashboard address (port 8265 by default)?"
+        )
+        raise JobError(f"cannot reach the Ray Jobs API at {address}: {exc}; {hint}") from exc
+
+
+def checked_config(config: str, overrides: list[str]):
+    """The resolved config, checked here before anything is sent, with an absolute run directory
+    (a relative one would land in the job's temporary copy of the working directory and vanish
+    with it)."""
+    from moalign.config import load_config
+
+    cfg = load_config(config, overrides)
+    if not Path(cfg.run_dir).is_absolute():
+        raise JobError(
+            f"run_dir={cfg.run_dir} is relative: a Ray job runs in a temporary copy of this directory that is deleted when it "
+            "ends, so checkpoints, metrics and the exported policy would vanish. Give a path on storage every node sees, "
+            f"e.g. run_dir=/shared/runs/{Path(cfg.run_dir).name}"
+        )
+    return cfg
+
+
+def submit(jobs, config: str, overrides: list[str], wait: bool) -> int:
+    cfg = checked_config(config, overrides)
+    return _submit(jobs, ["--config", config, *overrides], str(cfg.run_dir), {"config": config}, wait)
+
+
+def resume(jobs, run_dir: str, overrides: list[str], wait: bool) -> int:
+    """Submit the run again with the config it saved: it resumes from its last checkpoint (the
+    orchestrator's lock refuses it while the previous job still holds the run directory)."""
+    if not Path(run_dir).is_absolute():
+        raise JobError(f"{run_dir}: give the run directory's absolute path, as the cluster sees it")
+    args = ["--config", str(Path(run_dir) / "config.yaml"), f"run_dir={run_dir}", *overrides]
+    return _submit(jobs, args, run_dir, {"resumed": "true"}, wait)
+
+
+def _submit(jobs, args: list[str], run_dir: str, metadata: dict[str, str], wait: bool) -> int:
+    command = " ".join(shlex.quote(a) for a in ["python", "orchestrator.py", *args])
+    job_id = jobs.submit_job(
+        entrypoint=command,
+        submission_id=f"moalign-{Path(run_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES},
+        metadata={"run_dir": run_dir, **metadata},
+    )
+    log.info("submitted %s: %s", job_id, command)
+    log.info("run directory (on the cluster): %s", run_dir)
+    log.info("dashboard: %s/#/jobs/%s", jobs.get_address().rstrip("/"), job_id)
+    log.info("follow: deploy/moalign-job logs %s --follow; stop: deploy/moalign-job stop %s", job_id, job_id)
+    return follow(jobs, job_id) if wait else 0
+
+
+def follow(jobs, job_id: str, poll_s: float = 2.0) -> int:
+    """Print the job's log as it grows until it finishes; 0 if it succeeded."""
+    shown = 0
+    while True:
+        status = str(jobs.get_job_status(job_id).value)
+        logs = jobs.get_job_logs(job_id)
+        sys.stdout.write(logs[shown:])
+        sys.stdout.flush()
+        shown = len(logs)
+        if status in FINISHED:
+            info = jobs.get_job_info(job_id)
+            log.info("job %s %s%s", job_id, status, f": {info.message}" if info.message else "")
+            return 0 if status == "SUCCEEDED" else 1
+        time.sleep(poll_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--address", help=f"the cluster's dashboard (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("submit", help="submit a training run")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the log")
+    p = sub.add_parser("resume", help="submit a run directory's run again; it resumes from its last checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="only what a resume may change (steps, logging.*, eval.*, ...)")
+    p.add_argument("--no-wait", action="store_true")
+    for name in ("status", "stop"):
+        sub.add_parser(name).add_argument("job_id")
+    p = sub.add_parser("logs")
+    p.add_argument("job_id")
+    p.add_argument("--follow", action="store_true")
+    sub.add_parser("list")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from moalign.config import ConfigError
+
+    try:
+        jobs = client(args.address)
+        if args.command == "submit":
+            return submit(jobs, args.config, args.overrides, not args.no_wait)
+        if args.command == "resume":
+            return resume(jobs, args.run_dir, args.overrides, not args.no_wait)
+        if args.command == "status":
+            info = jobs.get_job_info(args.job_id)
+            print(f"{args.job_id} {info.status.value}" + (f": {info.message}" if info.message else ""))
+            return 0
+        if args.command == "logs":
+            if args.follow:
+                return follow(jobs, args.job_id)
+            print(jobs.get_job_logs(args.job_id), end="")
+            return 0
+        if args.command == "stop":
+            print(f"{args.job_id}: {'stop requested' if jobs.stop_job(args.job_id) else 'already finished'}")
+            return 0
+        for job in jobs.list_jobs():
+            if (job.submission_id or "").startswith("moalign-"):
+                print(f"{job.submission_id} {job.status.value} run_dir={(job.metadata or {}).get('run_dir', '?')}")
+        return 0
+    except (JobError, ConfigError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
