@@ -156,7 +156,8 @@ def _reward_group(cfg: RunConfig):
         RewardActor,
         a.num_reward_workers,
         # A second thread answers `busy` while a score call runs, to name a source that hangs.
-        {"num_cpus": a.reward_cpus, "num_gpus": a.reward_gpus, "runtime_env": actor_env(cfg, a.reward_cpus), "max_concurrency": 2},
+        {"num_cpus": a.reward_cpus, "num_gpus": a.reward_gpus, "runtime_env": actor_env(cfg, a.reward_cpus), "max_concurrency": 2}
+        | _placed(a.reward_node_labels),
         lambda i: ((cfg.objectives,), {}),
         a.reward_timeout_s,
         max_restarts=a.max_restarts,
@@ -179,11 +180,17 @@ def _learner_group(cfg: RunConfig, model_path: str):
         "learner",
         LearnerActor,
         a.num_learners,
-        {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": actor_env(cfg, a.learner_cpus)},
+        {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": actor_env(cfg, a.learner_cpus)}
+        | _placed(a.learner_node_labels),
         lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, "master_addr": address, "master_port": port}),
         cfg.ray_timeout_s,
         first_actor_options={"scheduling_strategy": here} if a.num_learners > 1 else None,
     )
+
+
+def _placed(node_labels: dict[str, str]) -> dict:
+    """Actor options that keep a role on the nodes carrying its labels (a KubeRay worker group)."""
+    return {"label_selector": dict(node_labels)} if node_labels else {}
 
 
 def actor_env(cfg: RunConfig, cpus: float) -> dict:
@@ -213,7 +220,8 @@ def _generator_group(cfg: RunConfig, model_path: str, env: dict):
         "generator",
         GeneratorActor,
         a.num_generators,
-        {"num_cpus": a.generator_cpus, "num_gpus": a.generator_gpus * a.tensor_parallel_size, "runtime_env": env},
+        {"num_cpus": a.generator_cpus, "num_gpus": a.generator_gpus * a.tensor_parallel_size, "runtime_env": env}
+        | _placed(a.generator_node_labels),
         lambda i: (
             (model_path,),
             {

@@ -226,6 +226,12 @@ class ActorsConfig(_Section):
     """CPUs reserved per learner actor."""
     learner_gpus: float = Field(0.0, ge=0)
     """GPUs per learner actor (0: DeepSpeed on CPU with gloo)."""
+    generator_node_labels: dict[str, str] = {}
+    """Ray node labels a generator actor must run on (a label selector, e.g. `{moalign-role: generator}` for a KubeRay worker group started with that label); empty: any node."""
+    reward_node_labels: dict[str, str] = {}
+    """Ray node labels a reward actor must run on; empty: any node."""
+    learner_node_labels: dict[str, str] = {}
+    """Ray node labels a learner actor must run on; empty: any node. With several learners, learner 0 also runs on the driver's node (the ranks meet there)."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """vLLM GPU memory fraction (GPU hosts)."""
     cpu_kvcache_gb: float = Field(1.0, gt=0, le=1024)
