@@ -251,17 +251,9 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     if not (exc.role == "learner" and exc.actor_lost) or learner_restarts >= cfg.actors.max_learner_restarts:
                         raise
                     learner_restarts += 1
-                    started = time.perf_counter()
-                    log.error("%s; starting the learners again from the last checkpoint (restart %d of at most %d)",
-                              exc, learner_restarts, cfg.actors.max_learner_restarts)  # fmt: skip
-                    sync_weights = make_weight_sync(cfg, actors.replace_learners(), generators)
-                    state = _start_state(
-                        cfg, len(prompts), prompts_sha256, latest_sound_checkpoint(run_dir), actors.learners, sync_weights, True
-                    )
-                    how = f"learner restart {learner_restarts} after: {exc}; back at step {state.step} in {time.perf_counter() - started:.1f}s"
-                    log.warning("%s", how)
+                    state, sync_weights, why = _restart_learners(cfg, actors, run_dir, len(prompts), prompts_sha256, exc, learner_restarts)
                     sink.rewind(state.step)
-                    ledger.rewind(state.step, "learner_restarted", how)
+                    ledger.rewind(state.step, "learner_restarted", why)
                     progress.n = state.step
                     progress.refresh()
         except (ActorFailure, RewardError) as exc:
@@ -289,6 +281,20 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
         "export": exported,
         "steerability_table": steerability,
     }
+
+
+def _restart_learners(cfg: RunConfig, actors, run_dir: Path, n_prompts: int, prompts_sha256: str, failure: Exception, count: int):
+    """A fresh learner group from the newest sound checkpoint, the loop's state from the same one,
+    the generators synced back to its weights; returns the state, the new sync and what happened."""
+    started = time.perf_counter()
+    log.error("%s; starting the learners again from the last checkpoint (restart %d of at most %d)",
+              failure, count, cfg.actors.max_learner_restarts)  # fmt: skip
+    sync_weights = make_weight_sync(cfg, actors.replace_learners(), actors.generators)
+    checkpoint = latest_sound_checkpoint(run_dir)
+    state = _start_state(cfg, n_prompts, prompts_sha256, checkpoint, actors.learners, sync_weights, after_failure=True)
+    why = f"learner restart {count} after: {failure}; back at step {state.step} in {time.perf_counter() - started:.1f}s"
+    log.warning("%s", why)
+    return state, sync_weights, why
 
 
 def _start_state(

@@ -1,5 +1,7 @@
 """Where step metrics go: metrics.jsonl in the run directory, TensorBoard event files, and
-`ray.util.metrics` gauges that the Ray dashboard's Prometheus endpoint exports as `ray_moalign_*`."""
+`ray.util.metrics` gauges that the Ray dashboard's Prometheus endpoint exports as `ray_moalign_*`
+(tagged with the run; rewards and steerability with the objective, phase times with the phase),
+which the Grafana dashboard in deploy/grafana/ charts."""
 
 from __future__ import annotations
 
@@ -14,6 +16,45 @@ log = logging.getLogger(__name__)
 
 def _metric_name(key: str) -> str:
     return "moalign_" + re.sub(r"[^a-zA-Z0-9_]", "_", key).lower()
+
+
+# Step metrics whose key names an objective or a phase become one gauge with that as a tag, so a
+# dashboard panel shows every objective (or phase) from one query.
+_FAMILIES = (
+    ("reward/", "moalign_reward", "objective", "Mean raw reward of the step's samples"),
+    ("eval/steerability/", "moalign_eval_steerability", "objective", "Spearman of weight against reward on held-out prompts"),
+    (
+        "time/",
+        "moalign_time_seconds",
+        "phase",
+        "Seconds the step spent in a phase (step: all of it; generation overlapped with learning is hidden)",
+    ),
+)
+DESCRIPTIONS = {
+    "moalign_loss": "Learner loss of the step (the algorithm's objective, weighted mean over pairs)",
+    "moalign_margin": "Mean DPO margin, beta * (chosen - rejected) log-ratio",
+    "moalign_accuracy": "Share of pairs whose chosen completion has the larger implicit reward",
+    "moalign_kl": "Estimated KL of the policy from the reference on the step's completions",
+    "moalign_pairs": "Chosen/rejected pairs the learner trained on this step",
+    "moalign_pairs_per_s": "Pairs per second of step time",
+    "moalign_tokens_per_s": "Completion tokens generated per second of step time",
+    "moalign_version": "Policy version the generators hold (one per weight sync)",
+    "moalign_staleness": "Learner steps between the policy that sampled and the one trained",
+    "moalign_actor_restarts": "Generator and reward actor restarts and learner group restarts, over the run",
+    "moalign_sync_bytes": "Bytes one weight sync sent",
+    "moalign_sync_bytes_fraction": "Bytes one weight sync sent, as a share of the full model",
+    "moalign_eval_hypervolume": "Hypervolume of the held-out front against the reference point",
+}
+
+
+def metric_spec(key: str) -> tuple[str, dict[str, str], str]:
+    """A step metric's Prometheus name (before Ray's `ray_` prefix), its tags besides `run`, and description."""
+    for prefix, name, tag, description in _FAMILIES:
+        if key.startswith(prefix):
+            value = key[len(prefix) :]
+            return name, {tag: value.removesuffix("_s") if tag == "phase" else value}, f"{description}, per {tag}"
+    name = _metric_name(key)
+    return name, {}, DESCRIPTIONS.get(name, f"moalign step metric {key!r} (see metrics.jsonl)")
 
 
 class MetricsSink:
@@ -38,12 +79,12 @@ class MetricsSink:
                 self.writer.close()
             self.writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=step + 1 if step else None)
 
-    def _gauge(self, key: str):
-        if key not in self._gauges:
+    def _gauge(self, name: str, tags: dict[str, str], description: str):
+        if name not in self._gauges:
             from ray.util.metrics import Gauge
 
-            self._gauges[key] = Gauge(_metric_name(key), description=f"moalign {key}", tag_keys=("run",))
-        return self._gauges[key]
+            self._gauges[name] = Gauge(name, description=description, tag_keys=("run", *tags))
+        return self._gauges[name]
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         with open(self.path, "a") as fh:
@@ -52,7 +93,8 @@ class MetricsSink:
             if self.writer is not None:
                 self.writer.add_scalar(key, value, step)
             if self.ray_metrics:
-                self._gauge(key).set(float(value), tags={"run": self.run_name})
+                name, tags, description = metric_spec(key)
+                self._gauge(name, tags, description).set(float(value), tags={"run": self.run_name, **tags})
         if self.writer is not None:
             self.writer.flush()
 

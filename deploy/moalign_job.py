@@ -29,6 +29,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # The working directory travels to the cluster (Ray caps it; ours is about 2 MB without these).
 EXCLUDES = [".venv", "runs", ".git", ".whl", "**/__pycache__", "**/*.egg-info", ".pytest_cache", ".ruff_cache"]
 FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
+AGENT_WAIT_S = 120
 
 
 class JobError(RuntimeError):
@@ -94,12 +95,23 @@ def resume(jobs, run_dir: str, overrides: list[str], wait: bool) -> int:
 
 def _submit(jobs, args: list[str], run_dir: str, metadata: dict[str, str], wait: bool) -> int:
     command = " ".join(shlex.quote(a) for a in ["python", "orchestrator.py", *args])
-    job_id = jobs.submit_job(
-        entrypoint=command,
-        submission_id=f"moalign-{Path(run_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES},
-        metadata={"run_dir": run_dir, **metadata},
-    )
+    submission_id = f"moalign-{Path(run_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            job_id = jobs.submit_job(
+                entrypoint=command,
+                submission_id=submission_id,
+                runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES},
+                metadata={"run_dir": run_dir, **metadata},
+            )
+            break
+        except RuntimeError as exc:
+            # A head that has just started answers before its job agent has: Ray says to try again.
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            log.info("the head's job agent is not up yet; trying again")
+            time.sleep(3)
     log.info("submitted %s: %s", job_id, command)
     log.info("run directory (on the cluster): %s", run_dir)
     log.info("dashboard: %s/#/jobs/%s", jobs.get_address().rstrip("/"), job_id)

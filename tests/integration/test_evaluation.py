@@ -7,10 +7,11 @@ import math
 
 import pytest
 
-from actors.metrics import read_metrics
+from actors.metrics import metric_spec, read_metrics
 from evaluate import main as evaluate_main
 from orchestrator import run
 from tests.integration.test_loop import tiny_config
+from tests.unit.test_grafana import dashboard_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +54,7 @@ def test_fronts_during_training_and_from_the_command(tiny_model, ray_cluster, tm
     for name in NAMES:
         assert -1 <= history[1][f"eval/steerability/{name}"] <= 1
     assert "| objective | base Spearman |" in summary["steerability_table"] and "step 2 Spearman" in summary["steerability_table"]
+    assert {m for m in dashboard_metrics() if m.startswith("moalign_eval_")} <= {metric_spec(k)[0] for k in history[1]}
     training_base = json.loads((run_dir / "eval" / "base" / "front.json").read_text())
     assert (training_base["n_weights"], training_base["n_prompts"], training_base["samples_per_prompt"]) == (WEIGHTS, 2, 2)
     _, training_base_texts = samples_by_key(run_dir / "eval" / "base" / "samples.jsonl")

@@ -27,7 +27,7 @@ JOB = [str(REPO / "deploy" / "moalign-job")]
 @pytest.fixture
 def head_node(tmp_path):
     """A Ray head on 127.0.0.1 with its own ports, temp dir and authentication token."""
-    gcs, dashboard, metrics = free_port(), free_port(), free_port()
+    gcs, dashboard, metrics, agent = free_port(), free_port(), free_port(), free_port()
     # Short: Ray's socket paths live under it and Unix socket paths are capped near 108 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
     token = tmp_path / "auth_token"
@@ -41,7 +41,9 @@ def head_node(tmp_path):
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}", "--num-cpus=6",
-         f"--temp-dir={temp_dir}", "--include-dashboard=true"],
+         f"--temp-dir={temp_dir}", "--include-dashboard=true",
+         # Not the default 52365: the session's own cluster's agent already listens there.
+         f"--dashboard-agent-listen-port={agent}"],
         env={**env, "RAY_AUTH_MODE": "token"}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"
@@ -62,7 +64,7 @@ def head_node(tmp_path):
         # `ray start --block` stops what it started when told to; past a few seconds, its group goes at once.
         os.killpg(head.pid, signal.SIGTERM)
         try:
-            head.wait(timeout=10)
+            head.wait(timeout=3)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
@@ -100,7 +102,7 @@ def test_a_run_submitted_as_a_job_succeeds_and_exports_its_metrics(head_node, ti
 
     # Submitted and followed to its end by one command, while its gauges are read: they are
     # exported while the job's driver lives.
-    wanted = ["ray_moalign_loss{", "ray_moalign_reward_conciseness{", "ray_moalign_reward_positivity{"]
+    wanted = ["ray_moalign_loss{", 'objective="Conciseness"', 'objective="Positivity"']
     started = time.monotonic()
     follow = subprocess.Popen([*JOB, "--address", address, "submit", "configs/default.yaml", *overrides], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip

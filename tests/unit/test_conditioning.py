@@ -230,3 +230,23 @@ def test_no_room_for_any_prompt_is_an_error():
 
     with pytest.raises(ValueError, match="weight line alone take"):
         fit_prompts([Record()], WordTokenizer(), ["A", "B"], "chat_system", 2, 10, "truncate")
+
+
+def test_a_run_counts_the_prompts_it_left_out_in_its_data_report(tmp_path):
+    import json
+
+    from actors.cluster import load_fitted_prompts
+    from moalign.config import load_config
+
+    lines = ['{"id": "short", "prompt": "why is the sky blue"}', '{"id": "long", "prompt": "' + "tell me more " * 10 + '"}']
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    names = "objectives=[{name: A, source: conciseness}, {name: B, source: positivity}]"
+    cfg = load_config(None, [names, "model.max_prompt_tokens=16"])
+    kept = load_fitted_prompts(cfg, str(tmp_path / "prompts.jsonl"), WordTokenizer(), tmp_path / "data_report.json")
+    assert [r.id for r in kept] == ["short"]
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    assert (report["prompts"], report["too_long"], report["too_long_ids"], report["action"]) == (2, 1, ["long"], "skip")
+    cut = load_fitted_prompts(
+        load_config(None, [names, "model.max_prompt_tokens=16", "data.too_long=truncate"]), str(tmp_path / "prompts.jsonl"), WordTokenizer()
+    )
+    assert [r.id for r in cut] == ["short", "long"] and cut[1].prompt == "tell me more tell me more"
