@@ -93,6 +93,7 @@ def test_a_run_submitted_as_a_job_succeeds_and_exports_its_metrics(head_node, ti
         "learner.lora.rank=4",
         "actors.cpu_kvcache_gb=0.25",
         "logging.progress_bar=false",
+        "eval.at_start_and_end=false",
         "objectives=[{name: Conciseness, source: conciseness}, {name: Positivity, source: positivity}]",
     ]
     # A relative run directory would vanish with the job's working directory: refused up front.

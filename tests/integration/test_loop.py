@@ -67,18 +67,17 @@ def scrape_until(port, needles, seconds=60):
     raise AssertionError(f"metrics {needles} not exported within {seconds}s; got {len(body)} bytes")
 
 
-@pytest.mark.parametrize(("max_staleness", "staleness"), [(0, [0, 1, 0, 1]), (1, [0, 1, 2, 1])])
-def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, metrics_port, tmp_path, max_staleness, staleness):
-    """One uninterrupted run checked for what a step records and exports; with max_staleness 1, a
-    copy crashed after step 2's checkpoint then resumes, through killed actors, to the same losses,
-    rewards and weights (one run serves both: each run starts its own actors, the largest cost
-    here). The checkpoint holds the rollout already generated for step 3, from the policy before
-    step 2's update."""
+def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, metrics_port, tmp_path):
+    """One uninterrupted run checked for what a step records and exports; a copy crashed after
+    step 2's checkpoint then resumes, through killed actors, to the same losses, rewards and
+    weights (one run serves both: each run starts its own actors, the largest cost here). With
+    max_staleness 1 the checkpoint holds the rollout already generated for step 3, from the
+    policy before step 2's update: the harder case (max_staleness 0 runs in the other loop tests)."""
     objectives = (
         "objectives=[{name: Relevance, source: relevance}, {name: Conciseness, source: conciseness}, "
         "{name: Length, source: callable, path: 'tests.helpers.reward_fns:length_or_kill'}]"
     )
-    extra = ("checkpoint.every_steps=2", "sync.every_steps=2", f"rollout.max_staleness={max_staleness}", objectives)
+    extra = ("checkpoint.every_steps=2", "sync.every_steps=2", "rollout.max_staleness=1", objectives)
     cfg = tiny_config(tiny_model, tmp_path / "run", "steps=4", *extra)
     summary = run(cfg)
     reference = read_metrics(tmp_path / "run")
@@ -94,7 +93,7 @@ def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, me
     # The generators get new weights every second step; samples lag the learner by up to
     # max_staleness + sync.every_steps - 1 steps.
     assert [h["version"] for h in reference] == [0, 1, 1, 2]
-    assert [h["staleness"] for h in reference] == staleness
+    assert [h["staleness"] for h in reference] == [0, 1, 2, 1]
     assert summary["version"] == 2
     # Four steps are fewer than health.window_steps: nothing is judged yet.
     assert summary["health_warnings"] == [] and set(summary["health_start"]) >= {"distinct_fraction", "kl"}
@@ -124,9 +123,6 @@ def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, me
         assert torch.equal(tensor, reread[name]), name
 
     assert all(h["actor_restarts"] == 0 for h in reference)
-
-    if not max_staleness:
-        return  # Resume and faults run once, on the harder case: rollouts drawn ahead are in the checkpoint.
 
     # A crash right after step 2's checkpoint; the resumed run picks up from it. In its step 3 the
     # generator and the reward actor are killed (SIGKILL) while the reward actor scores: Ray
@@ -206,5 +202,7 @@ def test_actor_groups_scale_independently_with_broadcast_and_per_objective_pairs
     history = read_metrics(tmp_path / "run")
     assert [h["step"] for h in history] == [1, 2]
     assert all(math.isfinite(h["loss"]) and h["version"] == h["step"] for h in history)
+    # Strictly on-policy (max_staleness 0, a sync every step): every pair from the current policy.
+    assert [h["staleness"] for h in history] == [0, 0]
     # One candidate pair per prompt and objective (2 x 4), less ties and zero weights.
     assert all(h["pairs"] + h["dropped_ties"] + h["dropped_zero_weight"] == 8 for h in history)
