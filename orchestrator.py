@@ -156,8 +156,9 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     run_dir, resume_from, model_path, tokenizer = open_run(cfg, ray_address)
     prompts = load_fitted_prompts(cfg, cfg.data.train_path, tokenizer, run_dir / "data_report.json")
     prompts_sha256 = file_sha256(cfg.data.train_path)
-    if resume_from is not None:
-        _check_same_prompts(cfg, read_state(resume_from), prompts_sha256)
+    saved = read_state(resume_from) if resume_from is not None else None
+    if saved is not None:
+        _check_same_prompts(cfg, saved, prompts_sha256)
     names = cfg.objective_names
     evaluation = TrainingEvaluation(cfg, run_dir, tokenizer)
 
@@ -165,7 +166,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     with actor_groups(cfg, model_path) as actors:
         generators, scorers = actors.generators, actors.scorers
         sync_weights = make_weight_sync(cfg, actors.learners, generators)
-        state = _start_state(cfg, len(prompts), prompts_sha256, resume_from, actors.learners, sync_weights)
+        state = _start_state(cfg, len(prompts), prompts_sha256, resume_from, saved, actors.learners, sync_weights)
         sink = MetricsSink(run_dir, run_dir.name, cfg.logging.tensorboard, cfg.logging.ray_metrics, resume_step=state.step)
         ledger = PromptLedger(run_dir, state.step, f"restarted; steps after the checkpoint of step {state.step} were never checkpointed")
         progress = progress_bar(cfg, state.step, "mo-odpo")
@@ -291,17 +292,26 @@ def _restart_learners(cfg: RunConfig, actors, run_dir: Path, n_prompts: int, pro
               failure, count, cfg.actors.max_learner_restarts)  # fmt: skip
     sync_weights = make_weight_sync(cfg, actors.replace_learners(), actors.generators)
     checkpoint = latest_sound_checkpoint(run_dir)
-    state = _start_state(cfg, n_prompts, prompts_sha256, checkpoint, actors.learners, sync_weights, after_failure=True)
+    saved = read_state(checkpoint) if checkpoint is not None else None
+    state = _start_state(cfg, n_prompts, prompts_sha256, checkpoint, saved, actors.learners, sync_weights, after_failure=True)
     why = f"learner restart {count} after: {failure}; back at step {state.step} in {time.perf_counter() - started:.1f}s"
     log.warning("%s", why)
     return state, sync_weights, why
 
 
 def _start_state(
-    cfg: RunConfig, n_prompts: int, prompts_sha256: str, checkpoint: Path | None, learners, sync_weights, after_failure: bool = False
+    cfg: RunConfig,
+    n_prompts: int,
+    prompts_sha256: str,
+    checkpoint: Path | None,
+    saved: dict[str, Any] | None,
+    learners,
+    sync_weights,
+    after_failure: bool = False,
 ) -> LoopState:
-    """The loop's state at step 0, or at `checkpoint` with the learners restored; the generators
-    are synced to the weights they held then (after a failure, also at step 0: they hold later ones)."""
+    """The loop's state at step 0, or at `checkpoint` (whose state.json the caller read: `saved`)
+    with the learners restored; the generators are synced to the weights they held then (after a
+    failure, also at step 0: they hold later ones)."""
     names = cfg.objective_names
     state = LoopState(
         sampler=(
@@ -315,7 +325,7 @@ def _start_state(
         prompts_sha256=prompts_sha256,
     )
     if checkpoint is not None:
-        state.load_state_dict(read_state(checkpoint))
+        state.load_state_dict(saved)
         learners.call("load_checkpoint", str(checkpoint / "learner"), step=state.step)
         log.info("resumed from %s at step %d (policy version %d)", checkpoint, state.step, state.version)
     if checkpoint is not None or after_failure:
