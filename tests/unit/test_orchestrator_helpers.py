@@ -192,3 +192,10 @@ def test_metrics_rewind_drops_the_steps_to_be_redone(tmp_path):
     # A resume opens the history where its checkpoint left it.
     MetricsSink(tmp_path, "run", tensorboard=False, ray_metrics=False, resume_step=1).close()
     assert [m["step"] for m in read_metrics(tmp_path)] == [1]
+
+
+def test_node_labels_become_a_label_selector_only_when_given():
+    from actors.cluster import _placed
+
+    assert _placed({}) == {}
+    assert _placed({"moalign-role": "generator"}) == {"label_selector": {"moalign-role": "generator"}}
