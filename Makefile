@@ -6,6 +6,10 @@ PY := $(VENV)/bin/python
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 CONFIG ?= configs/default.yaml
 ARGS ?=
+# The venv's tools first, for every process a target starts (Ray workers inherit it): DeepSpeed builds
+# its CPU op with whichever `ninja` comes first, and two ninja versions (the venv's, the system's) read
+# each other's build log as stale and rebuild the op, a minute each time.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo eval export serve lint test test-unit bandit bench docs clean
 
@@ -19,6 +23,8 @@ $(VENV)/.installed: requirements/cpu.lock pyproject.toml
 	@# ever cached at import, and every Ray worker would recompile torch and vLLM, doubling the test time.
 	$(PY) -m compileall -q -j 0 -x 'torch/testing/_internal' $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@# DeepSpeed compiles its shared-memory op on first use (about a minute): once here, not inside the first learner.
+	$(PY) -c 'from actors.learner import build_deepspeed_ops; build_deepspeed_ops()'
 	touch $@
 
 demo: install
@@ -48,8 +54,11 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two workers, a test file each at a time (module fixtures stay in one process): the integration
+# tests mostly wait on actor processes starting, so two overlap well even on 2 cores. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 test: install lint
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

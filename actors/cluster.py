@@ -161,6 +161,7 @@ def _reward_group(cfg: RunConfig):
         lambda i: ((cfg.objectives,), {}),
         a.reward_timeout_s,
         max_restarts=a.max_restarts,
+        start_timeout_s=cfg.ray_timeout_s,
     )
 
 

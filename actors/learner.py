@@ -47,6 +47,18 @@ _DS_TAG = "learner"
 _STATE_FILE = "learner_state_rank{rank}.pt"
 
 
+def build_deepspeed_ops() -> None:
+    """Compile what DeepSpeed otherwise compiles on first use (its shared-memory collective on CPU
+    hosts, about a minute), so that no learner spends its start in a compiler: `make install` and
+    the CPU image run this once."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)
+
+
 class Learner(WeightPublisher):
     """One data-parallel rank of the learner."""
 

@@ -89,9 +89,13 @@ class ActorGroup:
         timeout_s: float,
         first_actor_options: dict[str, Any] | None = None,
         max_restarts: int = 0,
+        start_timeout_s: float | None = None,
     ):
         self.role = role
         self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s or timeout_s
+        """Longest an actor may take to (re)start and answer: a reward source allowed seconds per
+        call may still need minutes to load on a busy node."""
         self.max_restarts = max_restarts
         self.restarts = 0
         """Restarts this group has recovered from, over the run."""
@@ -198,7 +202,7 @@ class ActorGroup:
         # A call while Ray restarts the actor fails at once as unavailable: ask again until the new
         # process answers (a killed one may still answer for a moment: `old_pid`); an actor whose
         # restarts ran out is dead, and that is the failure.
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.start_timeout_s
         while True:
             try:
                 pong = ray.get(self.actors[index].ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
@@ -240,7 +244,7 @@ def ping_all(groups: Sequence[ActorGroup]) -> None:
     it happens: a reward model that cannot load is reported in seconds, not after the vLLM
     engines beside it have finished starting."""
     pending = {a.ping.remote(): (group, i) for group in groups for i, a in enumerate(group.actors)}
-    deadline = time.monotonic() + max((g.timeout_s for g in groups), default=0)
+    deadline = time.monotonic() + max((g.start_timeout_s for g in groups), default=0)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
         if not ready:

@@ -23,9 +23,11 @@ def metrics_port():
 
 @pytest.fixture(scope="session")
 def ray_cluster(metrics_port):
-    """One local Ray cluster for the session; logical CPUs above the core count so actors fit."""
+    """One local Ray cluster for the session (for each test worker); logical CPUs above the core
+    count so actors fit."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+        # "local": a new cluster, never one found on this machine (the job test's head, or the other worker's).
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     yield ray
     ray.shutdown()

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 def reward_group(source: str, **objective) -> ActorGroup:
     objectives = [ObjectiveConfig(name="Slow", source="callable", path=f"tests.helpers.reward_fns:{source}", **objective)]
     options = {"num_cpus": 0.5, "max_concurrency": 2}
-    return ActorGroup("reward", RewardActor, 1, options, lambda i: ((objectives,), {}), timeout_s=3, max_restarts=1)
+    return ActorGroup("reward", RewardActor, 1, options, lambda i: ((objectives,), {}), timeout_s=3, max_restarts=1, start_timeout_s=120)
 
 
 def test_a_hanging_reward_is_restarted_and_one_that_keeps_hanging_is_named(ray_cluster):

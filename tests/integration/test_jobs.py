@@ -1,8 +1,13 @@
 """A training run as a Ray job, as a user runs one: a head node started on loopback with `ray
-start --head` (token authentication on, as Ray sets up new clusters), a 2-step run submitted and
-followed to SUCCEEDED with `deploy/moalign-job`, the loop's metrics read from the head's
-Prometheus endpoint while it runs, and the head stopped."""
+start --head` (token authentication on, as Ray sets up new clusters), a 2-step run with its
+held-out evaluation (base before step 1, policy after the last) submitted and followed to
+SUCCEEDED with `deploy/moalign-job`, the loop's metrics read from the head's Prometheus endpoint
+while it runs, and the head stopped; then `evaluate.py` on the run directory. Real vLLM, reward
+and learner actors around a tiny model: one run serves both, each run's actors being the
+largest cost here."""
 
+import json
+import math
 import os
 import secrets
 import signal
@@ -16,12 +21,22 @@ from pathlib import Path
 
 import pytest
 
+from actors.metrics import metric_spec, read_metrics
+from evaluate import main as evaluate_main
 from moalign.weight_sync import free_port
+from tests.unit.test_grafana import dashboard_metrics
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 JOB = [str(REPO / "deploy" / "moalign-job")]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+OBJECTIVES = (
+    "objectives=[{name: Length, source: callable, path: 'tests.helpers.reward_fns:length_reward'}, "
+    "{name: Conciseness, source: conciseness}, {name: Positivity, source: positivity}]"
+)
+NAMES = ["Length", "Conciseness", "Positivity"]
+WEIGHTS = 4  # K = 3, divisions 1: three corners plus the centre
 
 
 @pytest.fixture
@@ -78,14 +93,22 @@ def scrape(port: int) -> str:
         return ""
 
 
-def test_a_run_submitted_as_a_job_succeeds_and_exports_its_metrics(head_node, tiny_model, tmp_path):
+def samples_by_key(path: Path) -> tuple[list[dict], dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return rows, {(tuple(r["weights"]), r["prompt_id"], r["sample"]): r["text"] for r in rows}
+
+
+def test_a_job_trains_evaluates_and_exports_its_metrics_and_the_command_evaluates_its_run(head_node, tiny_model, ray_cluster, tmp_path):
     env, address = head_node["env"], head_node["address"]
     run_dir = tmp_path / "run"
     overrides = [
         f"run_dir={run_dir}",
         "steps=2",
+        "checkpoint.every_steps=2",
         f"model.path={tiny_model}",
         "model.max_prompt_tokens=160",
+        f"data.train_path={REPO / 'data/prompts/train.jsonl'}",
+        f"data.heldout_path={REPO / 'data/prompts/heldout.jsonl'}",
         "rollout.prompts_per_step=4",
         "rollout.samples_per_prompt=2",
         "rollout.max_new_tokens=8",
@@ -93,8 +116,14 @@ def test_a_run_submitted_as_a_job_succeeds_and_exports_its_metrics(head_node, ti
         "learner.lora.rank=4",
         "actors.cpu_kvcache_gb=0.25",
         "logging.progress_bar=false",
-        "eval.at_start_and_end=false",
-        "objectives=[{name: Conciseness, source: conciseness}, {name: Positivity, source: positivity}]",
+        OBJECTIVES,
+        # Small lattices (divisions 1: the 3 corners and the centre) keep the evaluations cheap.
+        "eval.at_start_and_end=true",
+        "eval.during_training_divisions=1",
+        "eval.during_training_prompts=2",
+        "eval.samples_per_weight=2",
+        "eval.lattice_divisions=1",
+        "eval.heldout_prompts=3",
     ]
     # A relative run directory would vanish with the job's working directory: refused up front.
     refused = subprocess.run([*JOB, "--address", address, "submit", "configs/default.yaml", "run_dir=runs/x"], env=env,
@@ -103,7 +132,7 @@ def test_a_run_submitted_as_a_job_succeeds_and_exports_its_metrics(head_node, ti
 
     # Submitted and followed to its end by one command, while its gauges are read: they are
     # exported while the job's driver lives.
-    wanted = ["ray_moalign_loss{", 'objective="Conciseness"', 'objective="Positivity"']
+    wanted = ["ray_moalign_loss{", 'objective="Length"', 'objective="Positivity"']
     started = time.monotonic()
     follow = subprocess.Popen([*JOB, "--address", address, "submit", "configs/default.yaml", *overrides], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -118,7 +147,51 @@ def test_a_run_submitted_as_a_job_succeeds_and_exports_its_metrics(head_node, ti
     assert f"job {job_id} SUCCEEDED" in err and "mean reward per objective" in out
     missing = [w for w in wanted if w not in body]
     assert not missing, f"not on the Prometheus endpoint: {missing}"
-    assert len([line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]) == 2
     assert (run_dir / "final" / "model.safetensors").is_file()
     listed = subprocess.run([*JOB, "--address", address, "list"], env=env, capture_output=True, text=True, timeout=60).stdout
     assert f"{job_id} SUCCEEDED run_dir={run_dir}" in listed
+
+    # Evaluation during training: the base before step 1, the policy after step 2, metrics on
+    # step 2's record only.
+    history = read_metrics(run_dir)
+    assert [h["step"] for h in history] == [1, 2]
+    assert not any(k.startswith("eval/") for k in history[0])
+    assert math.isfinite(history[1]["eval/hypervolume"]) and history[1]["time/eval_s"] > 0
+    for name in NAMES:
+        assert -1 <= history[1][f"eval/steerability/{name}"] <= 1
+    assert "| objective | base Spearman |" in out and "step 2 Spearman" in out
+    assert {m for m in dashboard_metrics() if m.startswith("moalign_eval_")} <= {metric_spec(k)[0] for k in history[1]}
+    training_base = json.loads((run_dir / "eval" / "base" / "front.json").read_text())
+    assert (training_base["n_weights"], training_base["n_prompts"], training_base["samples_per_prompt"]) == (WEIGHTS, 2, 2)
+    _, training_base_texts = samples_by_key(run_dir / "eval" / "base" / "samples.jsonl")
+    assert (run_dir / "eval" / "step_2" / "front.png").read_bytes()[:8] == PNG_MAGIC
+
+    # The command, on this machine's cluster, with its own (larger) settings: the base is
+    # evaluated again, then step 2's checkpoint.
+    assert evaluate_main(["--run", str(run_dir)]) == 0
+    for folder, label in (("base", "base"), ("step_2", "step 2")):
+        front_dir = run_dir / "eval" / folder
+        front = json.loads((front_dir / "front.json").read_text())
+        assert front["label"] == label and front["objectives"] == NAMES
+        assert (front["n_weights"], front["n_prompts"], front["samples_per_prompt"]) == (WEIGHTS, 3, 2)
+        assert front["meta"]["prompts"]["count"] == 3 and front["meta"]["lattice"]["divisions"] == 1
+        assert (front_dir / "front.md").read_text().startswith(f"# Pareto front: {label}")
+        rows, _ = samples_by_key(front_dir / "samples.jsonl")
+        assert len(rows) == WEIGHTS * 3 * 2
+        assert all(set(r["rewards"]) == set(NAMES) and r["finish_reason"] in ("stop", "length") for r in rows)
+    assert json.loads((run_dir / "eval" / "step_2" / "front.json").read_text())["meta"]["step"] == 2
+    assert (run_dir / "eval" / "step_2" / "front.png").read_bytes()[:8] == PNG_MAGIC
+
+    # Seeds depend on (eval seed, prompt, sample) only: the base model gives the same completions
+    # to the prompts both evaluations share, whatever else was in the calls (and on whichever cluster).
+    _, command_base_texts = samples_by_key(run_dir / "eval" / "base" / "samples.jsonl")
+    shared = training_base_texts.keys() & command_base_texts.keys()
+    assert len(shared) == WEIGHTS * 2 * 2
+    assert all(training_base_texts[k] == command_base_texts[k] for k in shared)
+
+    # A second invocation reuses the base front (same settings) and starts no actors for it.
+    base_front = run_dir / "eval" / "base" / "front.json"
+    before = base_front.stat().st_mtime_ns
+    assert evaluate_main(["--run", str(run_dir), "--base"]) == 0
+    assert base_front.stat().st_mtime_ns == before
+    assert "base front: reusing" in (run_dir / "eval" / "evaluate.log").read_text()
