@@ -52,6 +52,7 @@ from moalign.health import METRICS as HEALTH_METRICS
 from moalign.health import HealthMonitor
 from moalign.ledger import PromptLedger
 from moalign.pairs import RewardError, RunningNormalizer, select_relabelled_pairs
+from moalign.scaling import ScaleRequestError, due_requests, mark_done
 
 log = logging.getLogger("moalign")
 
@@ -179,6 +180,10 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     timings: dict[str, float] = {}
                     t0 = time.perf_counter()
 
+                    # 0. Generators and reward workers grown or shrunk as asked while the run goes
+                    #    on (`python -m moalign.scaling`, `deploy/moalign-job scale`).
+                    _apply_scale_requests(run_dir, step, state, actors, sync_weights)
+
                     # 1-3. Prompts, Dirichlet weights, conditioned prompts, sent to the generators for n
                     #      samples each. With max_staleness s > 0 they are sent s steps early, so the
                     #      generators sample step t+s while the learner trains step t.
@@ -227,6 +232,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                         state.synced_step = step
                         timings.update(sync_weights(state.version, step))
                     timings["actor_restarts"] = generators.restarts + scorers.restarts + learner_restarts
+                    timings.update({f"actors/{group.role}": len(group) for group in actors})
 
                     # 7b. Pareto evaluation on held-out prompts, on the weights just synced. Before
                     #     state.step moves on, so a failure here is reported as this step's; its time
@@ -282,6 +288,43 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
         "export": exported,
         "steerability_table": steerability,
     }
+
+
+def _apply_scale_requests(run_dir: Path, step: int, state: LoopState, actors, sync_weights) -> None:
+    """Resize the generator and reward groups as the requests due at `step` ask. A request that
+    cannot be met is refused, with why, and the run goes on as it was."""
+    from actors.ray_actors import ActorFailure
+
+    for request in due_requests(run_dir, step):
+        if isinstance(request, tuple):
+            path, why = request
+            log.error("scale request refused: %s", why)
+            mark_done(path, step, f"refused: {why}", applied=False)
+            continue
+        done = []
+        try:
+            for role, count in request.counts.items():
+                group = actors.generators if role == "generator" else actors.scorers
+                if role == "generator" and count != len(group):
+                    if count > len(group) and not sync_weights.can_seed_new_generators():
+                        raise ScaleRequestError(
+                            f"a new generator could not be given policy version {state.version}: sync.backend={sync_weights.backend} "
+                            "with a full payload keeps no copy of it (use sync.backend=object_store, or LoRA adapters)"
+                        )
+                    # The rollouts sent ahead are collected first: a generator is never removed
+                    # with samples still to give, and nothing is sampled twice.
+                    for ahead in state.rollouts:
+                        ahead.wait()
+                done.append(group.resize(count, step))
+                if role == "generator":
+                    sync_weights.members_changed()
+        except (ActorFailure, ScaleRequestError) as exc:
+            outcome = f"refused after {'; '.join(done) or 'no change'}: {exc}"
+            log.error("scale request at step %d %s", step, outcome)
+            mark_done(request.path, step, outcome, applied=False)
+            continue
+        log.warning("scaled at step %d: %s", step, "; ".join(done))
+        mark_done(request.path, step, "; ".join(done), applied=True)
 
 
 def _restart_learners(cfg: RunConfig, actors, run_dir: Path, n_prompts: int, prompts_sha256: str, failure: Exception, count: int):

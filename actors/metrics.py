@@ -23,6 +23,7 @@ def _metric_name(key: str) -> str:
 _FAMILIES = (
     ("reward/", "moalign_reward", "objective", "Mean raw reward of the step's samples"),
     ("eval/steerability/", "moalign_eval_steerability", "objective", "Spearman of weight against reward on held-out prompts"),
+    ("actors/", "moalign_actors", "role", "Actors of a role serving the run at the step (generators and reward workers scale live)"),
     (
         "time/",
         "moalign_time_seconds",

@@ -7,7 +7,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ray
@@ -100,22 +100,52 @@ class ActorGroup:
         self.restarts = 0
         """Restarts this group has recovered from, over the run."""
         self.after_restart: Callable[[int, int | None], None] | None = None
-        """Called with (actor index, step) once a restarted actor answers, before its call is sent
-        again: a generator's weights are put back here (set by actors.weight_sync)."""
+        """Called with (actor index, step) once a restarted or added actor answers, before it is
+        sent work: a generator gets the current weights here (set by actors.weight_sync)."""
         self.policy_version = 0
         """Generators: the policy version each holds once the calls sent so far have run (set by
         actors.weight_sync); a restarted generator answers from version 0 until it is restored."""
-        remote_cls = ray.remote(cls)
-        if max_restarts:
-            options = {**options, "max_restarts": max_restarts}
-        self.actors = []
-        for i in range(count):
-            args, kwargs = make_args(i)
-            # Named so the Ray dashboard shows role and index; the suffix keeps runs apart.
-            name = f"moalign-{role}-{i}-{uuid.uuid4().hex[:6]}"
-            extra = first_actor_options if i == 0 and first_actor_options else {}
-            self.actors.append(remote_cls.options(name=name, **options, **extra).remote(*args, **kwargs))
-        log.info("started %d %s actor(s) with %s", count, role, options)
+        self._remote_cls = ray.remote(cls)
+        self._options = {**options, "max_restarts": max_restarts} if max_restarts else dict(options)
+        self._make_args, self._first_actor_options = make_args, first_actor_options
+        self.actors = [self._start_actor(i) for i in range(count)]
+        log.info("started %d %s actor(s) with %s", count, role, self._options)
+
+    def _start_actor(self, index: int):
+        args, kwargs = self._make_args(index)
+        # Named so the Ray dashboard shows role and index; the suffix keeps runs apart.
+        name = f"moalign-{self.role}-{index}-{uuid.uuid4().hex[:6]}"
+        extra = self._first_actor_options if index == 0 and self._first_actor_options else {}
+        return self._remote_cls.options(name=name, **self._options, **extra).remote(*args, **kwargs)
+
+    def resize(self, count: int, step: int | None) -> str:
+        """Grow or shrink the group to `count` actors while a run goes on; returns what was done.
+        Added actors are waited for and handed to `after_restart` (a generator gets the current
+        weights) before they get work. Removed ones are the last: the caller makes sure no call it
+        still needs is outstanding on them."""
+        before = len(self.actors)
+        if count > before:
+            started = time.perf_counter()
+            added = [self._start_actor(i) for i in range(before, count)]
+            self.actors.extend(added)
+            try:
+                ping_all([self], indices=range(before, count))
+                for i in range(before, count):
+                    if self.after_restart is not None:
+                        self.after_restart(i, step)
+            except ActorFailure:
+                self.shrink_to(before)
+                raise
+            return f"{self.role} actors {before} -> {count} (added in {time.perf_counter() - started:.1f}s, at policy version {self.policy_version})"
+        if count < before:
+            self.shrink_to(count)
+            return f"{self.role} actors {before} -> {count}"
+        return f"{self.role} actors already {count}"
+
+    def shrink_to(self, count: int) -> None:
+        for actor in self.actors[count:]:
+            self._kill(actor)
+        del self.actors[count:]
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -233,17 +263,21 @@ class ActorGroup:
 
     def kill(self) -> None:
         for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception as exc:
-                log.warning("could not kill %s actor: %s", self.role, exc)
+            self._kill(actor)
+
+    def _kill(self, actor) -> None:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as exc:
+            log.warning("could not kill %s actor: %s", self.role, exc)
 
 
-def ping_all(groups: Sequence[ActorGroup]) -> None:
-    """Wait until every actor of every group has started, and raise the first failure as soon as
-    it happens: a reward model that cannot load is reported in seconds, not after the vLLM
-    engines beside it have finished starting."""
-    pending = {a.ping.remote(): (group, i) for group in groups for i, a in enumerate(group.actors)}
+def ping_all(groups: Sequence[ActorGroup], indices: Iterable[int] | None = None) -> None:
+    """Wait until every actor of every group (or those at `indices`) has started, and raise the
+    first failure as soon as it happens: a reward model that cannot load is reported in seconds,
+    not after the vLLM engines beside it have finished starting."""
+    wanted = set(indices) if indices is not None else None
+    pending = {a.ping.remote(): (group, i) for group in groups for i, a in enumerate(group.actors) if wanted is None or i in wanted}
     deadline = time.monotonic() + max((g.start_timeout_s for g in groups), default=0)
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))

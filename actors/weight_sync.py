@@ -81,6 +81,13 @@ class WeightSync:
             [generator.load_weight_refs.remote(refs, version, self.timeout_s, self.payload)], "load_weight_refs", step, [index]
         )
 
+    def can_seed_new_generators(self) -> bool:
+        """Whether a generator started now could be given the weights the others hold."""
+        return self._last is not None or not self.generators.policy_version
+
+    def members_changed(self) -> None:
+        """Generators were added or removed (`ActorGroup.resize`)."""
+
     def _keep(self, step: int | None) -> list[ray.ObjectRef]:
         """Learner 0's payload put into the object store (owned by the learner: never copied through here)."""
         learner = self.learners.actors[0]
@@ -169,6 +176,10 @@ class BroadcastSync(WeightSync):
     def restore(self, index: int, step: int | None) -> None:
         super().restore(index, step)
         # The new process is in no group, and the old group has a dead member: open a new one.
+        self._open = False
+
+    def members_changed(self) -> None:
+        # The group's size is fixed when it opens: the next sync opens one of the new size.
         self._open = False
 
 

@@ -3,6 +3,7 @@
     deploy/moalign-job submit configs/default.yaml run_dir=/shared/runs/demo steps=50
     deploy/moalign-job status|logs|stop JOB_ID
     deploy/moalign-job resume /shared/runs/demo          # the run directory's saved config.yaml
+    deploy/moalign-job scale JOB_ID generators=2 [reward_workers=3] [from_step=N]
     deploy/moalign-job list
 
 The cluster is `--address`, else $RAY_ADDRESS, else http://127.0.0.1:8265 (the dashboard of a
@@ -81,7 +82,7 @@ def checked_config(config: str, overrides: list[str]):
 
 def submit(jobs, config: str, overrides: list[str], wait: bool) -> int:
     cfg = checked_config(config, overrides)
-    return _submit(jobs, ["--config", config, *overrides], str(cfg.run_dir), {"config": config}, wait)
+    return _submit(jobs, ["orchestrator.py", "--config", config, *overrides], str(cfg.run_dir), {"config": config}, wait)
 
 
 def resume(jobs, run_dir: str, overrides: list[str], wait: bool) -> int:
@@ -89,13 +90,32 @@ def resume(jobs, run_dir: str, overrides: list[str], wait: bool) -> int:
     orchestrator's lock refuses it while the previous job still holds the run directory)."""
     if not Path(run_dir).is_absolute():
         raise JobError(f"{run_dir}: give the run directory's absolute path, as the cluster sees it")
-    args = ["--config", str(Path(run_dir) / "config.yaml"), f"run_dir={run_dir}", *overrides]
+    args = ["orchestrator.py", "--config", str(Path(run_dir) / "config.yaml"), f"run_dir={run_dir}", *overrides]
     return _submit(jobs, args, run_dir, {"resumed": "true"}, wait)
 
 
-def _submit(jobs, args: list[str], run_dir: str, metadata: dict[str, str], wait: bool) -> int:
-    command = " ".join(shlex.quote(a) for a in ["python", "orchestrator.py", *args])
-    submission_id = f"moalign-{Path(run_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def scale(jobs, job_id: str, counts: list[str]) -> int:
+    """Ask a running job for more or fewer generator or reward actors: a one-line job writes the
+    request into the run directory, on the head node where the run's driver reads it at its next step."""
+    from moalign.scaling import parse_cli, parse_request
+
+    fields = parse_cli(counts)
+    parse_request(fields, "scale")
+    info = jobs.get_job_info(job_id)
+    if str(info.status.value) in FINISHED:
+        raise JobError(f"job {job_id} is {info.status.value}: there is no run to scale")
+    run_dir = (info.metadata or {}).get("run_dir")
+    if not run_dir:
+        raise JobError(f"job {job_id} was not submitted by this command (no run_dir in its metadata)")
+    code = _submit(jobs, ["-m", "moalign.scaling", run_dir, *counts], run_dir, {"scales": job_id}, wait=True, kind="scale")
+    if code == 0:
+        log.info("the run applies it at the start of a step; what happened: %s/scale/done/ and its log", run_dir)
+    return code
+
+
+def _submit(jobs, args: list[str], run_dir: str, metadata: dict[str, str], wait: bool, kind: str = "") -> int:
+    command = " ".join(shlex.quote(a) for a in ["python", *args])
+    submission_id = f"moalign-{kind + '-' if kind else ''}{Path(run_dir).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
@@ -115,7 +135,8 @@ def _submit(jobs, args: list[str], run_dir: str, metadata: dict[str, str], wait:
     log.info("submitted %s: %s", job_id, command)
     log.info("run directory (on the cluster): %s", run_dir)
     log.info("dashboard: %s/#/jobs/%s", jobs.get_address().rstrip("/"), job_id)
-    log.info("follow: deploy/moalign-job logs %s --follow; stop: deploy/moalign-job stop %s", job_id, job_id)
+    if not kind:
+        log.info("follow: deploy/moalign-job logs %s --follow; stop: deploy/moalign-job stop %s", job_id, job_id)
     return follow(jobs, job_id) if wait else 0
 
 
@@ -147,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", help="only what a resume may change (steps, logging.*, eval.*, ...)")
     p.add_argument("--no-wait", action="store_true")
+    p = sub.add_parser("scale", help="grow or shrink a running job's generator or reward actors")
+    p.add_argument("job_id")
+    p.add_argument("counts", nargs="+", help="generators=N and/or reward_workers=N, optionally from_step=S")
     for name in ("status", "stop"):
         sub.add_parser(name).add_argument("job_id")
     p = sub.add_parser("logs")
@@ -156,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from moalign.config import ConfigError
+    from moalign.scaling import ScaleRequestError
 
     try:
         jobs = client(args.address)
@@ -163,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             return submit(jobs, args.config, args.overrides, not args.no_wait)
         if args.command == "resume":
             return resume(jobs, args.run_dir, args.overrides, not args.no_wait)
+        if args.command == "scale":
+            return scale(jobs, args.job_id, args.counts)
         if args.command == "status":
             info = jobs.get_job_info(args.job_id)
             print(f"{args.job_id} {info.status.value}" + (f": {info.message}" if info.message else ""))
@@ -179,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             if (job.submission_id or "").startswith("moalign-"):
                 print(f"{job.submission_id} {job.status.value} run_dir={(job.metadata or {}).get('run_dir', '?')}")
         return 0
-    except (JobError, ConfigError) as exc:
+    except (JobError, ConfigError, ScaleRequestError) as exc:
         log.error("%s", exc)
         return 2
 

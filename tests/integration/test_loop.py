@@ -17,6 +17,7 @@ from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import load_config
 from moalign.export import PolicyCard
 from moalign.ledger import audit
+from moalign.scaling import read_done, write_request
 from orchestrator import run
 from tests.helpers.crash import crashed_copy
 from tests.helpers.reward_fns import kill_marker
@@ -185,12 +186,17 @@ def test_failing_reward_stops_the_step_with_a_named_error(tiny_model, ray_cluste
     assert list_checkpoints(tmp_path / "run") == []
 
 
-def test_actor_groups_scale_independently_with_broadcast_and_per_objective_pairs(tiny_model, ray_cluster, tmp_path):
+def test_actor_groups_scale_independently_and_live_with_broadcast_and_per_objective_pairs(tiny_model, ray_cluster, tmp_path):
+    """Two data-parallel learners, two reward workers and a broadcast group; while the run goes on
+    the generators go from 1 to 2 (the new one given the current policy before it samples) and
+    back to 1, and the reward workers from 2 to 1, as queued requests ask; a bad request is refused
+    and changes nothing."""
+    run_dir = tmp_path / "run"
     cfg = tiny_config(
         tiny_model,
-        tmp_path / "run",
-        "steps=2",
-        "actors.num_generators=2",
+        run_dir,
+        "steps=3",
+        "actors.num_generators=1",
         "actors.num_reward_workers=2",
         "actors.num_learners=2",
         "learner.micro_batch_pairs=1",
@@ -198,11 +204,24 @@ def test_actor_groups_scale_independently_with_broadcast_and_per_objective_pairs
         "algorithm.pair_mode=per_objective",
         "objectives=[{name: Conciseness, source: conciseness}, {name: Positivity, source: positivity}]",
     )
+    (run_dir / "scale" / "requests").mkdir(parents=True)
+    (run_dir / "scale" / "requests" / "0-by-hand.json").write_text('{"learners": 2}')
+    write_request(run_dir, {"generators": 2, "from_step": 2})
+    write_request(run_dir, {"generators": 1, "reward_workers": 1, "from_step": 3})
     run(cfg)
-    history = read_metrics(tmp_path / "run")
-    assert [h["step"] for h in history] == [1, 2]
+    history = read_metrics(run_dir)
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert [(h["actors/generator"], h["actors/reward"], h["actors/learner"]) for h in history] == [(1, 2, 2), (2, 2, 2), (1, 1, 2)]
+    handled = read_done(run_dir)
+    assert [(d["handled_at_step"], d["applied"]) for d in handled] == [(1, False), (2, True), (3, True)]
+    assert "unknown key(s) ['learners']" in handled[0]["outcome"]
+    assert handled[1]["outcome"].startswith("generator actors 1 -> 2 (added in") and "at policy version 1)" in handled[1]["outcome"]
+    assert handled[2]["outcome"] == "generator actors 2 -> 1; reward actors 2 -> 1"
+    # Strictly on-policy (max_staleness 0, a sync every step): every pair from the current policy,
+    # the added generator's too (a sample tagged with another version stops the step).
     assert all(math.isfinite(h["loss"]) and h["version"] == h["step"] for h in history)
-    # Strictly on-policy (max_staleness 0, a sync every step): every pair from the current policy.
-    assert [h["staleness"] for h in history] == [0, 0]
+    assert [h["staleness"] for h in history] == [0, 0, 0] and all(h["actor_restarts"] == 0 for h in history)
     # One candidate pair per prompt and objective (2 x 4), less ties and zero weights.
     assert all(h["pairs"] + h["dropped_ties"] + h["dropped_zero_weight"] == 8 for h in history)
+    ledger = audit(run_dir, read_state(list_checkpoints(run_dir)[-1][1])["cursor"])
+    assert ledger["problems"] == [] and ledger["steps"] == 3 and ledger["prompts_trained"] == 12
