@@ -6,10 +6,6 @@ PY := $(VENV)/bin/python
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 CONFIG ?= configs/default.yaml
 ARGS ?=
-# The venv's tools first, for every process a target starts (Ray workers inherit it): DeepSpeed builds
-# its CPU op with whichever `ninja` comes first, and two ninja versions (the venv's, the system's) read
-# each other's build log as stale and rebuild the op, a minute each time.
-export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo eval export serve lint test test-unit bandit bench docs clean
 

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import socket
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -51,12 +52,26 @@ def build_deepspeed_ops() -> None:
     """Compile what DeepSpeed otherwise compiles on first use (its shared-memory collective on CPU
     hosts, about a minute), so that no learner spends its start in a compiler: `make install` and
     the CPU image run this once."""
+    _own_ninja_first()
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         builder.load(verbose=False)
+
+
+def _own_ninja_first() -> None:
+    """Put this interpreter's scripts folder (where pip put `ninja`) first on PATH.
+
+    DeepSpeed compiles its ops with whichever `ninja` PATH finds first, and two versions (pip's
+    and the system's) each take the other's build log for stale: every process that found the
+    other one compiled the op again, a minute each time (Ray jobs' actors found the system one).
+    """
+    scripts = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != scripts:
+        os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
 
 
 class Learner(WeightPublisher):
@@ -113,6 +128,7 @@ class Learner(WeightPublisher):
 
         import deepspeed
 
+        _own_ninja_first()
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
         try:
             self._setup(model_path)

@@ -125,6 +125,7 @@ class ActorGroup:
         still needs is outstanding on them."""
         before = len(self.actors)
         if count > before:
+            self._check_room(count - before, step)
             started = time.perf_counter()
             added = [self._start_actor(i) for i in range(before, count)]
             self.actors.extend(added)
@@ -141,6 +142,21 @@ class ActorGroup:
             self.shrink_to(count)
             return f"{self.role} actors {before} -> {count}"
         return f"{self.role} actors already {count}"
+
+    def _check_room(self, added: int, step: int | None) -> None:
+        """Refuse at once what the cluster has no free room for, rather than wait out the start
+        timeout while the run stalls (checked against the cluster's free total, not node by node)."""
+        need = {"CPU": added * self._options.get("num_cpus", 1), "GPU": added * self._options.get("num_gpus", 0)}
+        free = ray.available_resources()
+        short = {r: n for r, n in need.items() if n > free.get(r, 0.0) + 1e-9}
+        if short:
+            wanted = ", ".join(f"{n:g} {r}" for r, n in short.items())
+            has = ", ".join(f"{free.get(r, 0.0):g} {r}" for r in short)
+            raise ActorFailure(
+                self.role, len(self.actors), step, "resize",
+                f"{added} more {self.role} actor(s) need {wanted}; the cluster has {has} free. Add nodes (or lower "
+                f"actors.{self.role}_cpus / _gpus in the next run), then ask again",
+            )  # fmt: skip
 
     def shrink_to(self, count: int) -> None:
         for actor in self.actors[count:]:

@@ -189,8 +189,8 @@ def test_failing_reward_stops_the_step_with_a_named_error(tiny_model, ray_cluste
 def test_actor_groups_scale_independently_and_live_with_broadcast_and_per_objective_pairs(tiny_model, ray_cluster, tmp_path):
     """Two data-parallel learners, two reward workers and a broadcast group; while the run goes on
     the generators go from 1 to 2 (the new one given the current policy before it samples) and
-    back to 1, and the reward workers from 2 to 1, as queued requests ask; a bad request is refused
-    and changes nothing."""
+    back to 1, and the reward workers from 2 to 1, as queued requests ask; a bad request, and one
+    the cluster has no room for, are refused and change nothing."""
     run_dir = tmp_path / "run"
     cfg = tiny_config(
         tiny_model,
@@ -207,16 +207,19 @@ def test_actor_groups_scale_independently_and_live_with_broadcast_and_per_object
     (run_dir / "scale" / "requests").mkdir(parents=True)
     (run_dir / "scale" / "requests" / "0-by-hand.json").write_text('{"learners": 2}')
     write_request(run_dir, {"generators": 2, "from_step": 2})
+    write_request(run_dir, {"generators": 50, "from_step": 2})
     write_request(run_dir, {"generators": 1, "reward_workers": 1, "from_step": 3})
     run(cfg)
     history = read_metrics(run_dir)
     assert [h["step"] for h in history] == [1, 2, 3]
     assert [(h["actors/generator"], h["actors/reward"], h["actors/learner"]) for h in history] == [(1, 2, 2), (2, 2, 2), (1, 1, 2)]
     handled = read_done(run_dir)
-    assert [(d["handled_at_step"], d["applied"]) for d in handled] == [(1, False), (2, True), (3, True)]
+    assert [(d["handled_at_step"], d["applied"]) for d in handled] == [(1, False), (2, True), (2, False), (3, True)]
     assert "unknown key(s) ['learners']" in handled[0]["outcome"]
     assert handled[1]["outcome"].startswith("generator actors 1 -> 2 (added in") and "at policy version 1)" in handled[1]["outcome"]
-    assert handled[2]["outcome"] == "generator actors 2 -> 1; reward actors 2 -> 1"
+    # More than the cluster has room for: refused at once, not waited for.
+    assert "48 more generator actor(s) need" in handled[2]["outcome"] and "CPU free. Add nodes" in handled[2]["outcome"]
+    assert handled[3]["outcome"] == "generator actors 2 -> 1; reward actors 2 -> 1"
     # Strictly on-policy (max_staleness 0, a sync every step): every pair from the current policy,
     # the added generator's too (a sample tagged with another version stops the step).
     assert all(math.isfinite(h["loss"]) and h["version"] == h["step"] for h in history)
