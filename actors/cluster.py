@@ -162,20 +162,36 @@ def _reward_group(cfg: RunConfig):
         a.reward_timeout_s,
         max_restarts=a.max_restarts,
         start_timeout_s=cfg.ray_timeout_s,
+        placement=_strategy(cfg),
     )
 
 
 def _learner_group(cfg: RunConfig, model_path: str):
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from ray.exceptions import GetTimeoutError, RayError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-    from actors.ray_actors import ActorGroup, LearnerActor
+    from actors.ray_actors import ActorFailure, ActorGroup, LearnerActor, describe_failure
     from moalign.weight_sync import free_port
 
     a = cfg.actors
-    # Data-parallel ranks meet at learner 0, which is pinned to this (the driver's) node so the
-    # rendezvous address and port picked here are the right ones.
-    address, port = ray.util.get_node_ip_address(), free_port()
+    # Data-parallel ranks meet at learner 0. In a placement group, a task in learner 0's bundle
+    # picks the address and port on that node; without one, learner 0 is pinned to this (the
+    # driver's) node and they are picked here.
+    meet: dict[str, Any] = {}
+
+    def rendezvous(group) -> None:
+        if group is None:
+            meet.update(master_addr=ray.util.get_node_ip_address(), master_port=free_port())
+            return
+        on_rank0 = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+        probe = ray.remote(num_cpus=0)(node_address_and_free_port).options(scheduling_strategy=on_rank0).remote()
+        try:
+            meet.update(zip(("master_addr", "master_port"), ray.get(probe, timeout=cfg.ray_timeout_s)))
+        except (RayError, GetTimeoutError) as exc:
+            raise ActorFailure("learner", 0, None, "rendezvous", describe_failure(exc)) from exc
+
+    pinned = a.num_learners > 1 and _strategy(cfg) is None
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return ActorGroup(
         "learner",
@@ -183,10 +199,25 @@ def _learner_group(cfg: RunConfig, model_path: str):
         a.num_learners,
         {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": actor_env(cfg, a.learner_cpus)}
         | _placed(a.learner_node_labels),
-        lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, "master_addr": address, "master_port": port}),
+        lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, **meet}),
         cfg.ray_timeout_s,
-        first_actor_options={"scheduling_strategy": here} if a.num_learners > 1 else None,
+        first_actor_options={"scheduling_strategy": here} if pinned else None,
+        placement=_strategy(cfg),
+        before_start=rendezvous,
     )
+
+
+def node_address_and_free_port() -> tuple[str, int]:
+    """This node's address and a port free on it (run as a task where learner 0 will run)."""
+    import ray
+
+    from moalign.weight_sync import free_port
+
+    return ray.util.get_node_ip_address(), free_port()
+
+
+def _strategy(cfg: RunConfig) -> str | None:
+    return None if cfg.actors.placement == "none" else cfg.actors.placement
 
 
 def _placed(node_labels: dict[str, str]) -> dict:
@@ -236,6 +267,7 @@ def _generator_group(cfg: RunConfig, model_path: str, env: dict):
         ),
         cfg.ray_timeout_s,
         max_restarts=a.max_restarts,
+        placement=_strategy(cfg),
     )
 
 

@@ -90,6 +90,8 @@ class ActorGroup:
         first_actor_options: dict[str, Any] | None = None,
         max_restarts: int = 0,
         start_timeout_s: float | None = None,
+        placement: str | None = None,
+        before_start: Callable[[Any], None] | None = None,
     ):
         self.role = role
         self.timeout_s = timeout_s
@@ -108,15 +110,59 @@ class ActorGroup:
         self._remote_cls = ray.remote(cls)
         self._options = {**options, "max_restarts": max_restarts} if max_restarts else dict(options)
         self._make_args, self._first_actor_options = make_args, first_actor_options
-        self.actors = [self._start_actor(i) for i in range(count)]
-        log.info("started %d %s actor(s) with %s", count, role, self._options)
+        self._placement, self._before_start = placement, before_start
+        self._placement_groups: list[Any] = []
+        """The placement group each actor is reserved in (None without `placement`)."""
+        self.actors: list[Any] = []
+        self._start_actors(count, None)
+        log.info("started %d %s actor(s) with %s%s", count, role, self._options, f", placement {placement}" if placement else "")
 
-    def _start_actor(self, index: int):
-        args, kwargs = self._make_args(index)
-        # Named so the Ray dashboard shows role and index; the suffix keeps runs apart.
-        name = f"moalign-{self.role}-{index}-{uuid.uuid4().hex[:6]}"
-        extra = self._first_actor_options if index == 0 and self._first_actor_options else {}
-        return self._remote_cls.options(name=name, **self._options, **extra).remote(*args, **kwargs)
+    def _start_actors(self, count: int, step: int | None) -> None:
+        """Start actors len(self.actors)..count-1, reserved together in a placement group of their
+        own when the group has a placement strategy; `before_start` sees that group first."""
+        first = len(self.actors)
+        group = self._reserve(first, count, step) if self._placement else None
+        if self._before_start is not None:
+            self._before_start(group)
+        options = dict(self._options)
+        if group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            options.pop("label_selector", None)  # the bundles carry it
+        for i in range(first, count):
+            args, kwargs = self._make_args(i)
+            extra = self._first_actor_options if i == 0 and self._first_actor_options else {}
+            if group is not None:
+                extra = {**extra, "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i - first)}
+            # Named so the Ray dashboard shows role and index; the suffix keeps runs apart.
+            name = f"moalign-{self.role}-{i}-{uuid.uuid4().hex[:6]}"
+            self.actors.append(self._remote_cls.options(name=name, **options, **extra).remote(*args, **kwargs))
+            self._placement_groups.append(group)
+
+    def _reserve(self, first: int, count: int, step: int | None):
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        bundle = {"CPU": float(self._options.get("num_cpus", 1))}
+        if self._options.get("num_gpus"):
+            bundle["GPU"] = float(self._options["num_gpus"])
+        selector = self._options.get("label_selector")
+        n = count - first
+        group = placement_group(
+            [bundle] * n,
+            strategy=self._placement,
+            name=f"moalign-{self.role}-{first}-{count - 1}-{uuid.uuid4().hex[:6]}",
+            bundle_label_selector=[dict(selector)] * n if selector else None,
+        )
+        try:
+            ray.get(group.ready(), timeout=self.start_timeout_s)
+        except GetTimeoutError as exc:
+            remove_placement_group(group)
+            raise ActorFailure(
+                self.role, first, step, "placement",
+                f"no room for {n} bundle(s) of {bundle} ({self._placement}{f', labels {selector}' if selector else ''}) "
+                f"within {self.start_timeout_s:g}s; free: {ray.available_resources()}",
+            ) from exc  # fmt: skip
+        return group
 
     def resize(self, count: int, step: int | None) -> str:
         """Grow or shrink the group to `count` actors while a run goes on; returns what was done.
@@ -127,9 +173,8 @@ class ActorGroup:
         if count > before:
             self._check_room(count - before, step)
             started = time.perf_counter()
-            added = [self._start_actor(i) for i in range(before, count)]
-            self.actors.extend(added)
             try:
+                self._start_actors(count, step)
                 ping_all([self], indices=range(before, count))
                 for i in range(before, count):
                     if self.after_restart is not None:
@@ -162,6 +207,9 @@ class ActorGroup:
         for actor in self.actors[count:]:
             self._kill(actor)
         del self.actors[count:]
+        left = self._placement_groups[count:]
+        del self._placement_groups[count:]
+        self._release(g for g in left if g not in self._placement_groups)
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -280,6 +328,16 @@ class ActorGroup:
     def kill(self) -> None:
         for actor in self.actors:
             self._kill(actor)
+        self._release(self._placement_groups)
+
+    def _release(self, groups: Iterable[Any]) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for group in {id(g): g for g in groups if g is not None}.values():
+            try:
+                remove_placement_group(group)
+            except Exception as exc:
+                log.warning("could not remove a %s placement group: %s", self.role, exc)
 
     def _kill(self, actor) -> None:
         try:

@@ -231,7 +231,9 @@ class ActorsConfig(_Section):
     reward_node_labels: dict[str, str] = {}
     """Ray node labels a reward actor must run on; empty: any node."""
     learner_node_labels: dict[str, str] = {}
-    """Ray node labels a learner actor must run on; empty: any node. With several learners, learner 0 also runs on the driver's node (the ranks meet there)."""
+    """Ray node labels a learner actor must run on; empty: any node. Several learners meet where learner 0 runs."""
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD", "none"] = "PACK"
+    """Strategy of the placement group each role's actors are reserved in, one group per role (and one per batch added live), so a role's resources are held together: PACK onto few nodes, SPREAD over many; none: plain actor placement."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """vLLM GPU memory fraction (GPU hosts)."""
     cpu_kvcache_gb: float = Field(1.0, gt=0, le=1024)

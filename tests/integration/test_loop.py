@@ -190,7 +190,8 @@ def test_actor_groups_scale_independently_and_live_with_broadcast_and_per_object
     """Two data-parallel learners, two reward workers and a broadcast group; while the run goes on
     the generators go from 1 to 2 (the new one given the current policy before it samples) and
     back to 1, and the reward workers from 2 to 1, as queued requests ask; a bad request, and one
-    the cluster has no room for, are refused and change nothing."""
+    the cluster has no room for, are refused and change nothing. Each role, and each batch added,
+    is reserved in a placement group of its own; the learners meet in theirs."""
     run_dir = tmp_path / "run"
     cfg = tiny_config(
         tiny_model,
@@ -209,7 +210,14 @@ def test_actor_groups_scale_independently_and_live_with_broadcast_and_per_object
     write_request(run_dir, {"generators": 2, "from_step": 2})
     write_request(run_dir, {"generators": 50, "from_step": 2})
     write_request(run_dir, {"generators": 1, "reward_workers": 1, "from_step": 3})
+    groups_before = set(ray_cluster.util.placement_group_table())
     run(cfg)
+    # A placement group per role, and one for the generator added live; none left behind.
+    groups = [g for pg_id, g in ray_cluster.util.placement_group_table().items() if pg_id not in groups_before]
+    assert sorted(g["name"].rsplit("-", 1)[0] for g in groups) == [
+        "moalign-generator-0-0", "moalign-generator-1-1", "moalign-learner-0-1", "moalign-reward-0-1",
+    ]  # fmt: skip
+    assert {g["strategy"] for g in groups} == {"PACK"} and {g["state"] for g in groups} == {"REMOVED"}
     history = read_metrics(run_dir)
     assert [h["step"] for h in history] == [1, 2, 3]
     assert [(h["actors/generator"], h["actors/reward"], h["actors/learner"]) for h in history] == [(1, 2, 2), (2, 2, 2), (1, 1, 2)]
