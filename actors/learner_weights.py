@@ -79,18 +79,23 @@ class WeightPublisher:
     def _named_payload(self, adapters: bool) -> NamedTensors:
         """The policy as named CPU tensors: every checkpoint tensor under its Hugging Face name,
         LoRA merged; or, with `adapters`, each plain LoRA linear layer as its factors (see
-        moalign.lora_sync) and only the trainable rest, the frozen weights staying behind."""
+        moalign.lora_sync) and only the trainable rest, the frozen weights staying behind.
+
+        A collective under ZeRO-3: every rank must call it, as each module's partitions are
+        gathered in turn (the same gathers in the same order on every rank); only rank 0 copies
+        the weights out, the others return nothing."""
         from peft.tuners.lora import Linear as LoraLinear
         from peft.tuners.lora import LoraLayer
 
         wanted = self._ckpt_keys
+        keep = self.rank == 0
         out: NamedTensors = []
 
         def as_adapters(module: torch.nn.Module, name: str) -> bool:
             active = [a for a in module.active_adapters if a in module.lora_A]
             if not (type(module) is LoraLinear and not module.fan_in_fan_out and not any(module.use_dora.get(a) for a in active)):
                 return False
-            for i, adapter in enumerate(active):
+            for i, adapter in enumerate(active if keep else ()):
                 a, b = (t.weight.detach().to("cpu", copy=True) for t in (module.lora_A[adapter], module.lora_B[adapter]))
                 out.extend(adapter_tensors(name, i, a, b, module.scaling[adapter]))
             return True
@@ -102,7 +107,7 @@ class WeightPublisher:
                         return
                     for pname, p in module.base_layer.named_parameters(recurse=False):
                         name = prefix + pname
-                        if name in wanted:
+                        if name in wanted and keep:
                             out.append((name, self._merged_lora_weight(module) if pname == "weight" else self._export_copy(p)))
                 return
             own = [(prefix + k, p) for k, p in module._parameters.items() if p is not None and (p.requires_grad or not adapters)]
@@ -113,11 +118,13 @@ class WeightPublisher:
             own = [(k, t) for k, t in own if k in wanted]
             if own:
                 with self._gathered([t for _, t in own if isinstance(t, torch.nn.Parameter)]):
-                    out.extend((k, self._export_copy(t)) for k, t in own)
+                    out.extend((k, self._export_copy(t)) for k, t in own if keep)
             for cname, child in module.named_children():
                 walk(child, f"{prefix}{cname}.")
 
         walk(self._hf_model(), "")
+        if not keep:
+            return out
         names = [k for k, _ in out]
         missing, dupes = (set() if adapters else wanted - set(names)), len(names) - len(set(names))
         if missing or dupes:
@@ -145,7 +152,8 @@ class WeightPublisher:
     def export_weights(self, bucket_mb: float, payload: str = "full") -> list[NamedTensors]:
         """The policy for a sync, in buckets of about `bucket_mb` MiB of detached CPU tensors:
         `full`, every weight (LoRA merged out of place) under the checkpoint's Hugging Face
-        names in the model dtype; `adapter`, the LoRA factors (see moalign.lora_sync)."""
+        names in the model dtype; `adapter`, the LoRA factors (see moalign.lora_sync). Every
+        rank calls it (a collective under ZeRO-3); ranks other than 0 get no buckets."""
         return bucketize(self._sync_payload(payload), bucket_mb)
 
     @torch.no_grad()
@@ -198,7 +206,8 @@ class WeightPublisher:
         """Per bucket, the flat-buffer manifest (name, shape, dtype, byte offset, numel) that the
         next `broadcast_weights(bucket_mb)` sends, in order. The receivers need it before the
         broadcast starts to allocate their buffers, so this is a separate call; the weights it
-        computes are kept for that broadcast rather than merged twice."""
+        computes are kept for that broadcast rather than merged twice. Every rank calls it (a
+        collective under ZeRO-3); only rank 0's manifest has buckets, and only rank 0 broadcasts."""
         buckets = bucketize(self._sync_payload(payload), bucket_mb)
         self._staged = (self.step, bucket_mb, payload, buckets)
         return [bucket_manifest(b) for b in buckets]

@@ -1,12 +1,14 @@
 """Where step metrics go: metrics.jsonl in the run directory, TensorBoard event files, and
 `ray.util.metrics` gauges that the Ray dashboard's Prometheus endpoint exports as `ray_moalign_*`
 (tagged with the run; rewards and steerability with the objective, phase times with the phase),
-which the Grafana dashboard in deploy/grafana/ charts."""
+which the Grafana dashboard in deploy/grafana/ charts. Each actor also exports, from its own
+process, how long its calls take, tagged with its role and index (`record_actor_call`)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,31 @@ DESCRIPTIONS = {
     "moalign_sync_bytes_fraction": "Bytes one weight sync sent, as a share of the full model",
     "moalign_eval_hypervolume": "Hypervolume of the held-out front against the reference point",
 }
+
+
+ACTOR_CALL_METRIC = "moalign_actor_call_seconds"
+_ACTOR_NAME = re.compile(r"moalign-([a-z]+)-(\d+)-[0-9a-f]+")
+_actor_gauge: list[Any] = []
+
+
+def record_actor_call(call: str, seconds: float) -> None:
+    """In an actor of a run with Ray metrics on: the seconds of its last `call`, as a gauge tagged
+    with the run, the actor's role and index (read from its name, `moalign-<role>-<index>-…`) and
+    the call, so a slow or idle generator, reward worker or learner rank shows on its own."""
+    if os.environ.get("MOALIGN_RAY_METRICS") != "1":
+        return
+    import ray
+
+    match = _ACTOR_NAME.fullmatch(ray.get_runtime_context().get_actor_name() or "")
+    if match is None:
+        return
+    if not _actor_gauge:
+        from ray.util.metrics import Gauge
+
+        description = "Seconds an actor's last call of a kind took, per role, actor index and call"
+        _actor_gauge.append(Gauge(ACTOR_CALL_METRIC, description=description, tag_keys=("run", "role", "actor", "call")))
+    tags = {"run": os.environ.get("MOALIGN_RUN", ""), "role": match[1], "actor": match[2], "call": call}
+    _actor_gauge[0].set(seconds, tags=tags)
 
 
 def metric_spec(key: str) -> tuple[str, dict[str, str], str]:

@@ -15,6 +15,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from actors.generator import Generator
 from actors.learner import Learner
+from actors.metrics import record_actor_call
 from actors.reward import RewardScorer
 from moalign.weight_sync import LazyBuckets, free_port
 
@@ -54,13 +55,33 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _measured(method: Callable) -> Callable:
+    """The actor method, its duration exported per actor (actors.metrics.record_actor_call)."""
+
+    @functools.wraps(method)
+    def timed(self, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            record_actor_call(method.__name__, time.perf_counter() - started)
+
+    return timed
+
+
 class GeneratorActor(Generator):
+    generate = _measured(Generator.generate)
+    load_weights = _measured(Generator.load_weights)
+
     def load_weight_refs(self, bucket_refs: list[ray.ObjectRef], version: int, timeout_s: float, payload: str = "full") -> dict:
         # Buckets are fetched one at a time so a generator never holds two copies of the model.
         return self.load_weights(LazyBuckets(bucket_refs, functools.partial(ray.get, timeout=timeout_s)), version, payload)
 
 
 class LearnerActor(Learner):
+    train_step = _measured(Learner.train_step)
+
+    @_measured
     def export_weight_refs(self, bucket_mb: float, payload: str = "full") -> list[ray.ObjectRef]:
         # Refs are owned by this actor: the driver never copies the weights through itself.
         return [ray.put(bucket) for bucket in self.export_weights(bucket_mb, payload)]
@@ -73,7 +94,7 @@ class LearnerActor(Learner):
 
 
 class RewardActor(RewardScorer):
-    pass
+    score = _measured(RewardScorer.score)
 
 
 class ActorGroup:

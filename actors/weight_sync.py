@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class WeightSync:
-    """Pushes learner 0's weights to every generator; subclasses are the backends."""
+    """Pushes learner 0's weights to every generator; subclasses are the backends. Every learner
+    rank takes part in the export (under ZeRO-3 the weights are gathered from all of them)."""
 
     backend = ""
 
@@ -89,9 +90,9 @@ class WeightSync:
         """Generators were added or removed (`ActorGroup.resize`)."""
 
     def _keep(self, step: int | None) -> list[ray.ObjectRef]:
-        """Learner 0's payload put into the object store (owned by the learner: never copied through here)."""
-        learner = self.learners.actors[0]
-        return self.learners.wait([learner.export_weight_refs.remote(self.bucket_mb, self.payload)], "export_weight_refs", step, [0])[0]
+        """Learner 0's payload put into the object store (owned by the learner: never copied
+        through here). Every rank takes part: under ZeRO-3 each holds a shard of every weight."""
+        return self.learners.call("export_weight_refs", self.bucket_mb, self.payload, step=step)[0]
 
 
 class ObjectStoreSync(WeightSync):
@@ -150,7 +151,7 @@ class BroadcastSync(WeightSync):
                 metrics["time/sync_open_s"] = self._open_group(step)
                 self._open = True
             t = time.perf_counter()
-            manifest = self.learners.wait([learner.weight_manifest.remote(self.bucket_mb, self.payload)], "weight_manifest", step, [0])[0]
+            manifest = self.learners.call("weight_manifest", self.bucket_mb, self.payload, step=step)[0]
             metrics["time/sync_export_s"] = time.perf_counter() - t
             t = time.perf_counter()
             receives = [g.receive_weights.remote(manifest, version, self.payload) for g in self.generators.actors]

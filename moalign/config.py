@@ -200,7 +200,7 @@ class LearnerConfig(_Section):
     micro_batch_pairs: int = Field(4, ge=1, le=4096)
     """Pairs per forward/backward on one learner."""
     zero_stage: int = Field(2, ge=0, le=3)
-    """DeepSpeed ZeRO stage."""
+    """DeepSpeed ZeRO stage; 3 partitions the weights themselves over the learners, and every learner then takes part in each weight sync and export."""
     lora: LoRAConfig = LoRAConfig()
     """LoRA settings."""
 
@@ -217,7 +217,7 @@ class ActorsConfig(_Section):
     generator_gpus: float = Field(0.0, ge=0)
     """GPUs per generator actor (0 on CPU hosts)."""
     tensor_parallel_size: int = Field(1, ge=1, le=64)
-    """vLLM tensor-parallel size per generator."""
+    """vLLM tensor-parallel size per generator (its GPUs are generator_gpus x this); with more than 1, each sync is staged in shared memory and every worker reloads from it."""
     reward_cpus: float = Field(0.5, gt=0)
     """CPUs reserved per reward actor."""
     reward_gpus: float = Field(0.0, ge=0)
@@ -401,11 +401,6 @@ class RunConfig(_Section):
             raise ValueError(
                 f"health.min_completion_tokens: {self.health.min_completion_tokens} is above rollout.max_new_tokens "
                 f"({self.rollout.max_new_tokens}), so every step would warn"
-            )
-        if self.learner.zero_stage == 3 and self.actors.num_learners > 1:
-            raise ValueError(
-                "learner.zero_stage: 3 with actors.num_learners > 1 is not supported yet: weight export gathers "
-                "parameters from learner 0 only; use zero_stage <= 2 or one learner"
             )
         pairs = self.pairs_per_step
         shard = self.actors.num_learners * self.learner.micro_batch_pairs

@@ -174,6 +174,17 @@ def _assert_same_step(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
         torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=WEIGHT_ATOL, msg=n)
 
 
+def _run_ranks(worker: str, specs: list[dict]) -> None:
+    procs = []
+    for spec in specs:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-c", f"from tests.integration.test_learner import {worker}; {worker}({json.dumps(spec)!r})"]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+
+
 def test_zero_weight_padding_changes_nothing(tiny, tmp_path):
     """3 real pairs in a capacity-4 step (one dummy, 2 accumulation steps) == the same 3 pairs in a
     capacity-3 step (no dummy, 3 accumulation steps); a 2-rank run of them must agree too."""
@@ -187,15 +198,10 @@ def test_zero_weight_padding_changes_nothing(tiny, tmp_path):
     # Data parallel: rank 0 holds two pairs, rank 1 one pair and a dummy; total_weight is global.
     port = free_port()
     shards = [make_batch(PAIRS[:2], weights[:2], total=sum(weights)), make_batch(PAIRS[2:3], weights[2:], total=sum(weights))]
-    procs = []
-    for rank, shard in enumerate(shards):
-        spec = {"model": str(tiny), "rank": rank, "port": port, "batch": shard, "out": str(tmp_path / f"rank{rank}.pt")}
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        cmd = [sys.executable, "-c", f"from tests.integration.test_learner import _dp_worker; _dp_worker({json.dumps(spec)!r})"]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, out[-3000:]
+    _run_ranks(
+        "_dp_worker",
+        [{"model": str(tiny), "rank": r, "port": port, "batch": shards[r], "out": str(tmp_path / f"rank{r}.pt")} for r in (0, 1)],
+    )
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["metrics"]["pairs"] for r in results] == [2, 1]
     assert sum(r["metrics"]["objective"] for r in results) == pytest.approx(padded[0]["objective"], abs=1e-6)
@@ -212,6 +218,46 @@ def _dp_worker(spec_json: str) -> None:
     try:
         metrics = learner.train_step(spec["batch"])
         torch.save({"metrics": metrics, "weights": trainable(learner)}, spec["out"])
+    finally:
+        learner.close()
+
+
+def test_zero3_ranks_gather_the_export_together(tiny, tmp_path):
+    """Two ZeRO-3 ranks, each holding half of every weight, export the policy together: rank 0's
+    full and adapter payloads equal a single learner's after the same step; rank 1 gets none."""
+    batch = make_batch(PAIRS, [1.0, 0.5, 2.0, 1.0])
+    single = new_learner(tiny, [f"learner.lr={LR}"])
+    try:
+        single.train_step(batch)
+        want = {payload: dict(nt for b in single.export_weights(0.05, payload) for nt in b) for payload in ("full", "adapter")}
+    finally:
+        single.close()
+    port, total = free_port(), sum(batch["loss_weights"])
+    shards = [make_batch(PAIRS[:2], [1.0, 0.5], total=total), make_batch(PAIRS[2:], [2.0, 1.0], total=total)]
+    _run_ranks(
+        "_zero3_worker",
+        [{"model": str(tiny), "rank": r, "port": port, "batch": shards[r], "out": str(tmp_path / f"rank{r}.pt")} for r in (0, 1)],
+    )
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert got[1]["full"] == {} and got[1]["adapter"] == {}
+    # Partitioned: each rank holds about half of a weight, not all of it.
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert 0 < got[0]["partition_numel"] < want["full"][q].numel()
+    for payload in ("full", "adapter"):
+        assert got[0][payload].keys() == want[payload].keys()
+        for name, t in want[payload].items():
+            torch.testing.assert_close(got[0][payload][name], t, rtol=0, atol=WEIGHT_ATOL, msg=name)
+
+
+def _zero3_worker(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    cfg = load_config(None, [*BASE, f"learner.lr={LR}", "actors.num_learners=2", "learner.zero_stage=3"])
+    learner = Learner(cfg, spec["model"], rank=spec["rank"], world_size=2, master_port=spec["port"])
+    try:
+        learner.train_step(spec["batch"])
+        q = learner.engine.module.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+        out = {payload: dict(nt for b in learner.export_weights(0.05, payload) for nt in b) for payload in ("full", "adapter")}
+        torch.save({**out, "partition_numel": q.ds_tensor.numel()}, spec["out"])
     finally:
         learner.close()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.metrics import metric_spec, read_metrics
+from actors.metrics import ACTOR_CALL_METRIC, metric_spec, read_metrics
 from actors.ray_actors import ActorFailure
 from export import export_checkpoint
 from moalign.checkpoint import list_checkpoints, read_state
@@ -103,13 +103,18 @@ def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, me
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
     # This run's label among the series: an earlier test's run may have been exported first.
-    scrape_until(
+    body = scrape_until(
         metrics_port,
-        ["ray_moalign_loss{", 'objective="Relevance"', 'phase="sync"', "ray_moalign_version{", 'run="run"'],
+        ["ray_moalign_loss{", 'objective="Relevance"', 'phase="sync"', "ray_moalign_version{", 'run="run"', f"ray_{ACTOR_CALL_METRIC}{{"],
     )
-    # Every gauge the Grafana dashboard charts is one this run exports (held-out evaluation aside: off here).
-    exported_names = {metric_spec(k)[0] for h in reference for k in h if k != "step"}
+    # Every gauge the Grafana dashboard charts is one this run exports (held-out evaluation aside:
+    # off here): the step metrics from the driver, the per-actor call times from the actors.
+    exported_names = {metric_spec(k)[0] for h in reference for k in h if k != "step"} | {ACTOR_CALL_METRIC}
     assert {m for m in dashboard_metrics() if not m.startswith("moalign_eval_")} <= exported_names
+    per_actor = [x for x in body.splitlines() if x.startswith(f"ray_{ACTOR_CALL_METRIC}{{")]
+    for role, call in (("generator", "generate"), ("reward", "score"), ("learner", "train_step"), ("learner", "export_weight_refs")):
+        tags = (f'role="{role}"', 'actor="0"', f'call="{call}"', 'run="run"')
+        assert any(all(t in x for t in tags) for x in per_actor), (tags, per_actor)
 
     # The run exported its last policy; exporting the kept checkpoint afterwards gives the same weights.
     final = tmp_path / "run" / "final"
@@ -187,7 +192,8 @@ def test_failing_reward_stops_the_step_with_a_named_error(tiny_model, ray_cluste
 
 
 def test_actor_groups_scale_independently_and_live_with_broadcast_and_per_objective_pairs(tiny_model, ray_cluster, tmp_path):
-    """Two data-parallel learners, two reward workers and a broadcast group; while the run goes on
+    """Two data-parallel ZeRO-3 learners (each holding half of every weight, so every sync and the
+    final export gather from both), two reward workers and a broadcast group; while the run goes on
     the generators go from 1 to 2 (the new one given the current policy before it samples) and
     back to 1, and the reward workers from 2 to 1, as queued requests ask; a bad request, and one
     the cluster has no room for, are refused and change nothing. Each role, and each batch added,
@@ -200,6 +206,7 @@ def test_actor_groups_scale_independently_and_live_with_broadcast_and_per_object
         "actors.num_generators=1",
         "actors.num_reward_workers=2",
         "actors.num_learners=2",
+        "learner.zero_stage=3",
         "learner.micro_batch_pairs=1",
         "sync.backend=broadcast",
         "algorithm.pair_mode=per_objective",
@@ -236,3 +243,11 @@ def test_actor_groups_scale_independently_and_live_with_broadcast_and_per_object
     assert all(h["pairs"] + h["dropped_ties"] + h["dropped_zero_weight"] == 8 for h in history)
     ledger = audit(run_dir, read_state(list_checkpoints(run_dir)[-1][1])["cursor"])
     assert ledger["problems"] == [] and ledger["steps"] == 3 and ledger["prompts_trained"] == 12
+    # Gathered from both ZeRO-3 ranks: every tensor, the trained ones moved; the partitioned
+    # checkpoint, loaded into a new pair of learners and exported again, gives the same weights.
+    exported, base = load_file(str(run_dir / "final" / "model.safetensors")), load_file(str(Path(tiny_model) / "model.safetensors"))
+    assert exported.keys() == base.keys()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert exported[q].shape == base[q].shape and not torch.equal(exported[q], base[q])
+    reread = load_file(str(export_checkpoint(run_dir, dest=tmp_path / "again") / "model.safetensors"))
+    assert all(torch.equal(exported[name], reread[name]) for name in exported)

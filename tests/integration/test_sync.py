@@ -5,9 +5,11 @@ travel and the generators merge them, to the same bits a full-weight sync gives.
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from actors.ray_actors import ActorFailure, ActorGroup, GeneratorActor, LearnerActor
 from actors.weight_sync import BroadcastSync, ObjectStoreSync, make_weight_sync
@@ -26,7 +28,7 @@ BATCH = {
 }
 
 
-def start_actors(tiny_model, n_generators, max_restarts=0):
+def start_actors(tiny_model, n_generators, max_restarts=0, tensor_parallel_size=1):
     """One learner with a large learning rate (so a step visibly moves the policy) and n generators."""
     cfg = load_config(
         None,
@@ -39,7 +41,7 @@ def start_actors(tiny_model, n_generators, max_restarts=0):
         GeneratorActor,
         n_generators,
         {"num_cpus": 1, "runtime_env": env},
-        lambda i: ((tiny_model,), {"cpu_kvcache_gb": 0.25}),
+        lambda i: ((tiny_model,), {"cpu_kvcache_gb": 0.25, "tensor_parallel_size": tensor_parallel_size}),
         300,
         max_restarts=max_restarts,
     )
@@ -73,6 +75,48 @@ def test_synced_generator_equals_learner(tiny_model, ray_cluster):
         assert sent["sync/bytes"] < full["sync/bytes"] / 10 and sent["sync/bytes_fraction"] < 0.1
         # The generator's merge and the learner's are the same arithmetic: identical log-probs.
         assert generators.call("prompt_logprobs", probe)[0] == synced
+    finally:
+        learners.kill()
+        generators.kill()
+
+
+def test_a_tensor_parallel_generator_takes_each_sync_live(tiny_model, ray_cluster):
+    """A generator whose engine runs two tensor-parallel workers, each a process of its own with
+    half of every sharded weight: each sync is staged in shared memory and every worker reloads
+    its shard from it (merging the adapters itself), and the engine then computes the learner's
+    log-probs; a refused payload leaves it as it was; the staged files go once loaded."""
+    cfg, learners, generators = start_actors(tiny_model, 1, tensor_parallel_size=2)
+    staged_before = set(Path("/dev/shm").glob("moalign-weights-*"))
+    try:
+        engine = generators.call("ping")[0]
+        assert len(set(engine["worker_pids"]) - {engine["pid"]}) == 2
+        before = generators.call("prompt_logprobs", PROBE)[0]
+        assert before[0] == pytest.approx(learners.call("token_logprobs", PROBE)[0][0], abs=1e-4)
+        for _ in range(3):
+            learners.call("train_step", BATCH)
+        trained = learners.call("token_logprobs", PROBE)[0]
+        assert max(abs(a - b) for a, b in zip(trained[0], before[0])) > 1e-3, "the learner step must change the policy"
+
+        adapters = make_weight_sync(cfg, learners, generators)
+        assert adapters.payload == "adapter"
+        adapters(version=1, step=3)
+        synced = generators.call("prompt_logprobs", PROBE)[0]
+        for got, want in zip(synced, trained):
+            assert got == pytest.approx(want, abs=1e-4)
+
+        learners.call("train_step", BATCH)
+        trained = learners.call("token_logprobs", PROBE)[0]
+        ObjectStoreSync(learners, generators, cfg.sync.bucket_mb, "full", cfg.ray_timeout_s)(version=2, step=4)
+        for got, want in zip(generators.call("prompt_logprobs", PROBE)[0], trained):
+            assert got == pytest.approx(want, abs=1e-4)
+
+        bad = [[("model.layers.0.mlp.up_proj.weight", torch.zeros(3, 3))]]
+        with pytest.raises(ActorFailure, match=r"has shape \(3, 3\), the model expects"):
+            generators.call("load_weights", bad, 3, step=5)
+        assert generators.call("ping")[0]["version"] == 2
+        for got, want in zip(generators.call("prompt_logprobs", PROBE)[0], trained):
+            assert got == pytest.approx(want, abs=1e-4)
+        assert set(Path("/dev/shm").glob("moalign-weights-*")) <= staged_before
     finally:
         learners.kill()
         generators.kill()

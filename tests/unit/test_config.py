@@ -89,11 +89,6 @@ def test_health_bounds_checked():
         load_config(None, ["health.min_completion_tokens=50"])
 
 
-def test_zero3_with_several_learners_rejected():
-    with pytest.raises(ConfigError, match="zero_stage: 3 with actors.num_learners > 1"):
-        load_config(None, ["learner.zero_stage=3", "actors.num_learners=2", "learner.micro_batch_pairs=2"])
-
-
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
