@@ -212,9 +212,16 @@ class Generator:
             enable_prefix_caching=False,
             worker_extension_cls=f"{__name__}.WorkerReload",
         )
-        if tensor_parallel_size == 1:
-            engine_args["distributed_executor_backend"] = "uni"
-        elif self.on_cpu and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and _numa_nodes() < tensor_parallel_size:
+        # Tensor-parallel workers as this process's children, inside the reservation Ray made
+        # for it (num_gpus = generator_gpus x tensor_parallel_size): left to itself, vLLM would
+        # pick its Ray executor in a placement group and ask for bundles of its own.
+        engine_args["distributed_executor_backend"] = "uni" if tensor_parallel_size == 1 else "mp"
+        if (
+            tensor_parallel_size > 1
+            and self.on_cpu
+            and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+            and _numa_nodes() < tensor_parallel_size
+        ):
             # vllm-cpu binds each tensor-parallel rank to a NUMA node of its own and refuses to
             # start with fewer nodes than ranks; the ranks then share the node's cores unbound.
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"

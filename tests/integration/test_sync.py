@@ -44,6 +44,8 @@ def start_actors(tiny_model, n_generators, max_restarts=0, tensor_parallel_size=
         lambda i: ((tiny_model,), {"cpu_kvcache_gb": 0.25, "tensor_parallel_size": tensor_parallel_size}),
         300,
         max_restarts=max_restarts,
+        # In a placement group, as in a run: vLLM must not take it for a cluster of its own.
+        placement="PACK" if tensor_parallel_size > 1 else None,
     )
     return cfg, learners, generators
 
