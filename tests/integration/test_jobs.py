@@ -23,6 +23,8 @@ import pytest
 
 from actors.metrics import metric_spec, read_metrics
 from evaluate import main as evaluate_main
+from moalign.checkpoint import list_checkpoints, read_state
+from moalign.ledger import audit
 from moalign.weight_sync import free_port
 from tests.unit.test_grafana import dashboard_metrics
 
@@ -195,3 +197,29 @@ def test_a_job_trains_evaluates_and_exports_its_metrics_and_the_command_evaluate
     assert evaluate_main(["--run", str(run_dir), "--base"]) == 0
     assert base_front.stat().st_mtime_ns == before
     assert "base front: reusing" in (run_dir / "eval" / "evaluate.log").read_text()
+
+    # The orchestrator dies mid-run (its job is stopped), and the run is submitted again on its
+    # run directory: it resumes from its last checkpoint by itself, the steps after it are trained
+    # again, and the ledger finds every prompt trained once.
+    def job(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([*JOB, "--address", address, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    resumed = job("resume", str(run_dir), "steps=8", "eval.at_start_and_end=false", "--no-wait")
+    assert resumed.returncode == 0, resumed.stderr
+    stopped_id = next(line.split()[1].rstrip(":") for line in resumed.stderr.splitlines() if line.startswith("submitted "))
+    deadline = time.monotonic() + 300
+    while max((h["step"] for h in read_metrics(run_dir)), default=0) < 3:
+        assert time.monotonic() < deadline, job("logs", stopped_id).stdout[-3000:]
+        time.sleep(0.5)
+    assert "stop requested" in job("stop", stopped_id).stdout
+    while f"{stopped_id} STOPPED" not in job("status", stopped_id).stdout:
+        assert time.monotonic() < deadline, job("status", stopped_id).stdout
+        time.sleep(1)
+    stopped_at = max(h["step"] for h in read_metrics(run_dir))
+    assert stopped_at < 8, "the job must be stopped before it ends"
+    again = job("resume", str(run_dir), timeout=600)
+    assert again.returncode == 0 and "SUCCEEDED" in again.stderr, again.stderr[-3000:]
+    assert [h["step"] for h in read_metrics(run_dir)] == list(range(1, 9))
+    ledger = audit(run_dir, read_state(list_checkpoints(run_dir)[-1][1])["cursor"])
+    assert ledger["problems"] == [] and ledger["steps"] == 8 and ledger["prompts_trained"] == 8 * 4
+    assert ledger["resumes"] == 2 and set(ledger["redone_steps"]) <= set(range(3, stopped_at + 1))
