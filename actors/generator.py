@@ -5,7 +5,8 @@ time) vLLM, so the orchestrator and the unit tests can import it on machines wit
 
 Process model: the engine lives in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
 executor "uni"). That is what lets a Ray actor own it, and what lets `load_weights` stream
-tensors into the model without serialising them to another process.
+tensors into the model without serialising them to another process. With tensor parallel > 1
+the workers are this process's children (executor "mp") and reload from files it stages.
 """
 
 from __future__ import annotations
