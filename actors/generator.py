@@ -11,6 +11,7 @@ the workers are this process's children (executor "mp") and reload from files it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import hashlib
@@ -130,7 +131,8 @@ class WorkerReload:
                         yield name, f.get_tensor(name)
 
         merger = AdapterMerger(checkpoint_reader(model_path), base_names, getattr(torch, dtype)) if payload == "adapter" else None
-        self.model_runner.reload_weights(weights_iterator=merger(tensors()) if merger is not None else tensors())
+        with _expected_reload_warnings_dropped(partial=merger is not None):
+            self.model_runner.reload_weights(weights_iterator=merger(tensors()) if merger is not None else tensors())
         return {"merged_layers": merger.merged_layers if merger is not None else 0, "tied_heads": _refresh_tied_heads(self)}
 
     def moalign_pid(self) -> int:
@@ -155,6 +157,23 @@ class _ExpectedReloadWarnings(logging.Filter):
         if self.partial and (message.endswith(": Failed to load weights") or message.startswith("Following weights were not loaded")):
             return False
         return message not in ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights")
+
+
+_RELOAD_LOGGERS = tuple(f"vllm.model_executor.model_loader.reload.{name}" for name in ("layerwise", "inplace"))
+
+
+@contextlib.contextmanager
+def _expected_reload_warnings_dropped(partial: bool):
+    """`_ExpectedReloadWarnings` for one reload, in a tensor-parallel worker's own process."""
+    quiet = _ExpectedReloadWarnings()
+    quiet.partial = partial
+    for name in _RELOAD_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        yield
+    finally:
+        for name in _RELOAD_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
 
 
 class Generator:
@@ -240,8 +259,8 @@ class Generator:
             # and vLLM raises the budget to at least max_model_len, so no prompt exceeds it.
             engine_args["enable_chunked_prefill"] = False
         self._reload_warnings = _ExpectedReloadWarnings()
-        for name in ("layerwise", "inplace"):
-            logging.getLogger(f"vllm.model_executor.model_loader.reload.{name}").addFilter(self._reload_warnings)
+        for name in _RELOAD_LOGGERS:
+            logging.getLogger(name).addFilter(self._reload_warnings)
         started = time.perf_counter()
         self.llm = vllm.LLM(**engine_args)
         self._sampling_params_cls = vllm.SamplingParams

@@ -31,6 +31,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [".venv", "runs", ".git", ".whl", "**/__pycache__", "**/*.egg-info", ".pytest_cache", ".ruff_cache"]
 FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_S = 120
+SCALE_WAIT_S = 600  # how long a scale request waits for a just-submitted run to write its run directory
 
 
 class JobError(RuntimeError):
@@ -107,7 +108,9 @@ def scale(jobs, job_id: str, counts: list[str]) -> int:
     run_dir = (info.metadata or {}).get("run_dir")
     if not run_dir:
         raise JobError(f"job {job_id} was not submitted by this command (no run_dir in its metadata)")
-    code = _submit(jobs, ["-m", "moalign.scaling", run_dir, *counts], run_dir, {"scales": job_id}, wait=True, kind="scale")
+    # A run that is still starting has not written its run directory yet: the request waits for it.
+    args = ["-m", "moalign.scaling", "--wait-for-run-s", str(SCALE_WAIT_S), run_dir, *counts]
+    code = _submit(jobs, args, run_dir, {"scales": job_id}, wait=True, kind="scale")
     if code == 0:
         log.info("the run applies it at the start of a step; what happened: %s/scale/done/ and its log", run_dir)
     return code

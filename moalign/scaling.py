@@ -6,7 +6,7 @@ each step, in the order written, applies each (a request may wait for a later st
 request reaches a run on a cluster through a one-line job on the head node, where the run's
 driver and its run directory live (`deploy/moalign-job scale`), and locally through:
 
-    python -m moalign.scaling RUN_DIR generators=2 [reward_workers=1] [from_step=5]
+    python -m moalign.scaling [--wait-for-run-s S] RUN_DIR generators=2 [reward_workers=1] [from_step=5]
 """
 
 from __future__ import annotations
@@ -124,14 +124,23 @@ def parse_cli(args: list[str]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wait_s = 0.0
+    if argv[:1] == ["--wait-for-run-s"] and len(argv) > 1:
+        # A job asked to scale right after it was submitted may not have written its run
+        # directory yet: wait for it rather than refuse.
+        wait_s, argv = float(argv[1]), argv[2:]
     if len(argv) < 2:
         print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
-    if not (run_dir / "config.yaml").is_file():
-        print(f"{run_dir}: not a run directory (no config.yaml)", file=sys.stderr)
-        return 2
+    deadline = time.monotonic() + wait_s
+    while not (run_dir / "config.yaml").is_file():
+        if time.monotonic() >= deadline:
+            waited = f" after waiting {wait_s:g}s for the run to write it" if wait_s else ""
+            print(f"{run_dir}: not a run directory (no config.yaml{waited})", file=sys.stderr)
+            return 2
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     try:
         path = write_request(run_dir, parse_cli(argv[1:]))
     except ScaleRequestError as exc:

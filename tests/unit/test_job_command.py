@@ -75,7 +75,7 @@ def test_scale_sends_a_one_line_job_that_queues_the_request_in_the_run_directory
     running = FakeJobs("RUNNING", {"run_dir": "/shared/runs/demo"})
     assert job.scale(running, "moalign-demo-1", ["generators=2", "from_step=5"]) == 0
     (sent,) = running.submitted
-    assert sent["entrypoint"] == "python -m moalign.scaling /shared/runs/demo generators=2 from_step=5"
+    assert sent["entrypoint"] == "python -m moalign.scaling --wait-for-run-s 600 /shared/runs/demo generators=2 from_step=5"
     assert sent["metadata"] == {"run_dir": "/shared/runs/demo", "scales": "moalign-demo-1"}
     assert sent["submission_id"].startswith("moalign-scale-demo-")
 

@@ -1,6 +1,7 @@
 """Scale requests: written whole, read in order, held back until their step, bad ones named."""
 
 import json
+import threading
 
 import pytest
 
@@ -62,3 +63,17 @@ def test_command_line(tmp_path, capsys):
     assert "expected key=integer" in capsys.readouterr().err
     assert main([str(tmp_path), "generators=2", "from_step=4"]) == 0
     assert due_requests(tmp_path, 4)[0].counts == {"generator": 2}
+
+
+def test_a_request_sent_before_the_run_wrote_its_directory_waits_for_it(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["--wait-for-run-s", "0.2", str(run_dir), "generators=2"]) == 2
+    assert "no config.yaml after waiting 0.2s" in capsys.readouterr().err
+    # The run starts (writes its config) while the request waits.
+    timer = threading.Timer(0.5, lambda: (run_dir.mkdir(), (run_dir / "config.yaml").write_text("{}")))
+    timer.start()
+    try:
+        assert main(["--wait-for-run-s", "30", str(run_dir), "generators=2"]) == 0
+    finally:
+        timer.join()
+    assert due_requests(run_dir, 1)[0].counts == {"generator": 2}
