@@ -4,6 +4,24 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The slowest files first: with two workers taking a file at a time (`--dist loadfile`), a long
+# file started last would run alone at the end while the other worker idles.
+SLOWEST_FIRST = (
+    "tests/integration/test_loop.py",
+    "tests/integration/test_jobs.py",
+    "tests/integration/test_sync.py",
+    "tests/integration/test_offline.py",
+    "tests/integration/test_serving.py",
+    "tests/integration/test_learner.py",
+    "tests/integration/test_generator.py",
+    "tests/integration/test_faults.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):

@@ -134,7 +134,9 @@ def test_a_job_trains_evaluates_and_exports_its_metrics_and_the_command_evaluate
 
     # Submitted and followed to its end by one command, while its gauges are read: they are
     # exported while the job's driver lives.
-    wanted = ["ray_moalign_loss{", 'objective="Length"', 'objective="Positivity"']
+    # Each actor's own gauge too (exported from its process while it lives), tagged with its role and index.
+    calls = (("generator", "generate"), ("reward", "score"), ("learner", "train_step"))
+    wanted = ["ray_moalign_loss{", 'objective="Length"', 'objective="Positivity"', *(f'call="{call}"' for _, call in calls)]
     started = time.monotonic()
     follow = subprocess.Popen([*JOB, "--address", address, "submit", "configs/default.yaml", *overrides], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -149,6 +151,10 @@ def test_a_job_trains_evaluates_and_exports_its_metrics_and_the_command_evaluate
     assert f"job {job_id} SUCCEEDED" in err and "mean reward per objective" in out
     missing = [w for w in wanted if w not in body]
     assert not missing, f"not on the Prometheus endpoint: {missing}"
+    per_actor = [line for line in body.splitlines() if line.startswith("ray_moalign_actor_call_seconds{")]
+    for role, call in calls:
+        tags = (f'role="{role}"', 'actor="0"', f'call="{call}"', 'run="run"')
+        assert any(all(t in line for t in tags) for line in per_actor), (tags, per_actor)
     assert (run_dir / "final" / "model.safetensors").is_file()
     listed = subprocess.run([*JOB, "--address", address, "list"], env=env, capture_output=True, text=True, timeout=60).stdout
     assert f"{job_id} SUCCEEDED run_dir={run_dir}" in listed

@@ -103,18 +103,15 @@ def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, me
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
     # This run's label among the series: an earlier test's run may have been exported first.
-    body = scrape_until(
+    scrape_until(
         metrics_port,
-        ["ray_moalign_loss{", 'objective="Relevance"', 'phase="sync"', "ray_moalign_version{", 'run="run"', f"ray_{ACTOR_CALL_METRIC}{{"],
+        ["ray_moalign_loss{", 'objective="Relevance"', 'phase="sync"', "ray_moalign_version{", 'run="run"'],
     )
     # Every gauge the Grafana dashboard charts is one this run exports (held-out evaluation aside:
-    # off here): the step metrics from the driver, the per-actor call times from the actors.
+    # off here): the step metrics from the driver, the per-actor call times from the actors (read
+    # from the endpoint by the job test, while its actors live).
     exported_names = {metric_spec(k)[0] for h in reference for k in h if k != "step"} | {ACTOR_CALL_METRIC}
     assert {m for m in dashboard_metrics() if not m.startswith("moalign_eval_")} <= exported_names
-    per_actor = [x for x in body.splitlines() if x.startswith(f"ray_{ACTOR_CALL_METRIC}{{")]
-    for role, call in (("generator", "generate"), ("reward", "score"), ("learner", "train_step"), ("learner", "export_weight_refs")):
-        tags = (f'role="{role}"', 'actor="0"', f'call="{call}"', 'run="run"')
-        assert any(all(t in x for t in tags) for x in per_actor), (tags, per_actor)
 
     # The run exported its last policy; exporting the kept checkpoint afterwards gives the same weights.
     final = tmp_path / "run" / "final"
