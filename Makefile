@@ -51,10 +51,13 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 # Two workers, a test file each at a time (module fixtures stay in one process): the integration
-# tests mostly wait on actor processes starting, so two overlap well even on 2 cores. TEST_WORKERS=0 runs serially.
+# tests mostly wait on actor processes starting, so two overlap well even on 2 cores. Files go out
+# in the order tests/conftest.py gives them, slowest first (xdist would otherwise send the files
+# with the most tests first and leave the one-test job file running alone at the end).
+# TEST_WORKERS=0 runs serially.
 TEST_WORKERS ?= 2
 test: install lint
-	$(PY) -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile) tests
+	$(PY) -m pytest -q --durations=15 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) tests
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

@@ -62,8 +62,16 @@ class WeightSync:
     _last: tuple[list[ray.ObjectRef], int] | None = None
     """The last sync's buckets in the object store and their version, for a restarted generator."""
 
+    _loading: set[int] | None = None
+    """While the generators load a sync: the ones restarted during it (the load sent again restores them)."""
+
     def restore(self, index: int, step: int | None) -> None:
         """Give restarted generator `index` the last synced weights (it restarts from the base)."""
+        if self._loading is not None:
+            # Restarted during this sync's load, which is sent to it again and gives it the new
+            # weights whole: nothing older to restore (right after a learner restart there is none).
+            self._loading.add(index)
+            return
         if self._last is None:
             if self.generators.policy_version:
                 raise ActorFailure(
@@ -106,10 +114,14 @@ class ObjectStoreSync(WeightSync):
         refs = self._keep(step)
         exported = time.perf_counter() - t
         expected = self.generators.policy_version
-        loaded = self.generators.call("load_weight_refs", refs, version, self.timeout_s, self.payload, step=step)
+        self._loading = restarted_during = set()
+        try:
+            loaded = self.generators.call("load_weight_refs", refs, version, self.timeout_s, self.payload, step=step)
+        finally:
+            self._loading = None
         self._last = (refs, version)
         for i, result in enumerate(loaded):
-            if result["previous_version"] != expected:
+            if result["previous_version"] != expected and i not in restarted_during:
                 # Restarted while idle: this load gave it the new weights all the same.
                 self.generators.restarted(i, step, f"while idle (it held policy version {result['previous_version']}, not {expected})")
         return {"time/sync_export_s": exported, "sync/buckets": len(refs), "sync/bytes": loaded[0].get("bytes", 0)}

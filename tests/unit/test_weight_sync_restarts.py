@@ -57,6 +57,37 @@ def test_a_generator_restarted_while_idle_is_counted_and_given_the_synced_weight
     assert log == [("load", ["bucket-ref"], 2, "adapter")] * 3
 
 
+class _DiesDuringLoad(_Group):
+    """Generator `index` dies during the load; like ActorGroup.collect, the group waits for the
+    restart, runs after_restart and sends the load again (the new process held version 0)."""
+
+    def __init__(self, actors, index):
+        super().__init__(actors)
+        self.index = index
+
+    def call(self, method, *args, step=None):
+        results = []
+        for i, actor in enumerate(self.actors):
+            if method == "load_weight_refs" and i == self.index:
+                self.restarted(i, step, "in 20.0s; load_weight_refs() sent again")
+                actor.previous_version = 0
+            results.append(getattr(actor, method).remote(*args))
+        return results
+
+
+def test_a_generator_that_dies_during_the_first_sync_after_a_learner_restart_is_restored_by_the_load():
+    """A new sync object (after a learner restart) holds no copy of any earlier weights, and the
+    generators hold a later policy than the checkpoint's: one that dies during this sync's load is
+    given the weights by that load, sent again; nothing is refused and the restart counts once."""
+    log = []
+    generators = _DiesDuringLoad([_Actor(log, previous_version=4), _Actor(log, previous_version=4)], index=0)
+    generators.policy_version = 4
+    sync = ObjectStoreSync(_Group([_Actor([], 0)]), generators, 64.0, "adapter", 30.0)
+    sync(version=2, step=2)
+    assert generators.policy_version == 2 and len(generators.restarted_at) == 1
+    assert log == [("load", ["bucket-ref"], 2, "adapter")] * 2
+
+
 def test_broadcast_cannot_restore_a_restarted_generator_without_a_copy_and_says_what_to_do():
     generators = _Group([_Actor([], 0)])
     sync = BroadcastSync(_Group([]), generators, 64.0, "full", 30.0)
