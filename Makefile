@@ -9,18 +9,19 @@ ARGS ?=
 
 .PHONY: install demo eval export serve lint test test-unit bandit bench docs clean
 
+# Bytecode is cached at first import, as Python does by default: where PYTHONDONTWRITEBYTECODE is
+# set (these machines set it) every process, each Ray worker included, would compile torch and vLLM
+# again, doubling the test time. Compiling all 4 GB of packages at install instead costs more than
+# the fifth of them that a run imports.
+unexport PYTHONDONTWRITEBYTECODE
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements/cpu.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(FIND_LINKS) pip==26.3 setuptools==78.1.1 wheel==0.48.0
 	$(PY) -m pip install -q --no-compile $(FIND_LINKS) --no-deps -r requirements/cpu.lock
-	@# Bytecode up front, on every core: where PYTHONDONTWRITEBYTECODE is set (these machines set it) nothing is
-	@# ever cached at import, and every Ray worker would recompile torch and vLLM, doubling the test time.
-	$(PY) -m compileall -q -j 0 -x 'torch/testing/_internal' $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	@# DeepSpeed compiles its shared-memory op on first use (about a minute): once here, not inside the first learner.
-	$(PY) -c 'from actors.learner import build_deepspeed_ops; build_deepspeed_ops()'
 	touch $@
 
 demo: install

@@ -19,12 +19,12 @@ while the base stays the behaviour policy the offline data came from.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
 import os
 import random
 import socket
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -48,30 +48,16 @@ _DS_TAG = "learner"
 _STATE_FILE = "learner_state_rank{rank}.pt"
 
 
-def build_deepspeed_ops() -> None:
-    """Compile what DeepSpeed otherwise compiles on first use (its shared-memory collective on CPU
-    hosts, about a minute), so that no learner spends its start in a compiler: `make install` and
-    the CPU image run this once."""
-    _own_ninja_first()
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
+def _skip_inference_collective() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce when the process group opens.
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        builder.load(verbose=False)
-
-
-def _own_ninja_first() -> None:
-    """Put this interpreter's scripts folder (where pip put `ninja`) first on PATH.
-
-    DeepSpeed compiles its ops with whichever `ninja` PATH finds first, and two versions (pip's
-    and the system's) each take the other's build log for stale: every process that found the
-    other one compiled the op again, a minute each time (Ray jobs' actors found the system one).
+    On CPU hosts `init_distributed` compiles that op (about a minute on 2 cores, in every fresh
+    environment) for `inference_all_reduce` alone, which only DeepSpeed's inference tensor
+    parallelism calls; training's collectives go through torch.distributed whatever it holds.
     """
-    scripts = str(Path(sys.executable).parent)
-    path = os.environ.get("PATH", "")
-    if path.split(os.pathsep)[0] != scripts:
-        os.environ["PATH"] = os.pathsep.join([scripts, path]) if path else scripts
+    # By module path: the attribute `deepspeed.comm.torch` is torch itself, imported into the package.
+    backend = importlib.import_module("deepspeed.comm.torch")
+    backend.build_shm_op = lambda: None
 
 
 class Learner(WeightPublisher):
@@ -128,7 +114,7 @@ class Learner(WeightPublisher):
 
         import deepspeed
 
-        _own_ninja_first()
+        _skip_inference_collective()
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
         try:
             self._setup(model_path)

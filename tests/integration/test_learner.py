@@ -174,10 +174,11 @@ def _assert_same_step(a: tuple[dict, dict], b: tuple[dict, dict]) -> None:
         torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=WEIGHT_ATOL, msg=n)
 
 
-def _run_ranks(worker: str, specs: list[dict]) -> None:
+def _run_ranks(worker: str, specs: list[dict], extensions_dir: Path) -> None:
     procs = []
     for spec in specs:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        # Where DeepSpeed would compile ops just in time: the callers check it stays empty.
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
         cmd = [sys.executable, "-c", f"from tests.integration.test_learner import {worker}; {worker}({json.dumps(spec)!r})"]
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     for p in procs:
@@ -201,7 +202,11 @@ def test_zero_weight_padding_changes_nothing(tiny, tmp_path):
     _run_ranks(
         "_dp_worker",
         [{"model": str(tiny), "rank": r, "port": port, "batch": shards[r], "out": str(tmp_path / f"rank{r}.pt")} for r in (0, 1)],
+        tmp_path / "torch_extensions",
     )
+    # Two CPU ranks open a process group without compiling anything (DeepSpeed would build its
+    # inference all-reduce here, a minute of compiler that training never uses).
+    assert not list((tmp_path / "torch_extensions").rglob("*"))
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["metrics"]["pairs"] for r in results] == [2, 1]
     assert sum(r["metrics"]["objective"] for r in results) == pytest.approx(padded[0]["objective"], abs=1e-6)
@@ -237,6 +242,7 @@ def test_zero3_ranks_gather_the_export_together(tiny, tmp_path):
     _run_ranks(
         "_zero3_worker",
         [{"model": str(tiny), "rank": r, "port": port, "batch": shards[r], "out": str(tmp_path / f"rank{r}.pt")} for r in (0, 1)],
+        tmp_path / "torch_extensions",
     )
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert got[1]["full"] == {} and got[1]["adapter"] == {}
