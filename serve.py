@@ -28,7 +28,7 @@ def start(cfg: ServeConfig, ray_address: str | None = None) -> str:
 
     from services.deployment import build_app
 
-    app = build_app(cfg)  # checks the folder before anything starts
+    app = build_app(cfg)  # checks the folder before anything starts (services.deployment.check_servable)
     if not ray.is_initialized():
         address = ray_address or os.environ.get("RAY_ADDRESS")
         ray.init(address=address, include_dashboard=False) if address else ray.init(include_dashboard=False)
@@ -39,7 +39,7 @@ def start(cfg: ServeConfig, ray_address: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="exported policy folder (sets `model`)")
+    parser.add_argument("--model", help="exported policy folder: RUN_DIR/final or a `make export` folder, not its adapter/ (sets `model`)")
     parser.add_argument("--config", help="YAML preset of ServeConfig fields")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. port=8001 max_replicas=2")
     args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,9 @@ def open_run(cfg: RunConfig, ray_address: str | None) -> tuple[Path, Path | None
 # checkpoint interval does: every checkpoint forces a weight sync). Health bounds only decide
 # when to warn. Evaluations run only after regular syncs and sample with their own seeds. A run
 # directory may be moved or copied and resumed where it lies.
-_RESUMABLE_CHANGES = ("run_dir", "steps", "logging.", "ray_timeout_s", "checkpoint.keep_last", "health.", "eval.")
+_RESUMABLE_CHANGES = (
+    "run_dir", "steps", "logging.", "ray_timeout_s", "actors.placement_timeout_s", "checkpoint.keep_last", "health.", "eval.",
+)  # fmt: skip
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -83,10 +86,12 @@ def start_ray(cfg: RunConfig, address: str | None) -> None:
         ray.init(address=address or os.environ["RAY_ADDRESS"])
         return
     # A local cluster: logical CPUs are scheduling tokens; the loop's phases run one after
-    # another, so reserving more tokens than cores oversubscribes nothing at a time.
+    # another, so reserving more tokens than cores oversubscribes nothing at a time. A new one
+    # ("local"), never a head found on this machine: ray.init would join that one and refuse
+    # num_cpus (a cluster is joined with --address or RAY_ADDRESS).
     a = cfg.actors
     wanted = a.num_generators * a.generator_cpus + a.num_reward_workers * a.reward_cpus + a.num_learners * a.learner_cpus
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(np.ceil(wanted))), include_dashboard=False)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(np.ceil(wanted))), include_dashboard=False)
 
 
 class RunActors:
@@ -102,16 +107,22 @@ class RunActors:
     def start(self, roles: tuple[str, ...]) -> RunActors:
         """Start the groups of `roles` and wait until every actor answers: construction errors
         (bad model path, OOM) surface here, named by role, not at step 1."""
-        from actors.ray_actors import ping_all
+        from actors.ray_actors import ActorFailure, ping_all
 
         cfg = self.cfg
-        if "generator" in roles:
-            self.generators = self._start(_generator_group(cfg, self.model_path, actor_env(cfg, cfg.actors.generator_cpus)))
-        if "reward" in roles:
-            self.scorers = self._start(_reward_group(cfg))
-        if "learner" in roles:
-            self.learners = self._start(_learner_group(cfg, self.model_path))
-        ping_all(self._started)
+        try:
+            if "generator" in roles:
+                self.generators = self._start(_generator_group(cfg, self.model_path, actor_env(cfg, cfg.actors.generator_cpus)))
+            if "reward" in roles:
+                self.scorers = self._start(_reward_group(cfg))
+            if "learner" in roles:
+                self.learners = self._start(_learner_group(cfg, self.model_path))
+            ping_all(self._started)
+        except ActorFailure as exc:
+            # The loops' entry points exit without a word on an ActorFailure (they expect one
+            # logged with its step): a run that never started would end silently.
+            log.error("the run's actors could not start: %s", exc)
+            raise
         return self
 
     def _start(self, group):
@@ -150,19 +161,19 @@ def actor_groups(cfg: RunConfig, model_path: str, roles: tuple[str, ...] = ("gen
 def _reward_group(cfg: RunConfig):
     from actors.ray_actors import ActorGroup, RewardActor
 
-    a = cfg.actors
+    a, ask = cfg.actors, role_ask(cfg, "reward")
     return ActorGroup(
         "reward",
         RewardActor,
-        a.num_reward_workers,
+        ask.count,
         # A second thread answers `busy` while a score call runs, to name a source that hangs.
-        {"num_cpus": a.reward_cpus, "num_gpus": a.reward_gpus, "runtime_env": actor_env(cfg, a.reward_cpus), "max_concurrency": 2}
-        | _placed(a.reward_node_labels),
+        ask.options() | {"runtime_env": actor_env(cfg, ask.cpus), "max_concurrency": 2},
         lambda i: ((cfg.objectives,), {}),
         a.reward_timeout_s,
         max_restarts=a.max_restarts,
         start_timeout_s=cfg.ray_timeout_s,
-        placement=_strategy(cfg),
+        placement=ask.strategy,
+        placement_timeout_s=a.placement_timeout_s,
     )
 
 
@@ -191,19 +202,20 @@ def _learner_group(cfg: RunConfig, model_path: str):
         except (RayError, GetTimeoutError) as exc:
             raise ActorFailure("learner", 0, None, "rendezvous", describe_failure(exc)) from exc
 
-    pinned = a.num_learners > 1 and _strategy(cfg) is None
+    ask = role_ask(cfg, "learner")
+    pinned = a.num_learners > 1 and ask.strategy is None
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return ActorGroup(
         "learner",
         LearnerActor,
-        a.num_learners,
-        {"num_cpus": a.learner_cpus, "num_gpus": a.learner_gpus, "runtime_env": actor_env(cfg, a.learner_cpus)}
-        | _placed(a.learner_node_labels),
+        ask.count,
+        ask.options() | {"runtime_env": actor_env(cfg, ask.cpus)},
         lambda i: ((cfg, model_path), {"rank": i, "world_size": a.num_learners, **meet}),
         cfg.ray_timeout_s,
         first_actor_options={"scheduling_strategy": here} if pinned else None,
-        placement=_strategy(cfg),
+        placement=ask.strategy,
         before_start=rendezvous,
+        placement_timeout_s=a.placement_timeout_s,
     )
 
 
@@ -223,6 +235,62 @@ def _strategy(cfg: RunConfig) -> str | None:
 def _placed(node_labels: dict[str, str]) -> dict:
     """Actor options that keep a role on the nodes carrying its labels (a KubeRay worker group)."""
     return {"label_selector": dict(node_labels)} if node_labels else {}
+
+
+ROLES = ("generator", "reward", "learner")
+
+
+@dataclass(frozen=True)
+class RoleAsk:
+    """What one role's actors ask of the cluster: the one place the run's resource arithmetic is
+    read from the config (the actor groups, their placement reports, `deploy/moalign-job submit`)."""
+
+    role: str
+    count: int
+    cpus: float
+    gpus: float
+    labels: dict[str, str] = field(default_factory=dict)
+    strategy: str | None = None
+    """Placement-group strategy (None: plain actor placement)."""
+
+    @property
+    def total_cpus(self) -> float:
+        return self.count * self.cpus
+
+    @property
+    def total_gpus(self) -> float:
+        return self.count * self.gpus
+
+    def options(self) -> dict[str, Any]:
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus} | _placed(self.labels)
+
+    def describe(self) -> str:
+        """E.g. `1 learner actor of 2 CPU, 0 GPU (a PACK placement group, any node)`."""
+        where = f"a {self.strategy} placement group" if self.strategy else "no placement group"
+        nodes = f"nodes labelled {self.labels}" if self.labels else "any node"
+        actors = "actor" if self.count == 1 else "actors"
+        return f"{self.count} {self.role} {actors} of {self.cpus:g} CPU, {self.gpus:g} GPU{' each' if self.count > 1 else ''} ({where}, {nodes})"
+
+
+def role_ask(cfg: RunConfig, role: str) -> RoleAsk:
+    a, strategy = cfg.actors, _strategy(cfg)
+    if role == "generator":
+        # Each engine's tensor-parallel workers run inside the generator's reservation.
+        return RoleAsk(
+            role, a.num_generators, a.generator_cpus, a.generator_gpus * a.tensor_parallel_size, dict(a.generator_node_labels), strategy
+        )
+    if role == "reward":
+        return RoleAsk(role, a.num_reward_workers, a.reward_cpus, a.reward_gpus, dict(a.reward_node_labels), strategy)
+    if role == "learner":
+        return RoleAsk(role, a.num_learners, a.learner_cpus, a.learner_gpus, dict(a.learner_node_labels), strategy)
+    raise ValueError(f"unknown role {role!r}; roles are {ROLES}")
+
+
+def run_asks(cfg: RunConfig) -> list[RoleAsk]:
+    """The roles a run holds at once: MO-ODPO all three; MODPO and MOPO the learners, with reward
+    actors beside them when margins are scored."""
+    roles = ("learner", "reward") if cfg.is_offline else ROLES
+    return [role_ask(cfg, r) for r in roles]
 
 
 def actor_env(cfg: RunConfig, cpus: float) -> dict:
@@ -250,13 +318,12 @@ def actor_env(cfg: RunConfig, cpus: float) -> dict:
 def _generator_group(cfg: RunConfig, model_path: str, env: dict):
     from actors.ray_actors import ActorGroup, GeneratorActor
 
-    a = cfg.actors
+    a, ask = cfg.actors, role_ask(cfg, "generator")
     return ActorGroup(
         "generator",
         GeneratorActor,
-        a.num_generators,
-        {"num_cpus": a.generator_cpus, "num_gpus": a.generator_gpus * a.tensor_parallel_size, "runtime_env": env}
-        | _placed(a.generator_node_labels),
+        ask.count,
+        ask.options() | {"runtime_env": env},
         lambda i: (
             (model_path,),
             {
@@ -270,7 +337,8 @@ def _generator_group(cfg: RunConfig, model_path: str, env: dict):
         ),
         cfg.ray_timeout_s,
         max_restarts=a.max_restarts,
-        placement=_strategy(cfg),
+        placement=ask.strategy,
+        placement_timeout_s=a.placement_timeout_s,
     )
 
 

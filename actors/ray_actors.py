@@ -3,16 +3,19 @@ remote call has a timeout and whose failures say which actor, which step and why
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
+from actors.cluster import ROLES, RoleAsk
 from actors.generator import Generator
 from actors.learner import Learner
 from actors.metrics import record_actor_call
@@ -20,6 +23,16 @@ from actors.reward import RewardScorer
 from moalign.weight_sync import LazyBuckets, free_port
 
 log = logging.getLogger(__name__)
+
+FIRST_REPORT_S = 5.0
+"""How long actors may wait for room before the run says so (with room, Ray places them in well
+under a second; a process that is only slow to start is reported as waiting at worst)."""
+REPORT_EVERY_S = 30.0
+"""How often a role that still waits for room is reported again."""
+WAITING_FOR_ROOM = "cannot be placed yet"
+"""The phrase a waiting report carries: `deploy/moalign-job status` looks for it in a job's log."""
+PLACED_AFTER = "placed after waiting"
+"""The phrase of the line that ends a wait (`deploy/moalign-job status` reads it too)."""
 
 
 class ActorFailure(RuntimeError):
@@ -53,6 +66,70 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, GetTimeoutError):
         return "no answer within the timeout (ray_timeout_s); the actor may be hung"
     return f"{type(exc).__name__}: {exc}"
+
+
+def wait_for_room(
+    placed: Callable[[float], bool],
+    report: Callable[[float], str],
+    bound_s: float,
+    what: str = "the actors",
+    first_report_s: float = FIRST_REPORT_S,
+    every_s: float = REPORT_EVERY_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> bool:
+    """Wait until `placed(timeout_s)` (which waits at most that long) says the actors have room;
+    log `report(seconds waited)` as a warning after `first_report_s` and every `every_s` after
+    that (and `what` once placed, after a report). False once `bound_s` has passed without room."""
+    started = clock()
+    deadline = started + bound_s
+    report_at = started + min(first_report_s, bound_s)
+    reported = False
+    while True:
+        if placed(max(0.0, min(report_at, deadline) - clock())):
+            if reported:
+                log.info("%s: %s %.0fs", what, PLACED_AFTER, clock() - started)
+            return True
+        now = clock()
+        if now >= report_at:
+            log.warning("%s", report(now - started))
+            reported = True
+            report_at = now + every_s
+        if now >= deadline:
+            return False
+
+
+def _cpu_gpu(resources: dict[str, float]) -> str:
+    return f"{resources.get('CPU', 0.0):g} CPU, {resources.get('GPU', 0.0):g} GPU"
+
+
+def cluster_room(labels: dict[str, str] | None = None) -> str:
+    """What the cluster has free and in all (ray.available_resources / cluster_resources), and how
+    many of its nodes carry `labels`."""
+    free, total = ray.available_resources(), ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    text = f"the cluster has {_cpu_gpu(free)} free of {_cpu_gpu(total)} on {len(nodes)} node(s)"
+    if len(nodes) > 1:
+        largest = max(nodes, key=lambda n: n.get("Resources", {}).get("CPU", 0.0))
+        text += f" (the largest: {_cpu_gpu(largest.get('Resources', {}))})"
+    if labels:
+        carrying = [n for n in nodes if all((n.get("Labels") or {}).get(k) == v for k, v in labels.items())]
+        text += f", {len(carrying)} of them labelled {labels}"
+    return text
+
+
+def _has_process(actor: Any) -> bool:
+    """Whether Ray has given the actor a worker process: one without is still waiting for room.
+    Read from the GCS actor table, which a local run without a dashboard has too (the state API
+    needs the dashboard); if that cannot be read, the actor counts as placed (ping_all's timeout
+    still bounds the wait)."""
+    from ray._private import state
+
+    try:
+        info = state.actors(actor_id=actor._actor_id.hex())
+    except Exception as exc:
+        log.debug("could not read the actor table: %s", exc)
+        return True
+    return bool(info) and (info.get("Pid", 0) != 0 or info.get("State") in ("ALIVE", "DEAD"))
 
 
 def _measured(method: Callable) -> Callable:
@@ -97,6 +174,11 @@ class RewardActor(RewardScorer):
     score = _measured(RewardScorer.score)
 
 
+_LIVE_GROUPS: weakref.WeakSet[ActorGroup] = weakref.WeakSet()
+"""The groups this process has started and not killed: what a role waiting for room is told this
+run already holds."""
+
+
 class ActorGroup:
     """N actors of one role; `call` runs a method on each and waits with a timeout."""
 
@@ -113,12 +195,20 @@ class ActorGroup:
         start_timeout_s: float | None = None,
         placement: str | None = None,
         before_start: Callable[[Any], None] | None = None,
+        placement_timeout_s: float | None = None,
     ):
         self.role = role
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s or timeout_s
         """Longest an actor may take to (re)start and answer: a reward source allowed seconds per
         call may still need minutes to load on a busy node."""
+        self.placement_timeout_s = placement_timeout_s or self.start_timeout_s
+        """Longest the group's actors (or its placement group) wait for the cluster to have room."""
+        self.ask = RoleAsk(
+            role, count, float(options.get("num_cpus", 1)), float(options.get("num_gpus", 0) or 0),
+            dict(options.get("label_selector") or {}), placement,
+        )  # fmt: skip
+        """What one batch of this group's actors asks of the cluster (count: the first batch)."""
         self.max_restarts = max_restarts
         self.restarts = 0
         """Restarts this group has recovered from, over the run."""
@@ -136,6 +226,7 @@ class ActorGroup:
         """The placement group each actor is reserved in (None without `placement`)."""
         self.actors: list[Any] = []
         self._start_actors(count, None)
+        _LIVE_GROUPS.add(self)
         log.info("started %d %s actor(s) with %s%s", count, role, self._options, f", placement {placement}" if placement else "")
 
     def _start_actors(self, count: int, step: int | None) -> None:
@@ -159,14 +250,23 @@ class ActorGroup:
             name = f"moalign-{self.role}-{i}-{uuid.uuid4().hex[:6]}"
             self.actors.append(self._remote_cls.options(name=name, **options, **extra).remote(*args, **kwargs))
             self._placement_groups.append(group)
+        if group is None:
+            # Plain actors wait for room one by one, unseen: wait for their processes here, so a
+            # role that does not fit is reported like a placement group that does not.
+            added = self.actors[first:count]
+            if not self._wait_for_room(first, count, lambda timeout_s: _poll(lambda: all(map(_has_process, added)), timeout_s)):
+                for actor in added:
+                    self._kill(actor)
+                del self.actors[first:], self._placement_groups[first:]
+                raise self._no_room(first, count, step)
 
     def _reserve(self, first: int, count: int, step: int | None):
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        bundle = {"CPU": float(self._options.get("num_cpus", 1))}
-        if self._options.get("num_gpus"):
-            bundle["GPU"] = float(self._options["num_gpus"])
-        selector = self._options.get("label_selector")
+        bundle = {"CPU": self.ask.cpus}
+        if self.ask.gpus:
+            bundle["GPU"] = self.ask.gpus
+        selector = self.ask.labels
         n = count - first
         group = placement_group(
             [bundle] * n,
@@ -174,16 +274,48 @@ class ActorGroup:
             name=f"moalign-{self.role}-{first}-{count - 1}-{uuid.uuid4().hex[:6]}",
             bundle_label_selector=[dict(selector)] * n if selector else None,
         )
-        try:
-            ray.get(group.ready(), timeout=self.start_timeout_s)
-        except GetTimeoutError as exc:
+        ready = group.ready()
+        if not self._wait_for_room(first, count, lambda timeout_s: bool(ray.wait([ready], timeout=timeout_s)[0])):
             remove_placement_group(group)
-            raise ActorFailure(
-                self.role, first, step, "placement",
-                f"no room for {n} bundle(s) of {bundle} ({self._placement}{f', labels {selector}' if selector else ''}) "
-                f"within {self.start_timeout_s:g}s; free: {ray.available_resources()}",
-            ) from exc  # fmt: skip
+            raise self._no_room(first, count, step)
         return group
+
+    def _wait_for_room(self, first: int, count: int, placed: Callable[[float], bool]) -> bool:
+        ask = dataclasses.replace(self.ask, count=count - first)
+        bound = self.placement_timeout_s
+
+        def report(waited: float) -> str:
+            return (
+                f"{ask.describe()} {WAITING_FOR_ROOM}: {cluster_room(ask.labels)}{self._held_beside()}; "
+                f"waited {waited:.0f}s, the run stops at {bound:g}s (actors.placement_timeout_s)"
+            )
+
+        return wait_for_room(placed, report, bound, what=f"{self.role} actors {first}..{count - 1}")
+
+    def _no_room(self, first: int, count: int, step: int | None) -> ActorFailure:
+        ask = dataclasses.replace(self.ask, count=count - first)
+        labels = f", start nodes labelled {ask.labels}" if ask.labels else ""
+        return ActorFailure(
+            self.role, first, step, "placement",
+            f"{ask.describe()} could not be placed within {self.placement_timeout_s:g}s (actors.placement_timeout_s): "
+            f"{cluster_room(ask.labels)}{self._held_beside()}. Give the cluster room for them (more logical CPUs: "
+            f"`ray start --num-cpus=N`; more nodes{labels}; or stop what holds them), or ask less (actors.{self.role}_cpus, "
+            f"_gpus, the number of actors)",
+        )  # fmt: skip
+
+    def _held_beside(self) -> str:
+        """What the other actor groups of this process hold, when any (the roles started before
+        this one may hold the room it waits for)."""
+        others = sorted(
+            (g for g in list(_LIVE_GROUPS) if g is not self and g.actors),
+            key=lambda g: ROLES.index(g.role) if g.role in ROLES else len(ROLES),
+        )
+        if not others:
+            return ""
+        held = ", ".join(
+            f"{g.role} {len(g.actors)} x {g.ask.cpus:g} CPU" + (f" + {g.ask.gpus:g} GPU" if g.ask.gpus else "") for g in others
+        )
+        return f"; this run's other actors hold {held}"
 
     def resize(self, count: int, step: int | None) -> str:
         """Grow or shrink the group to `count` actors while a run goes on; returns what was done.
@@ -347,6 +479,7 @@ class ActorGroup:
         return [getattr(self.actors[i], method).remote(*a) for i, a in enumerate(per_actor_args)]
 
     def kill(self) -> None:
+        _LIVE_GROUPS.discard(self)
         for actor in self.actors:
             self._kill(actor)
         self._release(self._placement_groups)
@@ -365,6 +498,16 @@ class ActorGroup:
             ray.kill(actor, no_restart=True)
         except Exception as exc:
             log.warning("could not kill %s actor: %s", self.role, exc)
+
+
+def _poll(done: Callable[[], bool], timeout_s: float, every_s: float = 0.5) -> bool:
+    """Whether `done()` turns true within `timeout_s`, asked every `every_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(every_s, max(0.0, deadline - time.monotonic())))
+    return True
 
 
 def ping_all(groups: Sequence[ActorGroup], indices: Iterable[int] | None = None) -> None:

@@ -1,6 +1,6 @@
 """moalign runs as Ray jobs: submit, follow, stop and resume them over the cluster's Jobs API.
 
-    deploy/moalign-job submit configs/default.yaml run_dir=/shared/runs/demo steps=50
+    deploy/moalign-job submit configs/default.yaml run_dir=/shared/runs/demo steps=50 [--no-resource-check]
     deploy/moalign-job status|logs|stop JOB_ID
     deploy/moalign-job resume /shared/runs/demo          # the run directory's saved config.yaml
     deploy/moalign-job scale JOB_ID generators=2 [reward_workers=3] [from_step=N]
@@ -9,17 +9,20 @@
 The cluster is `--address`, else $RAY_ADDRESS, else http://127.0.0.1:8265 (the dashboard of a
 head started on this machine). A cluster started with token authentication (Ray's default for
 new clusters) is reached with the token Ray keeps for this user (~/.ray/auth_token, or
-$RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH): nothing to set by hand.
+$RAY_AUTH_TOKEN / $RAY_AUTH_TOKEN_PATH): nothing to set by hand. `submit` checks that the cluster's
+nodes can hold what the config's actors ask (CPUs, GPUs, node labels) before it sends anything.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shlex
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +35,11 @@ EXCLUDES = [".venv", "runs", ".git", ".whl", "**/__pycache__", "**/*.egg-info", 
 FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
 AGENT_WAIT_S = 120
 SCALE_WAIT_S = 600  # how long a scale request waits for a just-submitted run to write its run directory
+STATE_API_TIMEOUT_S = 30
+# The phrases of actors.ray_actors (WAITING_FOR_ROOM, PLACED_AFTER) that a run's log carries while
+# a role waits for room and once it is placed; kept here so that this command needs no Ray actors.
+WAITING_FOR_ROOM = "cannot be placed yet"
+PLACED_AFTER = "placed after waiting"
 
 
 class JobError(RuntimeError):
@@ -81,8 +89,84 @@ def checked_config(config: str, overrides: list[str]):
     return cfg
 
 
-def submit(jobs, config: str, overrides: list[str], wait: bool) -> int:
+def cluster_nodes(jobs) -> list[dict]:
+    """The cluster's live nodes as {"resources_total": {...}, "labels": {...}}, read through the
+    state API of the dashboard the Jobs client talks to (with the same token)."""
+    from ray.util.state import list_nodes
+
+    address = jobs.get_address()
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            nodes = list_nodes(
+                address=address, filters=[("state", "=", "ALIVE")], timeout=STATE_API_TIMEOUT_S, raise_on_missing_output=False
+            )
+        except Exception as exc:  # the state API raises RayStateApiException, ConnectionError, ...
+            raise JobError(
+                f"cannot read the cluster's nodes from {address} to check the config's resources: {exc}; "
+                "--no-resource-check submits without the check"
+            ) from exc
+        # A head that has just started answers before its own node is listed.
+        if nodes or time.monotonic() > deadline:
+            break
+        log.info("the cluster lists no node yet; asking again")
+        time.sleep(2)
+    return [{"resources_total": dict(n.resources_total or {}), "labels": dict(n.labels or {})} for n in nodes]
+
+
+def room_problem(cfg, nodes: Sequence[dict], source: str = "the config") -> str | None:
+    """Why the cluster's `nodes` cannot hold the actors `cfg` runs at once, with the numbers, or
+    None when they fit. Judged on the nodes' totals: what other jobs hold now is the run's own
+    wait to report (actors.placement_timeout_s)."""
+    from actors.cluster import run_asks
+
+    asks = run_asks(cfg)
+    have_cpu = sum(n["resources_total"].get("CPU", 0.0) for n in nodes)
+    have_gpu = sum(n["resources_total"].get("GPU", 0.0) for n in nodes)
+    need_cpu = sum(a.total_cpus for a in asks)
+    need_gpu = sum(a.total_gpus for a in asks)
+    arithmetic = " + ".join(f"{a.role} {a.count} x {a.cpus:g}" for a in asks)
+    has = f"the cluster has {have_cpu:g} CPU, {have_gpu:g} GPU on {len(nodes)} node(s)"
+    if len(nodes) > 1:
+        per_node = ", ".join(f"{n['resources_total'].get('CPU', 0.0):g}" for n in nodes)
+        has += f" ({per_node} CPU)"
+    problems = []
+    if need_cpu > have_cpu + 1e-9 or need_gpu > have_gpu + 1e-9:
+        hint = "add nodes or lower actors.<role>_cpus / _gpus"
+        if need_cpu > have_cpu + 1e-9:
+            hint = (
+                f"on one machine, start the head with that many logical CPUs, `ray start --head --num-cpus={math.ceil(need_cpu - 1e-9)}` "
+                f"(a logical CPU is a scheduling token, not a core: the roles' threads share the cores); else {hint}"
+            )
+        problems.append(f"its actors ask {need_cpu:g} CPU ({arithmetic}) and {need_gpu:g} GPU in all, and {has}: {hint}")
+    for a in asks:
+        fits_one = [
+            n for n in nodes
+            if all(n["labels"].get(k) == v for k, v in a.labels.items())
+            and n["resources_total"].get("CPU", 0.0) + 1e-9 >= a.cpus and n["resources_total"].get("GPU", 0.0) + 1e-9 >= a.gpus
+        ]  # fmt: skip
+        if not fits_one:
+            problems.append(f"no node can hold one of {a.describe()}")
+        elif a.strategy == "STRICT_PACK" and not any(
+            n["resources_total"].get("CPU", 0.0) + 1e-9 >= a.total_cpus and n["resources_total"].get("GPU", 0.0) + 1e-9 >= a.total_gpus
+            for n in fits_one
+        ):
+            problems.append(f"no node can hold all of {a.describe()} together")
+        elif a.strategy == "STRICT_SPREAD" and len(fits_one) < a.count:
+            problems.append(f"{len(fits_one)} node(s) can hold one of {a.describe()}, one per node")
+    if not problems:
+        return None
+    return f"{source} does not fit the cluster: " + "; ".join(problems) + ". Nothing was submitted (--no-resource-check submits anyway)"
+
+
+def submit(jobs, config: str, overrides: list[str], wait: bool, nodes: Callable[[], list[dict]] | None = None) -> int:
+    """Check the config and, given `nodes` (the cluster's nodes, see `cluster_nodes`), that they
+    can hold its actors; then submit it as a job running orchestrator.py."""
     cfg = checked_config(config, overrides)
+    if nodes is not None:
+        problem = room_problem(cfg, nodes(), config + (" with its overrides" if overrides else ""))
+        if problem:
+            raise JobError(problem)
     return _submit(jobs, ["orchestrator.py", "--config", config, *overrides], str(cfg.run_dir), {"config": config}, wait)
 
 
@@ -154,9 +238,26 @@ def follow(jobs, job_id: str, poll_s: float = 2.0) -> int:
         shown = len(logs)
         if status in FINISHED:
             info = jobs.get_job_info(job_id)
-            log.info("job %s %s%s", job_id, status, f": {info.message}" if info.message else "")
+            log.info("job %s", describe_status(job_id, status, info.message or "", logs))
             return 0 if status == "SUCCEEDED" else 1
         time.sleep(poll_s)
+
+
+def describe_status(job_id: str, status: str, message: str, logs: str) -> str:
+    """`JOB_ID STATUS`, and what the user needs from there: while it runs, the run's report of a
+    role that waits for room (when that is the latest word on placement); once failed, Ray's first
+    line and the run's last error (Ray's message carries up to 20,000 characters of log tail)."""
+    lines = logs.splitlines()
+    if status not in FINISHED:
+        placement = [line for line in lines if WAITING_FOR_ROOM in line or PLACED_AFTER in line]
+        if placement and WAITING_FOR_ROOM in placement[-1]:
+            return f"{job_id} {status}; waiting for room: {placement[-1].strip()}"
+        return f"{job_id} {status}" + (f": {message}" if message else "")
+    if status == "FAILED":
+        errors = [line.strip() for line in (message or logs).splitlines() if " ERROR " in line]
+        if errors:
+            return f"{job_id} FAILED: {message.splitlines()[0] if message else 'the run failed'}\n  {errors[-1]}"
+    return f"{job_id} {status}" + (f": {message}" if message else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the log")
+    p.add_argument(
+        "--no-resource-check",
+        action="store_true",
+        help="submit even when the cluster's nodes cannot hold the config's actors now (a cluster that adds nodes on demand)",
+    )
     p = sub.add_parser("resume", help="submit a run directory's run again; it resumes from its last checkpoint")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", help="only what a resume may change (steps, logging.*, eval.*, ...)")
@@ -188,14 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         jobs = client(args.address)
         if args.command == "submit":
-            return submit(jobs, args.config, args.overrides, not args.no_wait)
+            nodes = None if args.no_resource_check else (lambda: cluster_nodes(jobs))
+            return submit(jobs, args.config, args.overrides, not args.no_wait, nodes)
         if args.command == "resume":
             return resume(jobs, args.run_dir, args.overrides, not args.no_wait)
         if args.command == "scale":
             return scale(jobs, args.job_id, args.counts)
         if args.command == "status":
             info = jobs.get_job_info(args.job_id)
-            print(f"{args.job_id} {info.status.value}" + (f": {info.message}" if info.message else ""))
+            status = str(info.status.value)
+            logs = jobs.get_job_logs(args.job_id) if status not in FINISHED or not info.message else ""
+            print(describe_status(args.job_id, status, info.message or "", logs))
             return 0
         if args.command == "logs":
             if args.follow:

@@ -234,6 +234,8 @@ class ActorsConfig(_Section):
     """Ray node labels a learner actor must run on; empty: any node. Several learners meet where learner 0 runs."""
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD", "none"] = "PACK"
     """Strategy of the placement group each role's actors are reserved in, one group per role (and one per batch added live), so a role's resources are held together: PACK onto few nodes, SPREAD over many; none: plain actor placement."""
+    placement_timeout_s: float = Field(300.0, gt=0)
+    """Longest a role's actors wait for the cluster to have room for them (CPUs, GPUs, node labels); while they wait the run logs what the role asks and what the cluster has free (after 5 s, then every 30 s), and at this bound it stops with that message."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     """vLLM GPU memory fraction (GPU hosts)."""
     cpu_kvcache_gb: float = Field(1.0, gt=0, le=1024)

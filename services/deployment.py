@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +70,97 @@ def served_name(cfg: ServeConfig) -> str:
     return cfg.served_model_name or Path(cfg.model).resolve().name
 
 
+class NotServable(ValueError):
+    """A folder `make serve` cannot serve; the message says what it is and what to serve instead."""
+
+
+_CHECKPOINT = re.compile(r"^step_(\d+)$")
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _is_export(folder: Path) -> bool:
+    """What the learner's export writes: the card, the model config and the merged weights."""
+    return (folder / "moalign.json").is_file() and (folder / "config.json").is_file() and any((folder / w).is_file() for w in _WEIGHTS)
+
+
+def _export_hint(run_dir: Path, step: int | None = None) -> str:
+    """What to serve from a run directory: its exported last policy, or a checkpoint exported first."""
+    final = run_dir / "final"
+    if step is not None:
+        also = f", or serve the run's last policy: make serve MODEL={final}" if _is_export(final) else ""
+        return f"export it first, make export RUN={run_dir} STEP={step}, then make serve MODEL={run_dir / 'export' / f'step_{step}'}{also}"
+    if _is_export(final):
+        return f"serve the policy the run exported: make serve MODEL={final}"
+    return f"export a checkpoint of the run first, make export RUN={run_dir}, then serve the folder it names"
+
+
+def check_servable(folder: str | os.PathLike) -> Path:
+    """The folder, resolved, when it is an exported policy (merged weights, config and
+    moalign.json, as RUN_DIR/final or `make export` write it); otherwise NotServable in one line
+    saying what it is and what to serve instead. Runs before Ray Serve starts: a replica given any
+    other folder fails deep inside vLLM, and Ray Serve retries it several times first."""
+    path = Path(folder).expanduser().resolve()
+    if not path.exists():
+        raise NotServable(f"{folder}: no such folder; serve an exported policy (RUN_DIR/final, or a folder `make export` wrote)")
+    if not path.is_dir():
+        raise NotServable(
+            f"{folder} is a file, not a folder; serve the exported policy folder (RUN_DIR/final, or a folder `make export` wrote)"
+        )
+    names = {child.name for child in path.iterdir()}
+    if not names:
+        raise NotServable(
+            f"{folder} is an empty folder, not an exported policy; serve RUN_DIR/final of a finished run, "
+            "or export a checkpoint with make export RUN=<run dir> and serve the folder it names"
+        )
+    if "adapter_config.json" in names:
+        # The export's adapter/ carries moalign.json too, so it passes for a policy; vLLM cannot
+        # load LoRA factors without their base model.
+        if _is_export(path.parent):
+            raise NotServable(
+                f"{folder} is the PEFT adapter of an export (LoRA factors without their base model, which vLLM does not load "
+                f"alone); serve the merged policy beside it: make serve MODEL={path.parent}"
+            )
+        raise NotServable(
+            f"{folder} is a PEFT adapter (LoRA factors without their base model), not a merged policy; serve the folder "
+            "its export wrote beside it (RUN_DIR/final, or a folder `make export` wrote)"
+        )
+    step = _CHECKPOINT.match(path.name)
+    if "state.json" in names and step:
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        raise NotServable(
+            f"{folder} is a training checkpoint (the learner's state at step {int(step.group(1))}), not an exported policy; "
+            f"{_export_hint(run_dir, int(step.group(1)))}"
+        )
+    if path.name == "checkpoints" and any(_CHECKPOINT.match(n) for n in names):
+        raise NotServable(f"{folder} holds a run's training checkpoints, not an exported policy; {_export_hint(path.parent)}")
+    if "config.yaml" in names and ("checkpoints" in names or "final" in names):
+        raise NotServable(f"{folder} is a run directory, not an exported policy; {_export_hint(path)}")
+    exports = sorted(child for child in path.iterdir() if child.is_dir() and _is_export(child))
+    if exports and "moalign.json" not in names:
+        raise NotServable(
+            f"{folder} holds exported policies but is not one; serve one of them: {', '.join(e.name for e in exports)} "
+            f"(e.g. make serve MODEL={exports[-1]})"
+        )
+    if "moalign.json" not in names:
+        what = "has model files but no moalign.json" if "config.json" in names else "has no moalign.json and no model weights"
+        raise NotServable(
+            f"{folder} {what}: not a policy exported by moalign (moalign.json says how training wrote the objective weights); "
+            "serve RUN_DIR/final of a run, or a folder `make export` wrote"
+        )
+    if not _is_export(path):
+        raise NotServable(
+            f"{folder} has moalign.json but not the merged model (config.json and {' or '.join(_WEIGHTS)}): an incomplete "
+            "export; export the run again (make export RUN=<run dir>) and serve the folder it names"
+        )
+    return path
+
+
 def build_app(cfg: ServeConfig):
     """The Ray Serve application for `cfg`; the bearer token is read here, from `cfg.api_token_env`."""
     from moalign.export import PolicyCard
 
-    model = Path(cfg.model).expanduser().resolve()
-    PolicyCard.read(model)  # a folder without a card fails here, before any replica starts
+    model = check_servable(cfg.model)
+    PolicyCard.read(model)  # an unreadable card fails here too, before any replica starts
     cfg = cfg.model_copy(update={"model": str(model)})
     token = os.environ.get(cfg.api_token_env) or None
     if token is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):

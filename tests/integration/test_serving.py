@@ -88,6 +88,17 @@ def test_export_loads_in_transformers_and_peft_with_the_learners_greedy_tokens(e
         assert not torch.allclose(merged(input_ids=x).logits, base(input_ids=x).logits, atol=1e-4)
 
 
+def test_only_the_merged_folder_of_a_real_export_passes_the_serving_check(exported):
+    from services.deployment import NotServable, check_servable
+
+    folder = exported["dir"]
+    assert check_servable(folder) == folder.resolve()
+    # The learner writes the card into adapter/ too: the check must still send the user to the merged folder.
+    assert (folder / "adapter" / "moalign.json").is_file()
+    with pytest.raises(NotServable, match=f"serve the merged policy beside it: make serve MODEL={folder.resolve()}$"):
+        check_servable(folder / "adapter")
+
+
 def _post(url: str, body: bytes | dict, token: str | None = TOKEN, timeout: float = 120) -> tuple[int, dict | str]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}

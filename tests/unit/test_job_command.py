@@ -93,3 +93,80 @@ def test_scale_refuses_bad_counts_and_finished_or_foreign_jobs_before_sending_an
     with pytest.raises(job.JobError, match="no run_dir in its metadata"):
         job.scale(FakeJobs("RUNNING", {}), "j", ["generators=2"])
     assert running.submitted == []
+
+
+def node(cpus: float, gpus: float = 0.0, **labels: str) -> dict:
+    """A node as `cluster_nodes` gives it (the state API's resources_total and labels)."""
+    return {"resources_total": {"CPU": cpus, "GPU": gpus, "memory": 8e9}, "labels": labels}
+
+
+def test_the_resource_check_gives_the_arithmetic_and_the_flag_that_makes_the_default_fit(job, tmp_path):
+    cfg = job.checked_config(str(REPO / "configs/default.yaml"), [f"run_dir={tmp_path}"])
+    # A fresh `ray start --head` on the 2-core machine, and one with the README's flag.
+    problem = job.room_problem(cfg, [node(2)], "configs/default.yaml")
+    assert problem.startswith("configs/default.yaml does not fit the cluster: its actors ask 4.5 CPU ")
+    assert "(generator 1 x 2 + reward 1 x 0.5 + learner 1 x 2) and 0 GPU in all, and the cluster has 2 CPU, 0 GPU on 1 node(s)" in problem
+    assert "`ray start --head --num-cpus=5`" in problem and problem.endswith("Nothing was submitted (--no-resource-check submits anyway)")
+    assert job.room_problem(cfg, [node(4)]) is not None
+    assert job.room_problem(cfg, [node(5)]) is None
+    assert job.room_problem(cfg, [node(2), node(3)]) is None  # PACK may spread a role over nodes
+
+
+def test_the_resource_check_looks_at_gpus_labels_and_strict_placement(job, tmp_path):
+    def cfg(*overrides):
+        return job.checked_config(str(REPO / "configs/default.yaml"), [f"run_dir={tmp_path}", *overrides])
+
+    gpu = job.room_problem(cfg("actors.learner_gpus=1"), [node(8)])
+    assert "and 1 GPU in all, and the cluster has 8 CPU, 0 GPU" in gpu and "--num-cpus" not in gpu
+    assert "no node can hold one of 1 learner actor of 2 CPU, 1 GPU" in gpu
+    labelled = cfg("actors.learner_node_labels={moalign-role: learner}")
+    assert "no node can hold one of 1 learner actor of 2 CPU, 0 GPU (a PACK placement group, nodes labelled" in job.room_problem(
+        labelled, [node(8, role="learner")]
+    )
+    assert job.room_problem(labelled, [node(3), node(2, **{"moalign-role": "learner"})]) is None
+    packed = cfg("actors.num_learners=2", "actors.placement=STRICT_PACK", "learner.micro_batch_pairs=2")
+    assert "no node can hold all of 2 learner actors of 2 CPU, 0 GPU each" in job.room_problem(packed, [node(3), node(3), node(3)])
+    assert job.room_problem(packed, [node(3), node(5)]) is None
+    spread = cfg("actors.num_learners=2", "actors.placement=STRICT_SPREAD", "learner.micro_batch_pairs=2")
+    assert "1 node(s) can hold one of 2 learner actors" in job.room_problem(spread, [node(8), node(1)])
+
+
+def test_submit_refuses_an_oversized_config_before_sending_anything(job, tmp_path):
+    jobs = FakeJobs("PENDING", {})
+    with pytest.raises(job.JobError, match=r"asks? 4\.5 CPU .* the cluster has 2 CPU.*--num-cpus=5") as refused:
+        job.submit(jobs, str(REPO / "configs/default.yaml"), [f"run_dir={tmp_path}", "steps=2"], wait=False, nodes=lambda: [node(2)])
+    assert "with its overrides does not fit the cluster" in str(refused.value)
+    assert jobs.submitted == []
+    # The same config on a cluster it fits is sent, once.
+    assert (
+        job.submit(jobs, str(REPO / "configs/default.yaml"), [f"run_dir={tmp_path}", "steps=2"], wait=False, nodes=lambda: [node(5)]) == 0
+    )
+    (sent,) = jobs.submitted
+    assert sent["entrypoint"] == f"python orchestrator.py --config {REPO / 'configs/default.yaml'} run_dir={tmp_path} steps=2"
+
+
+def test_status_shows_a_run_waiting_for_room_and_the_error_it_failed_with(job):
+    from actors import ray_actors
+
+    # The command reads the phrases the run writes without importing the actors.
+    assert (job.WAITING_FOR_ROOM, job.PLACED_AFTER) == (ray_actors.WAITING_FOR_ROOM, ray_actors.PLACED_AFTER)
+    waiting = (
+        "12:00:01 INFO actors.ray_actors: started 1 reward actor(s) with {...}\n"
+        "12:00:06 WARNING actors.ray_actors: 1 learner actor of 2 CPU, 0 GPU (a PACK placement group, any node) "
+        "cannot be placed yet: the cluster has 0 CPU, 0 GPU free of 2 CPU, 0 GPU on 1 node(s); waited 5s, the run stops at 300s\n"
+    )
+    said = job.describe_status("moalign-demo-1", "RUNNING", "", waiting)
+    assert said.startswith("moalign-demo-1 RUNNING; waiting for room: 12:00:06 WARNING") and "free of 2 CPU" in said
+    placed = waiting + "12:00:40 INFO actors.ray_actors: learner actors 0..0: placed after waiting 39s\n"
+    assert job.describe_status("moalign-demo-1", "RUNNING", "", placed) == "moalign-demo-1 RUNNING"
+    failed = (
+        "Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n"
+        + waiting
+        + "12:05:01 ERROR moalign: the run's actors could not start: learner actor #0, in placement(): 1 learner actor of 2 CPU ...\n"
+    )
+    said = job.describe_status("moalign-demo-1", "FAILED", failed, "")
+    assert said.splitlines() == [
+        "moalign-demo-1 FAILED: Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):",
+        "  12:05:01 ERROR moalign: the run's actors could not start: learner actor #0, in placement(): 1 learner actor of 2 CPU ...",
+    ]
+    assert job.describe_status("j", "STOPPED", "stopped by the user", "") == "j STOPPED: stopped by the user"

@@ -3,6 +3,8 @@ The engine here is a stand-in that echoes what it was given; the real vLLM engin
 HTTP is tested in tests/integration/test_serving.py."""
 
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,3 +245,110 @@ def test_a_request_the_engine_refuses_is_422_and_the_service_goes_on():
     r = http.post("/v1/chat/completions", json=chat(seed=13))
     assert r.status_code == 422 and "unlucky" in r.json()["error"]["message"]
     assert http.post("/v1/chat/completions", json=chat(seed=1)).status_code == 200
+
+
+# ---------------------------------------------------------------- which folder `make serve` serves
+
+
+def exported_run(root):
+    """A run directory as a LoRA run leaves it: a checkpoint, and the export RUN_DIR/final with its
+    merged weights, card and adapter/ (file contents do not matter to the check)."""
+    from moalign.export import write_card
+
+    run = root / "run"
+    checkpoint = run / "checkpoints" / "step_00000002"
+    (checkpoint / "learner").mkdir(parents=True)
+    (checkpoint / "state.json").write_text("{}")
+    (run / "config.yaml").write_text("steps: 2\n")
+    final = run / "final"
+    (final / "adapter").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (final / name).write_text("{}")
+    write_card(final, card())
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (final / "adapter" / name).write_text("{}")
+    write_card(final / "adapter", card())  # as the learner writes it: the adapter looks servable
+    return run
+
+
+@pytest.fixture
+def serve_main(monkeypatch, caplog):
+    """serve.py's main, where starting Ray or Ray Serve fails the test: each refusal must come
+    first. Returns (exit code, the one error line)."""
+    import ray
+    from ray import serve as ray_serve
+
+    import serve
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started for a folder that should have been refused")
+
+    monkeypatch.setattr(ray, "init", started)
+    monkeypatch.setattr(ray_serve, "start", started)
+    monkeypatch.setattr(ray_serve, "run", started)
+
+    def run(folder):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="moalign.serve"):
+            code = serve.main(["--config", str(Path(__file__).resolve().parents[2] / "configs/serve/local.yaml"), "--model", str(folder)])
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "\n" not in errors[0], errors
+        return code, errors[0]
+
+    return run
+
+
+def test_serve_refuses_the_adapter_folder_of_an_export_naming_the_merged_folder(serve_main, tmp_path):
+    final = exported_run(tmp_path) / "final"
+    code, error = serve_main(final / "adapter")
+    assert code == 2
+    assert error.startswith(f"{final / 'adapter'} is the PEFT adapter of an export")
+    assert error.endswith(f"serve the merged policy beside it: make serve MODEL={final}")
+
+
+def test_serve_refuses_a_training_checkpoint_and_an_empty_folder_saying_what_to_serve(serve_main, tmp_path):
+    run = exported_run(tmp_path)
+    code, error = serve_main(run / "checkpoints" / "step_00000002")
+    assert code == 2
+    assert "is a training checkpoint (the learner's state at step 2), not an exported policy" in error
+    assert f"make export RUN={run} STEP=2, then make serve MODEL={run / 'export' / 'step_2'}" in error
+    assert error.endswith(f"or serve the run's last policy: make serve MODEL={run / 'final'}")
+    (tmp_path / "empty").mkdir()
+    code, error = serve_main(tmp_path / "empty")
+    assert code == 2 and error.startswith(f"{tmp_path / 'empty'} is an empty folder, not an exported policy; serve RUN_DIR/final")
+
+
+def test_every_other_folder_that_is_not_an_exported_policy_gets_one_line_saying_what_it_is(tmp_path):
+    from services.deployment import NotServable, check_servable
+
+    run = exported_run(tmp_path)
+    assert check_servable(run / "final") == (run / "final").resolve()
+    base = tmp_path / "base-model"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_text("")
+    (tmp_path / "weights.safetensors").write_text("")
+    cards_only = tmp_path / "card-only"
+    cards_only.mkdir()
+    (cards_only / "moalign.json").write_text((run / "final" / "moalign.json").read_text())
+    lone_adapter = tmp_path / "adapter"
+    lone_adapter.mkdir()
+    (lone_adapter / "adapter_config.json").write_text("{}")
+    cases = {
+        run: f"{run} is a run directory, not an exported policy; serve the policy the run exported: make serve MODEL={run / 'final'}",
+        run / "checkpoints": f"{run / 'checkpoints'} holds a run's training checkpoints, not an exported policy; serve the policy",
+        base: f"{base} has model files but no moalign.json: not a policy exported by moalign",
+        cards_only: f"{cards_only} has moalign.json but not the merged model",
+        lone_adapter: f"{lone_adapter} is a PEFT adapter (LoRA factors without their base model), not a merged policy",
+        tmp_path / "weights.safetensors": "is a file, not a folder",
+        tmp_path / "missing": "no such folder",
+    }
+    for folder, said in cases.items():
+        with pytest.raises(NotServable) as refused:
+            check_servable(folder)
+        assert said in str(refused.value) and "\n" not in str(refused.value), (folder, str(refused.value))
+    (run / "export" / "step_2").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "moalign.json"):
+        (run / "export" / "step_2" / name).write_text((run / "final" / name).read_text())
+    with pytest.raises(NotServable, match=r"holds exported policies but is not one; serve one of them: step_2 \(e\.g\. make serve MODEL="):
+        check_servable(run / "export")
