@@ -27,10 +27,11 @@ $(VENV)/.installed: requirements/cpu.lock pyproject.toml
 demo: install
 	$(PY) orchestrator.py --config $(CONFIG) $(ARGS)
 
-# Pareto front of a run: `make eval RUN=runs/demo [STEP=N] [BASE=1] [COMPARE="runs/a runs/b"] [ARGS="eval.heldout_prompts=16"]`.
+# Pareto front of a run: `make eval RUN=runs/demo [STEP=N | ALL=1 | BASE=1] [COMPARE="runs/a runs/b"] [ARGS="eval.heldout_prompts=16"]`.
+# ALL=1 evaluates every kept checkpoint: the learning curve at these settings (RUN/eval/learning_curve_full.md, .png).
 eval: install
-	@test -n "$(RUN)" || { echo 'usage: make eval RUN=<run dir> [STEP=N] [BASE=1] [COMPARE="dirA dirB"]'; exit 2; }
-	$(PY) evaluate.py --run $(RUN) $(ARGS) $(if $(STEP),--step $(STEP),) $(if $(BASE),--base,) $(if $(COMPARE),--compare $(COMPARE),)
+	@test -n "$(RUN)" || { echo 'usage: make eval RUN=<run dir> [STEP=N | ALL=1 | BASE=1] [COMPARE="dirA dirB"]'; exit 2; }
+	$(PY) evaluate.py --run $(RUN) $(ARGS) $(if $(STEP),--step $(STEP),) $(if $(ALL),--all-steps,) $(if $(BASE),--base,) $(if $(COMPARE),--compare $(COMPARE),)
 
 # The best steering recipe measured so far (25 steps, about 30 min on 2 CPU cores; see the README).
 train-steerable: install

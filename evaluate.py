@@ -32,7 +32,9 @@ from moalign.evaluation import (
     eval_weights,
     front_metrics,
     front_stats,
+    learning_curve_markdown,
     plot_fronts,
+    plot_learning_curve,
     steerability_table,
     weights_label,
     write_atomic,
@@ -247,6 +249,11 @@ class TrainingEvaluation:
         stats = self._evaluate(generators, scorers, label, out, step)
         self.latest = (label, stats)
         _plot(out / "front.png", self._fronts(), self.cfg.objective_names)
+        e = self.cfg.eval
+        settings = eval_settings(self.cfg, self.heldout[: e.during_training_prompts], e.during_training_divisions, e.samples_per_weight)
+        write_learning_curve(
+            self.run_dir, settings, "learning_curve", f"steerability against optimizer steps ({self.run_dir.name}, during training)"
+        )
         return {**front_metrics(stats), "time/eval_s": time.perf_counter() - started}
 
     def _fronts(self) -> list[tuple[str, dict[str, Any]]]:
@@ -284,43 +291,75 @@ def latest_front(run_dir: str | Path) -> dict[str, Any] | None:
     return load_front(max(steps)[1]) if steps else None
 
 
+def write_learning_curve(run_dir: Path, settings: dict[str, Any], name: str, title: str) -> Path | None:
+    """RUN_DIR/eval/<name>.md and .png: steerability against optimizer steps, from every front in
+    RUN_DIR/eval made with `settings` (the base model as step 0); None with fewer than two."""
+    points = []
+    for child in (run_dir / "eval").iterdir() if (run_dir / "eval").is_dir() else ():
+        suffix = child.name.removeprefix("step_")
+        if child.name == "base" or (child.name.startswith("step_") and suffix.isdigit()):
+            front = load_front(child, settings)
+            if front is not None:
+                points.append((0 if child.name == "base" else int(suffix), front))
+    if len(points) < 2:
+        return None
+    out = run_dir / "eval" / f"{name}.md"
+    write_atomic(out, learning_curve_markdown(points, title))
+    plot_learning_curve(out.with_suffix(".png"), points, title)
+    return out
+
+
 def evaluate_run(
-    cfg: RunConfig, run_dir: Path, step: int | None = None, base_only: bool = False, compare: Sequence[str] = (), address: str | None = None
+    cfg: RunConfig,
+    run_dir: Path,
+    step: int | None = None,
+    base_only: bool = False,
+    compare: Sequence[str] = (),
+    address: str | None = None,
+    all_steps: bool = False,
 ) -> list[tuple[str, dict[str, Any]]]:
     """The command's work: base front (reused when possible), the checkpoint's front unless
-    `base_only`, front.png and the steerability table; returns the fronts plotted."""
+    `base_only` (every kept checkpoint's with `all_steps`), front.png, the learning curve of
+    these settings and the steerability table; returns the fronts plotted."""
     from actors.cluster import actor_groups, start_ray
     from actors.weight_sync import make_weight_sync
 
     e = cfg.eval
     names = cfg.objective_names
     heldout = load_prompts(cfg.data.heldout_path)
-    checkpoint = None if base_only else _checkpoint_for(run_dir, step)
+    if base_only:
+        checkpoints = []
+    elif all_steps:
+        checkpoints = [path for _, path in list_checkpoints(run_dir)] or [_checkpoint_for(run_dir, None)]
+    else:
+        checkpoints = [_checkpoint_for(run_dir, step)]
     base_dir = run_dir / "eval" / "base"
-    base = load_front(base_dir, eval_settings(cfg, heldout[: e.heldout_prompts], e.lattice_divisions, e.samples_per_weight))
+    full_settings = eval_settings(cfg, heldout[: e.heldout_prompts], e.lattice_divisions, e.samples_per_weight)
+    base = load_front(base_dir, full_settings)
     if base is not None:
         log.info("base front: reusing %s (same evaluation settings)", base_dir)
 
     trained: tuple[str, dict[str, Any]] | None = None
     out_dir = base_dir
-    if base is None or checkpoint is not None:
+    if base is None or checkpoints:
         from transformers import AutoTokenizer
 
-        from moalign.models import resolve_model_path
+        from moalign.models import starting_model
 
         start_ray(cfg, address)
-        model_path = str(resolve_model_path(cfg.model.path, cfg.model.cache_dir))
+        model_path = str(starting_model(cfg, run_dir))
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         settings = (e.lattice_divisions, e.heldout_prompts, e.samples_per_weight)
         with actor_groups(cfg, model_path) as (generators, scorers, learners):
             if base is None:
                 # The generators start with the base weights: the base front comes first.
                 base = evaluate_front(cfg, generators, scorers, tokenizer, heldout, "base", base_dir, *settings)
-            if checkpoint is not None:
+            sync_weights = make_weight_sync(cfg, learners, generators) if checkpoints else None
+            for checkpoint in checkpoints:
                 state = read_state(checkpoint)
                 trained_step, version = int(state["step"]), int(state["version"])
                 learners.call("load_checkpoint", str(checkpoint / "learner"), step=trained_step)
-                make_weight_sync(cfg, learners, generators)(version, trained_step)
+                sync_weights(version, trained_step)
                 log.info("generators hold %s (policy version %d)", checkpoint, version)
                 label, out_dir = f"step {trained_step}", run_dir / "eval" / f"step_{trained_step}"
                 stats = evaluate_front(cfg, generators, scorers, tokenizer, heldout, label, out_dir, *settings, step=trained_step)
@@ -336,7 +375,15 @@ def evaluate_run(
         else:
             fronts.append((Path(other).resolve().name, front))
     _plot(out_dir / "front.png", fronts, names)
-    log.info("steerability (front plot: %s):\n%s", out_dir / "front.png", steerability_table(fronts))
+    curve = write_learning_curve(
+        run_dir, full_settings, "learning_curve_full", f"steerability against optimizer steps ({run_dir.name}, `make eval` settings)"
+    )
+    log.info(
+        "steerability (front plot: %s%s):\n%s",
+        out_dir / "front.png",
+        f"; learning curve: {curve} and .png" if curve else "",
+        steerability_table(fronts),
+    )
     return fronts
 
 
@@ -441,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="run directory (holds config.yaml and checkpoints/)")
     parser.add_argument("--step", type=int, help="checkpoint step to evaluate (default: the latest)")
     parser.add_argument("--base", action="store_true", help="evaluate the base model only")
+    parser.add_argument("--all-steps", action="store_true", help="evaluate every kept checkpoint (a learning curve at these settings)")
     parser.add_argument("--compare", nargs="+", default=[], metavar="RUN_DIR", help="add these runs' latest fronts to the plot and table")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run's config, e.g. eval.heldout_prompts=16")
@@ -450,8 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     args.compare = [c for c in args.compare if not _OVERRIDE.match(c)]
     run_dir = Path(args.run)
     try:
-        if args.base and args.step is not None:
-            raise ConfigError("--base and --step exclude each other")
+        if sum((args.base, args.step is not None, args.all_steps)) > 1:
+            raise ConfigError("--base, --step and --all-steps exclude each other")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
         cfg.run_dir = str(run_dir)
     except ConfigError as exc:
@@ -467,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--base and --step are for MO-ODPO runs; an offline run is evaluated at its last checkpoints")
             evaluate_offline(cfg, run_dir, args.compare, args.address)
         else:
-            evaluate_run(cfg, run_dir, args.step, args.base, args.compare, args.address)
+            evaluate_run(cfg, run_dir, args.step, args.base, args.compare, args.address, args.all_steps)
     except (ConfigError, DataError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2

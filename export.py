@@ -22,6 +22,7 @@ from pathlib import Path
 from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import ConfigError, load_config
 from moalign.export import PolicyCard
+from moalign.models import starting_model
 from moalign.weight_sync import free_port
 
 log = logging.getLogger("moalign.export")
@@ -44,15 +45,20 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, dest: str | 
     saved_step = int(read_state(checkpoint)["step"])
     dest = Path(dest) if dest is not None else run_dir / "export" / f"step_{step}"
     card = PolicyCard.from_run(cfg, saved_step).model_dump()
+    # The model the run trained from (with control tokens, the run's own copy that has them).
+    model_path = str(starting_model(cfg, run_dir))
     ranks = cfg.actors.num_learners if cfg.learner.zero_stage == 3 else 1
     if ranks == 1:
-        _export_rank(cfg, checkpoint, saved_step, dest, card, 0, 1, None)
+        _export_rank(cfg, model_path, checkpoint, saved_step, dest, card, 0, 1, None)
         return dest
     # ZeRO-3 partitions every weight over the run's learners: as many ranks, each a process of
     # its own, load their partitions and gather the export together.
     port = free_port()
     context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_export_rank, args=(cfg, checkpoint, saved_step, dest, card, r, ranks, port)) for r in range(ranks)]
+    procs = [
+        context.Process(target=_export_rank, args=(cfg, model_path, checkpoint, saved_step, dest, card, r, ranks, port))
+        for r in range(ranks)
+    ]
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + cfg.ray_timeout_s
@@ -68,10 +74,12 @@ def export_checkpoint(run_dir: str | Path, step: int | None = None, dest: str | 
     return dest
 
 
-def _export_rank(cfg, checkpoint: Path, saved_step: int, dest: Path, card: dict, rank: int, world: int, port: int | None) -> None:
+def _export_rank(
+    cfg, model_path: str, checkpoint: Path, saved_step: int, dest: Path, card: dict, rank: int, world: int, port: int | None
+) -> None:
     from actors.learner import Learner
 
-    with Learner(cfg, cfg.model.path, rank=rank, world_size=world, master_port=port) as learner:
+    with Learner(cfg, model_path, rank=rank, world_size=world, master_port=port) as learner:
         learner.load_checkpoint(str(checkpoint / "learner"), weights_only=True)
         if learner.step != saved_step:
             raise RuntimeError(f"{checkpoint}: learner state is at step {learner.step}, the checkpoint says {saved_step}")

@@ -51,7 +51,7 @@ from moalign.data import DataError, PromptCursor
 from moalign.health import METRICS as HEALTH_METRICS
 from moalign.health import HealthMonitor
 from moalign.ledger import PromptLedger
-from moalign.pairs import RewardError, RunningNormalizer, select_relabelled_pairs
+from moalign.pairs import RewardError, RunningNormalizer, normalized_rewards, select_relabelled_pairs
 from moalign.scaling import ScaleRequestError, due_requests, mark_done
 
 log = logging.getLogger("moalign")
@@ -197,11 +197,10 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     timings["time/generate_s"] = time.perf_counter() - t
                     timings["staleness"] = step - 1 - rollout.policy_step
 
-                    # 4. Rewards on the unconditioned prompt; per-objective running normalisation.
+                    # 4. Rewards on the unconditioned prompt; per-objective normalisation.
                     t = time.perf_counter()
                     raw = score(cfg, scorers, [p.prompt for p in batch], samples, cfg.rollout.samples_per_prompt, step)
-                    state.normalizer.update(raw)
-                    normalized = state.normalizer.normalize(raw)
+                    normalized = normalized_rewards(raw, cfg.algorithm.reward_normalization, state.normalizer)
                     timings["time/score_s"] = time.perf_counter() - t
 
                     # 5. Chosen / rejected by the weighted (normalised) reward, under the sampled weights

@@ -31,7 +31,7 @@ def open_run(cfg: RunConfig, ray_address: str | None) -> tuple[Path, Path | None
     the same problem), its latest checkpoint or None, Ray, the model's local path and tokenizer."""
     from transformers import AutoTokenizer
 
-    from moalign.models import resolve_model_path
+    from moalign.models import starting_model
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -41,7 +41,7 @@ def open_run(cfg: RunConfig, ray_address: str | None) -> tuple[Path, Path | None
         check_resume_config(cfg, run_dir / "config.yaml")
     save_resolved(cfg, run_dir / "config.yaml")
     start_ray(cfg, ray_address)
-    model_path = str(resolve_model_path(cfg.model.path, cfg.model.cache_dir))
+    model_path = str(starting_model(cfg, run_dir))
     return run_dir, resume_from, model_path, AutoTokenizer.from_pretrained(model_path)
 
 

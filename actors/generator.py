@@ -201,6 +201,7 @@ class Generator:
         import vllm
         from vllm.platforms import current_platform
 
+        from moalign.control_tokens import read_manifest
         from moalign.models import checkpoint_shapes, resolve_model_path
 
         if _LIVE:
@@ -213,6 +214,9 @@ class Generator:
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         self.model_path = resolve_model_path(str(model_path))
+        control = read_manifest(self.model_path)
+        # Control tokens are input only: no completion may contain one.
+        self._never = control.logit_bias() if control is not None else None
         self.max_model_len = max_model_len
         self.tensor_parallel_size = tensor_parallel_size
         self.on_cpu = current_platform.is_cpu()
@@ -336,7 +340,12 @@ class Generator:
                 requests.append({"prompt_token_ids": ids})
                 params.append(
                     self._sampling_params_cls(
-                        n=1, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=sample_seed(seed, j)
+                        n=1,
+                        temperature=temperature,
+                        top_p=top_p,
+                        max_tokens=max_new_tokens,
+                        seed=sample_seed(seed, j),
+                        logit_bias=self._never,
                     )
                 )
         with self._lock:
@@ -370,7 +379,7 @@ class Generator:
     def _check_bucket(self, index: int, bucket: list, seen: set[str], payload: str) -> None:
         import torch
 
-        from moalign.lora_sync import adapter_shape_error, parse_adapter_name
+        from moalign.lora_sync import adapter_shape_error, parse_adapter_name, parse_rows_name, rows_shape_error
 
         for item in bucket:
             if not (isinstance(item, tuple | list) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)):
@@ -380,6 +389,12 @@ class Generator:
                 raise ValueError(f"bucket {index}: weight {name!r} sent twice")
             seen.add(name)
             if name.endswith(_IGNORED_SUFFIXES) or self._expected is None:
+                continue
+            rows = parse_rows_name(name) if payload == "adapter" else None
+            if rows is not None:
+                error = rows_shape_error(name, tuple(tensor.shape), self._expected.get(rows[0]))
+                if error:
+                    raise ValueError(f"bucket {index}: {error}")
                 continue
             adapter = parse_adapter_name(name) if payload == "adapter" else None
             if adapter is not None:

@@ -35,6 +35,7 @@ import torch
 
 from actors.learner_weights import WeightPublisher
 from moalign.config import RunConfig
+from moalign.control_tokens import ControlEmbedding, read_manifest
 from moalign.losses import token_logprobs
 from moalign.models import checkpoint_shapes, resolve_model_path
 from moalign.objectives import build_objective
@@ -161,6 +162,9 @@ class Learner(WeightPublisher):
                 keys -= {n for n in keys if n.startswith("lm_head.")}
             self._ckpt_keys = keys
 
+        self.control = read_manifest(path)
+        # Completions are scored over the tokens a policy may write: control tokens are input only.
+        self.sampled_vocab = self.control.sampled_vocab if self.control is not None else self.vocab_size
         self.ref_model = None
         if self.lora:
             from peft import LoraConfig, get_peft_model
@@ -177,6 +181,10 @@ class Learner(WeightPublisher):
                     task_type="CAUSAL_LM",
                 ),
             )
+            if self.control is not None:
+                # Their rows train beside the adapters (without LoRA the whole embedding trains).
+                base = model.get_base_model()
+                base.set_input_embeddings(ControlEmbedding(base.get_input_embeddings(), self.control.first_id))
         else:
             ref = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
             ref.config.use_cache = False
@@ -239,12 +247,14 @@ class Learner(WeightPublisher):
                 f"({self.grad_accum} micro-batches x {self.micro} pairs, from pairs_per_step / num_learners)"
             )
         for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            # Completions hold only tokens a policy may write (no control token).
+            limit = self.vocab_size if key == "prompt_ids" else self.sampled_vocab
             for i, ids in enumerate(batch[key]):
                 if not isinstance(ids, (list, tuple)) or len(ids) == 0:
                     raise ValueError(f"batch[{key!r}][{i}] must be a non-empty list of token ids")
                 for t in ids:
-                    if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size:
-                        raise ValueError(f"batch[{key!r}][{i}] holds {t!r}, not a token id in [0, {self.vocab_size})")
+                    if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < limit:
+                        raise ValueError(f"batch[{key!r}][{i}] holds {t!r}, not a token id in [0, {limit})")
         if self.max_positions:
             for i, p in enumerate(batch["prompt_ids"]):
                 for key in ("chosen_ids", "rejected_ids"):
@@ -298,7 +308,7 @@ class Learner(WeightPublisher):
         # Logits only from the first completion position on: the vocabulary projection dominates the
         # cost of a small model, and prompt positions are never scored.
         keep = width - first + 1
-        logits = forward(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits
+        logits = self._sampled(forward(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits)
         start = width - keep
         # The log-softmax over the logits as they are: slicing off the last position first would
         # copy the vocabulary-wide tensor, the largest in the step (and zero-fill another in
@@ -308,6 +318,11 @@ class Learner(WeightPublisher):
         logp = token_logprobs(logits, tokens)[:, :-1]
         mask = target[:, start + 1 :]
         return torch.where(mask, logp, torch.zeros_like(logp)), mask
+
+    def _sampled(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the tokens a policy may write: generators never sample a control token,
+        so the learner's distribution leaves them out too."""
+        return logits if self.sampled_vocab == logits.shape[-1] else logits[..., : self.sampled_vocab]
 
     def _sequence_logps(self, forward, prompts, completions) -> torch.Tensor:
         logp, _ = self._token_logps(forward, prompts, completions)
@@ -336,10 +351,12 @@ class Learner(WeightPublisher):
         c_ids, c_mask, _, _ = self._encode([[]] * (2 * m), list(chosen) + list(rejected))
         c_pos = p_mask.sum(-1)[both, None] + torch.arange(c_ids.shape[1], device=self.device)[None]
         mask = torch.cat([p_mask[both], c_mask], dim=1)
-        logits = forward(input_ids=c_ids, attention_mask=mask, position_ids=c_pos, past_key_values=cache, use_cache=True).logits
+        logits = self._sampled(
+            forward(input_ids=c_ids, attention_mask=mask, position_ids=c_pos, past_key_values=cache, use_cache=True).logits
+        )
         # The prompt's last position predicts the first completion token; completion position j
         # predicts token j+1, and the last position is scored against a stand-in and dropped.
-        first = token_logprobs(out.logits[both], c_ids[:, :1])[:, 0]
+        first = token_logprobs(self._sampled(out.logits[both]), c_ids[:, :1])[:, 0]
         rest = token_logprobs(logits, torch.cat([c_ids[:, 1:], c_ids[:, :1]], dim=1))[:, :-1]
         rest = torch.where(c_mask[:, 1:].bool(), rest, torch.zeros_like(rest))
         return first + rest.sum(-1)
@@ -352,8 +369,14 @@ class Learner(WeightPublisher):
             if self.ref_model is not None:
                 yield self.ref_model
             else:
-                with self.engine.module.disable_adapter():
+                with self.engine.module.disable_adapter(), self._starting_control_rows():
                     yield self.engine.module
+
+    @contextlib.contextmanager
+    def _starting_control_rows(self) -> Iterator[None]:
+        embed = self._hf_model().get_input_embeddings()
+        with embed.starting_rows() if isinstance(embed, ControlEmbedding) else contextlib.nullcontext():
+            yield
 
     @contextlib.contextmanager
     def _reference_model(self) -> Iterator[Any]:

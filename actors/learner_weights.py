@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from moalign.lora_sync import adapter_tensors, add_lora
+from moalign.control_tokens import ControlEmbedding
+from moalign.lora_sync import adapter_tensors, add_lora, rows_name
 from moalign.weight_sync import BroadcastGroup, bucket_manifest, bucketize, flatten_bucket, open_broadcast_group
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,17 @@ class WeightPublisher:
             return True
 
         def walk(module: torch.nn.Module, prefix: str) -> None:
+            if isinstance(module, ControlEmbedding):
+                # Control tokens: the trained rows alone with adapters, else the whole embedding.
+                name = prefix + "weight"
+                with self._gathered([module.base.weight, module.rows]):
+                    if keep:
+                        out.append(
+                            (rows_name(name, module.first_id), self._export_copy(module.rows))
+                            if adapters
+                            else (name, self._export_copy(module.weight))
+                        )
+                return
             if isinstance(module, LoraLayer):
                 with self._gathered(list(module.parameters())):
                     if adapters and as_adapters(module, prefix.removesuffix(".")):
@@ -160,9 +172,9 @@ class WeightPublisher:
     def export_policy(self, dest: str, card: dict) -> dict:
         """Write the policy as a merged Hugging Face folder at `dest` (plus `dest/adapter` with
         LoRA) and its card (`moalign.json`); a collective on all ranks, rank 0 writes."""
-        from moalign.export import ADAPTER_DIR, PolicyCard, publish_folder, write_card, write_model_folder
+        from moalign.export import ADAPTER_DIR, PolicyCard, add_adapter_token_rows, publish_folder, write_card, write_model_folder
 
-        policy_card = PolicyCard.model_validate(card)
+        policy_card = PolicyCard.model_validate({**card, "adapter_base": self.model_path} if self.lora else card)
         named = self._named_full_weights()
         trainable = [p for p in self.engine.module.parameters() if p.requires_grad]
         with self._gathered(trainable):
@@ -175,6 +187,11 @@ class WeightPublisher:
                 if self.lora:
                     adapter = folder / ADAPTER_DIR
                     self.engine.module.save_pretrained(str(adapter), safe_serialization=True)
+                    model = self._hf_model()
+                    embed = model.get_input_embeddings()
+                    if isinstance(embed, ControlEmbedding):
+                        module = next(name for name, m in model.named_modules() if m is embed)
+                        add_adapter_token_rows(adapter, module, embed.first_id, self._export_copy(embed.rows))
                     write_card(adapter, policy_card)
 
             started = time.perf_counter()

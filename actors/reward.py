@@ -136,6 +136,22 @@ class ConcisenessScore:
         return scores
 
 
+class DetailScore:
+    """Says more: min(1, words / `target_words`), times `answer_quality` — the counterpart of
+    `ConcisenessScore`, so the two trade off wherever an answer could be shorter or longer. An
+    answer cut off at the token cap counts with the words it has (it is long; the gate's
+    distinct-3-gram share still stops a loop from scoring)."""
+
+    def __init__(self, target_words: int, min_words: int = 5):
+        self.target = target_words
+        self.min_words = min_words
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        return [
+            min(1.0, len(text.split()) / self.target) * answer_quality(p, text, self.min_words) for p, text in zip(prompts, completions)
+        ]
+
+
 class PositivityScore:
     """VADER compound sentiment mapped to [0, 1] ((compound + 1) / 2), times `answer_quality`."""
 
@@ -222,6 +238,8 @@ def build_source(obj: ObjectiveConfig) -> ScoreFn:
         return RelevanceScore(obj.path, obj.min_words)
     if obj.source == "conciseness":
         return ConcisenessScore(obj.target_words, obj.min_words)
+    if obj.source == "detail":
+        return DetailScore(obj.target_words, obj.min_words)
     if obj.source == "positivity":
         return PositivityScore(obj.min_words)
     if obj.source == "hf_classifier":

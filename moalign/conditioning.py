@@ -1,7 +1,8 @@
-"""Objective weights: a seeded Dirichlet sampler and the text that writes weights into a prompt.
+"""Objective weights: a seeded Dirichlet sampler and what writes weights into a prompt.
 
-The same `format_weights` line is used at training, evaluation and serving, so the policy always
-sees weights written one way.
+Two forms, each used alike at training, evaluation and serving, so the policy always sees
+weights written one way: the paper's text line (`format_weights`), or one added control token
+per objective and weight bin (`format_control_tokens`), whose embeddings are trained.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import numpy as np
 
 BEGIN = "[Begin System Instruction]"
 END = "[End System Instruction]"
+
+Style = Literal["system_prefix", "chat_system", "control_tokens"]
+STYLES = ("system_prefix", "chat_system", "control_tokens")
 
 
 class WeightsError(ValueError):
@@ -129,6 +133,32 @@ def format_weights(names: Sequence[str], weights: Sequence[float] | np.ndarray, 
     return f"{BEGIN} {body} {END}"
 
 
+def control_token(name: str, value: float, decimals: int) -> str:
+    """The added token that says "objective `name` weighs `value`" (`value` already rounded)."""
+    return f"<|w:{name}={value:.{decimals}f}|>"
+
+
+def control_token_vocabulary(names: Sequence[str], decimals: int) -> list[str]:
+    """Every control token of these objectives, one per objective and weight bin (0, 10^-d, ..., 1),
+    objective by objective: the tokens a control-token policy adds to its vocabulary."""
+    bins = 10**decimals
+    return [control_token(name, i / bins, decimals) for name in names for i in range(bins + 1)]
+
+
+def format_control_tokens(names: Sequence[str], weights: Sequence[float] | np.ndarray, decimals: int = 2) -> str:
+    """The weights as control tokens, one per objective in order, rounded as the text line rounds them."""
+    w = check_weights(weights, len(names), atol=10.0 ** (-decimals) * len(names))
+    w = round_weights(w, decimals)
+    return "".join(control_token(name, value, decimals) for name, value in zip(names, w))
+
+
+def weight_signal(names: Sequence[str], weights: Sequence[float] | np.ndarray, style: str, decimals: int) -> str:
+    """What a prompt carries for these weights in `style`: the text line or the control tokens."""
+    if style == "control_tokens":
+        return format_control_tokens(names, weights, decimals)
+    return format_weights(names, weights, decimals)
+
+
 _PREFIX_RE = re.compile(re.escape(BEGIN) + r"(.*?)" + re.escape(END), re.DOTALL)
 
 
@@ -158,7 +188,7 @@ def condition_messages(
     prompt: str,
     names: Sequence[str],
     weights: Sequence[float] | np.ndarray,
-    style: Literal["system_prefix", "chat_system"] = "chat_system",
+    style: Style = "chat_system",
     decimals: int = 2,
 ) -> list[dict[str, str]]:
     """Chat messages carrying the weights: as the system message, or as a prefix of the user turn."""
@@ -169,25 +199,26 @@ def condition_chat(
     messages: Sequence[dict[str, str]],
     names: Sequence[str],
     weights: Sequence[float] | np.ndarray,
-    style: Literal["system_prefix", "chat_system"] = "chat_system",
+    style: Style = "chat_system",
     decimals: int = 2,
 ) -> list[dict[str, str]]:
-    """A conversation with the weight line written in as training wrote it: `chat_system` puts it
-    in the system message, `system_prefix` before the last user turn (the one being answered).
-    Training saw no other system text; a caller's own system message follows the line."""
-    line = format_weights(names, weights, decimals)
+    """A conversation with the weights written in as training wrote them: `chat_system` puts the
+    text line in the system message, `system_prefix` before the last user turn (the one being
+    answered), `control_tokens` puts the control tokens in the system message. Training saw no
+    other system text; a caller's own system message follows the weights."""
+    if style not in STYLES:
+        raise WeightsError(f"unknown conditioning style {style!r}; allowed: {', '.join(STYLES)}")
+    line = weight_signal(names, weights, style, decimals)
     chat = [dict(m) for m in messages]
     if not chat or chat[-1].get("role") != "user":
         raise WeightsError("the conversation must end with a user message for the weights to apply to")
-    if style == "chat_system":
+    if style in ("chat_system", "control_tokens"):
         if chat[0].get("role") == "system":
             chat[0]["content"] = f"{line}\n{chat[0]['content']}"
             return chat
         return [{"role": "system", "content": line}, *chat]
-    if style == "system_prefix":
-        chat[-1]["content"] = f"{line}\n{chat[-1]['content']}"
-        return chat
-    raise WeightsError(f"unknown conditioning style {style!r}; allowed: system_prefix, chat_system")
+    chat[-1]["content"] = f"{line}\n{chat[-1]['content']}"
+    return chat
 
 
 def render_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -208,7 +239,7 @@ def fit_prompts(
     records: Sequence[Any],
     tokenizer: Any,
     names: Sequence[str],
-    style: Literal["system_prefix", "chat_system"],
+    style: Style,
     decimals: int,
     max_tokens: int,
     too_long: Literal["skip", "truncate"],

@@ -42,14 +42,14 @@ class ModelConfig(_Section):
 class ObjectiveConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z][A-Za-z0-9_ -]*$")
     """Objective name, as written into the conditioning prefix (e.g. `Helpfulness`)."""
-    source: Literal["relevance", "conciseness", "positivity", "hf_classifier", "callable", "http"]
+    source: Literal["relevance", "conciseness", "detail", "positivity", "hf_classifier", "callable", "http"]
     """Reward source: a built-in signal, a HF sequence-classification model, a `module:function`, or an HTTP endpoint."""
     path: str | None = None
     """Model directory (hf_classifier), `module:function` (callable) or URL (http); unused by built-ins."""
     label_index: int = Field(0, ge=0)
     """hf_classifier: which logit is the reward."""
     target_words: int = Field(32, ge=1, le=4096)
-    """conciseness: responses up to this many words score highest; longer ones lose reward linearly in log length."""
+    """conciseness: responses up to this many words score highest, longer ones lose reward linearly in log length; detail: responses of this many words or more score highest, shorter ones proportionally less."""
     min_words: int = Field(5, ge=1, le=1024)
     """Built-in sources: answers shorter than this many words get proportionally less of any built-in reward (a word or two is not an answer)."""
     timeout_s: float = Field(30.0, gt=0, le=3600)
@@ -65,8 +65,8 @@ class ObjectiveConfig(_Section):
 
 
 class ConditioningConfig(_Section):
-    style: Literal["system_prefix", "chat_system"] = "chat_system"
-    """`system_prefix`: the paper's `[Begin System Instruction] … [End System Instruction]` text before the prompt; `chat_system`: the same line as the chat template's system message."""
+    style: Literal["system_prefix", "chat_system", "control_tokens"] = "chat_system"
+    """`system_prefix`: the paper's `[Begin System Instruction] … [End System Instruction]` text before the prompt; `chat_system`: the same line as the chat template's system message; `control_tokens`: one added token per objective and weight bin (`<|w:Name=0.7|>`) as the system message, its embedding trained with the adapter (MO-ODPO only; the run keeps its base model with the tokens added in RUN_DIR/base_model)."""
     decimals: int = Field(2, ge=0, le=6)
     """Digits each weight is rounded to when written into the prompt (rounded weights still sum to 1)."""
     alpha: float | list[float] = 1.0
@@ -128,6 +128,8 @@ class AlgorithmConfig(_Section):
     """`scalarised`: chosen/rejected by sum_k w_k r_k (the paper); `per_objective`: one pair per objective, loss sum_k w_k DPO_k."""
     relabel_weights: int = Field(0, ge=0, le=16)
     """Extra weight vectors per prompt under which the same samples are re-ranked and trained with that weight line (hindsight relabelling; 0 = the paper's loop)."""
+    reward_normalization: Literal["running", "batch", "none"] = "running"
+    """Per-objective rewards before the weighted sum: `running`, a z-score against every step so far (running mean/std); `batch`, a z-score over this step's samples; `none`, the raw scores (objectives on different scales then weigh by their units)."""
     relabel_source: Literal["dirichlet", "neglected_corner"] = "dirichlet"
     """Relabelling weights: fresh Dirichlet draws, or the corners of the objectives the sampled weights favour least (the most contrasting lines)."""
     modpo: MODPOConfig = MODPOConfig()
@@ -386,6 +388,16 @@ class RunConfig(_Section):
             if self.algorithm.relabel_weights:
                 raise ValueError("algorithm.relabel_weights: relabelling draws other weights, which fixed_weights rules out; set it to 0")
         self._check_offline(k)
+        if self.conditioning.style == "control_tokens":
+            if self.is_offline:
+                raise ValueError(
+                    f"conditioning.style: control_tokens carry weights into MO-ODPO prompts; {self.algorithm.name} trains without them"
+                )
+            if self.conditioning.decimals > 2:
+                # One token per weight bin: 10^decimals + 1 tokens per objective.
+                raise ValueError(
+                    f"conditioning.decimals: {self.conditioning.decimals} would add {10**self.conditioning.decimals + 1} control tokens per objective; use 1 or 2"
+                )
         if self.algorithm.relabel_source == "neglected_corner" and self.algorithm.relabel_weights > k:
             raise ValueError(f"algorithm.relabel_weights: {self.algorithm.relabel_weights} neglected corners asked of {k} objectives")
         if self.algorithm.mopo.primary >= k:

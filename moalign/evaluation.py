@@ -132,7 +132,71 @@ def front_stats(weights: Any, rewards: Any, names: Sequence[str], reference_poin
         "reference_point": reference.tolist(),
         "below_reference": np.flatnonzero(~above).tolist(),
         "per_objective": per_objective,
+        "conflicts": objective_conflicts(r, names) if k > 1 else [],
     }
+
+
+# Shares of answer pairs two objectives rank in opposite orders. Unrelated objectives disagree
+# on about half; a policy can then raise both at once, so it scores as well ignoring their
+# weights. Only a pair clearly above half trades off: there the weights must choose.
+AGREE_BELOW = 0.4
+TRADE_OFF_FROM = 0.6
+
+
+def objective_conflicts(rewards: Any, names: Sequence[str]) -> list[dict[str, Any]]:
+    """How strongly each pair of objectives trades off on a policy's own samples: of the pairs of
+    answers to the same prompt that both objectives rank (no tie in either), the share they rank
+    in opposite orders (`disagreement`: 0 = they always prefer the same answer, about 0.5 =
+    unrelated, 1 = a pure trade-off), and the correlation of the two rewards across a prompt's
+    answers (prompt means removed). `rewards`: (W, P, S, K); a prompt's answers under every
+    weight vector are pooled."""
+    r = np.asarray(rewards, dtype=float)
+    per_prompt = np.moveaxis(r, 1, 0).reshape(r.shape[1], -1, r.shape[3])  # (P, W*S, K)
+    centred = per_prompt - per_prompt.mean(axis=1, keepdims=True)
+    upper = np.triu_indices(per_prompt.shape[1], k=1)
+    out = []
+    for a, b in combinations(range(len(names)), 2):
+        da = (per_prompt[:, :, a, None] - per_prompt[:, None, :, a])[:, upper[0], upper[1]]
+        db = (per_prompt[:, :, b, None] - per_prompt[:, None, :, b])[:, upper[0], upper[1]]
+        ranked = (np.abs(da) > 1e-12) & (np.abs(db) > 1e-12)
+        opposite = ranked & (np.sign(da) != np.sign(db))
+        x, y = centred[:, :, a].ravel(), centred[:, :, b].ravel()
+        spread = x.std() * y.std()
+        out.append(
+            {
+                "objectives": [names[a], names[b]],
+                "disagreement": _plain(opposite.sum() / ranked.sum()) if ranked.any() else None,
+                "ranked_pairs": int(ranked.sum()),
+                "correlation": _plain(float((x * y).mean() / spread)) if spread > 0 else None,
+            }
+        )
+    return out
+
+
+def conflict_summary(conflicts: Sequence[dict[str, Any]]) -> list[str]:
+    """One plain sentence per pair of objectives, and a verdict line first when no pair trades off."""
+    lines = []
+    for c in conflicts:
+        a, b = c["objectives"]
+        d = c["disagreement"]
+        if d is None:
+            lines.append(f"- {a} and {b}: no pair of answers is ranked by both; nothing to compare.")
+        elif d < AGREE_BELOW:
+            lines.append(f"- {a} and {b} **mostly agree** ({1 - d:.0%} of answer pairs ranked the same way): little to steer between them.")
+        elif d < TRADE_OFF_FROM:
+            lines.append(
+                f"- {a} and {b} are **unrelated** ({d:.0%} of answer pairs ranked in opposite orders): a policy can raise both at "
+                "once, so it need not follow their weights to score well."
+            )
+        else:
+            lines.append(f"- {a} and {b} **trade off** ({d:.0%} of answer pairs ranked in opposite orders): the weights must choose.")
+    if conflicts and not any(c["disagreement"] is not None and c["disagreement"] >= TRADE_OFF_FROM for c in conflicts):
+        lines.insert(
+            0,
+            "**Nothing to steer:** no pair of objectives trades off on these answers, so a policy that ignores the weights "
+            "can score as well as one that follows them; a spread near 0 here says nothing about the training.",
+        )
+    return lines
 
 
 def front_metrics(stats: dict[str, Any]) -> dict[str, float]:
@@ -208,6 +272,24 @@ def front_markdown(stats: dict[str, Any], label: str, meta: dict[str, Any] | Non
         o = stats["per_objective"][name]
         spread = _mean_se(o["spread"], o["spread_se"], "+.4g")
         lines.append(f"| {name} | {o['spearman']:+.3f} | {spread} | {_number(o['spread_z'], '+.2f')} |")
+    conflicts = stats.get("conflicts") or []
+    if conflicts:
+        lines += [
+            "",
+            "## Do the objectives trade off?",
+            "",
+            "On this policy's own answers (every weight vector's answers to a prompt pooled): of the answer pairs both "
+            "objectives rank, the share ranked in opposite orders (0: they always agree; about 0.5: unrelated; 1: a pure "
+            f"trade-off), and the within-prompt correlation of the rewards. From {TRADE_OFF_FROM:.0%} the pair trades off.",
+            "",
+            "| objectives | opposite rankings | answer pairs | correlation |",
+            "|---|---|---|---|",
+        ]
+        for c in conflicts:
+            lines.append(
+                f"| {' / '.join(c['objectives'])} | {_number(c['disagreement'], '.0%')} | {c['ranked_pairs']} | {_number(c['correlation'], '+.2f')} |"
+            )
+        lines += ["", *conflict_summary(conflicts)]
     below = stats.get("below_reference") or []
     note = f"; {len(below)} weight vector(s) below it add no volume" if below else ""
     lines += ["", f"Hypervolume: {stats['hypervolume']:.6g} (reference point {weights_label(stats['reference_point'])}{note})", ""]
@@ -306,3 +388,49 @@ def steerability_table(fronts: Sequence[tuple[str, dict[str, Any]]]) -> str:
         cells += [f"{stats['hypervolume']:.4g}", ""]
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def learning_curve_markdown(points: Sequence[tuple[int, dict[str, Any]]], title: str) -> str:
+    """Steerability against optimizer steps: per objective the Spearman and the spread's z at each
+    evaluated step (0: the base model), and the hypervolume; `points` are (step, front stats)."""
+    names = points[0][1]["objectives"]
+    header = ["optimizer steps"] + [f"{n} {col}" for n in names for col in ("Spearman", "z")] + ["hypervolume"]
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for step, stats in sorted(points, key=lambda p: p[0]):
+        cells = [str(step)]
+        for name in names:
+            o = stats["per_objective"][name]
+            cells += [f"{o['spearman']:+.2f}", _number(o["spread_z"], "+.1f")]
+        lines.append("| " + " | ".join(cells + [f"{stats['hypervolume']:.4g}"]) + " |")
+    lines += ["", "z = spread / s.e.; an objective follows its weight once its z stays at 3 or more.", ""]
+    return "\n".join(lines)
+
+
+def plot_learning_curve(out_png: str | Path, points: Sequence[tuple[int, dict[str, Any]]], title: str) -> None:
+    """Two panels against optimizer steps: each objective's Spearman, and its spread z (z = 3 marked)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    points = sorted(points, key=lambda p: p[0])
+    names = points[0][1]["objectives"]
+    steps = [s for s, _ in points]
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    rho, z = figure.subplots(1, 2)
+    for i, name in enumerate(names):
+        per = [stats["per_objective"][name] for _, stats in points]
+        rho.plot(steps, [o["spearman"] for o in per], marker=_MARKERS[i % len(_MARKERS)], label=name)
+        z.plot(steps, [np.nan if o["spread_z"] is None else o["spread_z"] for o in per], marker=_MARKERS[i % len(_MARKERS)], label=name)
+    z.axhline(3.0, color="grey", linestyle="--", linewidth=0.8)
+    rho.set_ylim(-1.05, 1.05)
+    for panel, label in ((rho, "Spearman of w_k vs reward_k"), (z, "spread z (reward at w_k=1 minus w_k=0, / s.e.)")):
+        panel.set_xlabel("optimizer steps")
+        panel.set_ylabel(label)
+        panel.grid(alpha=0.3)
+    rho.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    figure.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, out)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from moalign.conditioning import BEGIN, END, WeightsError, check_weights, condition_chat, format_weights
+from moalign.conditioning import BEGIN, END, WeightsError, check_weights, condition_chat, control_token_vocabulary, weight_signal
 
 CARD_FILE = "moalign.json"
 ADAPTER_DIR = "adapter"
@@ -39,8 +39,8 @@ class PolicyCard(BaseModel):
     """Card schema version."""
     objectives: list[str] = Field(min_length=1)
     """Objective names, in the order the weight line writes them."""
-    style: Literal["system_prefix", "chat_system", "none"]
-    """Where the weight line goes: the system message, or a prefix of the user turn; `none`: an offline policy (MODPO, MOPO) trained at fixed weights, whose prompts carry no weight line."""
+    style: Literal["system_prefix", "chat_system", "control_tokens", "none"]
+    """How the weights reach the policy: the text line as the system message (`chat_system`) or before the user turn (`system_prefix`), or one added control token per objective as the system message (`control_tokens`, listed in `control_tokens`); `none`: an offline policy (MODPO, MOPO) trained at fixed weights, whose prompts carry none."""
     decimals: int = Field(ge=0, le=6)
     """Digits each written weight is rounded to."""
     instruction_begin: str = BEGIN
@@ -48,7 +48,9 @@ class PolicyCard(BaseModel):
     instruction_end: str = END
     """Text that closes the weight line."""
     example_line: str
-    """The line as written for equal weights, for a reader to see the format."""
+    """What the prompt carries for equal weights (the text line, or the control tokens), for a reader to see the format."""
+    control_tokens: list[str] = []
+    """`control_tokens` style: the added tokens, one per objective and weight bin, in id order (also in control_tokens.json beside the weights, with their ids)."""
     default_weights: list[float]
     """Weights used when a request names none: equal weights; for an offline policy, the weights it was trained at."""
     base_model: str
@@ -61,6 +63,8 @@ class PolicyCard(BaseModel):
     """Parameter dtype of the exported weights."""
     max_prompt_tokens: int = Field(ge=1)
     """Longest conditioned prompt the policy was trained on, in tokens."""
+    adapter_base: str | None = None
+    """The model folder the adapter (`adapter/`) applies to: `base_model` resolved, or with control tokens the run's copy with them added (RUN_DIR/base_model)."""
 
     @classmethod
     def from_run(cls, cfg: Any, step: int) -> PolicyCard:
@@ -68,11 +72,13 @@ class PolicyCard(BaseModel):
         equal = [1.0 / len(names)] * len(names)
         offline = cfg.is_offline
         trained = cfg.offline_weights if offline else equal
+        style, decimals = cfg.conditioning.style, cfg.conditioning.decimals
         return cls(
             objectives=names,
-            style="none" if offline else cfg.conditioning.style,
-            decimals=cfg.conditioning.decimals,
-            example_line="" if offline else format_weights(names, equal, cfg.conditioning.decimals),
+            style="none" if offline else style,
+            decimals=decimals,
+            example_line="" if offline else weight_signal(names, equal, style, decimals),
+            control_tokens=control_token_vocabulary(names, decimals) if style == "control_tokens" else [],
             default_weights=trained,
             base_model=cfg.model.path,
             algorithm=cfg.algorithm.name,
@@ -179,6 +185,8 @@ def write_model_folder(folder: Path, named: Sequence[tuple[str, Any]], base_mode
     exported dtype), generation config, tokenizer and chat template."""
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
+    from moalign.control_tokens import read_manifest, write_manifest
+
     write_safetensors(folder, named)
     config = AutoConfig.from_pretrained(base_model_dir)
     config.dtype = dtype
@@ -191,6 +199,25 @@ def write_model_folder(folder: Path, named: Sequence[tuple[str, Any]], base_mode
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{base_model_dir}: the tokenizer has no chat template; the weight line cannot be written without one")
     tokenizer.save_pretrained(folder)
+    control = read_manifest(base_model_dir)
+    if control is not None:
+        write_manifest(folder, control)
+
+
+def add_adapter_token_rows(adapter_dir: Path, module: str, first_id: int, rows: Any) -> None:
+    """Trained control-token rows into a PEFT adapter folder, in PEFT's own trainable-tokens form
+    (`trainable_token_indices`), so `PeftModel.from_pretrained(base, adapter_dir)` on the base
+    with the tokens added restores them: LoRA layers and rows alike."""
+    from safetensors.torch import load_file, save_file
+
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["trainable_token_indices"] = {module.rsplit(".", 1)[-1]: list(range(first_id, first_id + rows.shape[0]))}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    weights_path = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(str(weights_path))
+    tensors[f"base_model.model.{module}.token_adapter.trainable_tokens_delta"] = rows.contiguous()
+    save_file(tensors, str(weights_path), metadata={"format": "pt"})
 
 
 def write_card(folder: Path, card: PolicyCard) -> None:

@@ -8,8 +8,10 @@ a GPU merges there: the same up to float rounding). Layers the adapter form does
 travel merged, in the same stream.
 
 Tensor names: `<module>.lora.<i>.A`, `<module>.lora.<i>.B` and `<module>.lora.<i>.scale` (a 0-d
-float64) for the i-th active adapter of `<module>`, whose base weight is `<module>.weight`; every
-other name is an ordinary checkpoint tensor. Pure torch: no Ray, no vLLM.
+float64) for the i-th active adapter of `<module>`, whose base weight is `<module>.weight`;
+`<weight>.rows.<first>` for trained rows first, first + 1, ... of a checkpoint tensor (control
+tokens' embeddings), the other rows staying the base's; every other name is an ordinary
+checkpoint tensor. Pure torch: no Ray, no vLLM.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
 _ADAPTER_NAME = re.compile(r"^(?P<module>.+)\.lora\.(?P<index>\d+)\.(?P<part>A|B|scale)$")
+_ROWS_NAME = re.compile(r"^(?P<weight>.+)\.rows\.(?P<first>\d+)$")
 
 
 def add_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -59,6 +62,27 @@ def adapter_shape_error(name: str, shape: tuple[int, ...], base_shape: tuple[int
     if len(shape) != 2 or (part == "A" and shape[1] != in_features) or (part == "B" and shape[0] != out_features):
         want = f"(r, {in_features})" if part == "A" else f"({out_features}, r)"
         return f"adapter tensor {name!r} has shape {shape}; {module}.weight {base_shape} needs {want}"
+    return None
+
+
+def rows_name(weight: str, first: int) -> str:
+    """The payload name of rows first, first + 1, ... of the checkpoint tensor `weight`."""
+    return f"{weight}.rows.{first}"
+
+
+def parse_rows_name(name: str) -> tuple[str, int] | None:
+    """(checkpoint tensor, first row) for a rows entry's name; None otherwise."""
+    m = _ROWS_NAME.match(name)
+    return (m["weight"], int(m["first"])) if m else None
+
+
+def rows_shape_error(name: str, shape: tuple[int, ...], base_shape: tuple[int, ...] | None) -> str | None:
+    """Why a rows entry cannot apply to its checkpoint tensor (`base_shape`, None: no such tensor)."""
+    weight, first = parse_rows_name(name)
+    if base_shape is None:
+        return f"rows {name!r} target {weight}, which the model does not have"
+    if len(shape) != len(base_shape) or tuple(shape[1:]) != tuple(base_shape[1:]) or first + shape[0] > base_shape[0]:
+        return f"rows {name!r} have shape {shape}; {weight} {base_shape} takes rows {first}.. of shape (n, {', '.join(map(str, base_shape[1:]))})"
     return None
 
 
@@ -112,6 +136,13 @@ class AdapterMerger:
                     yield name, self.read_base(name).to(self.dtype)
 
         for name, tensor in named:
+            rows = parse_rows_name(name)
+            if rows is not None:
+                # Trained rows (control tokens) into the base tensor: a whole checkpoint tensor.
+                weight, first = rows
+                full = self.read_base(weight).to(self.dtype).clone()
+                full[first : first + tensor.shape[0]] = tensor.to(self.dtype)
+                name, tensor = weight, full
             parsed = parse_adapter_name(name)
             if module is not None and (parsed is None or parsed[0] != module):
                 yield merged()

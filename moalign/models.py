@@ -164,3 +164,33 @@ def checkpoint_reader(model_dir: str | os.PathLike):
         return where[name].get_tensor(name)
 
     return read
+
+
+STARTING_MODEL_DIR = "base_model"
+
+
+def starting_model(cfg, run_dir: str | os.PathLike) -> Path:
+    """The model a run's actors start from: `model.path` resolved, or, with
+    `conditioning.style: control_tokens`, a copy of it with the control tokens added, made once in
+    RUN_DIR/base_model (storage every node of a cluster sees) and reused by a resume, `make eval`
+    and `make export`."""
+    from moalign.control_tokens import add_control_tokens, check_manifest, read_manifest
+
+    source = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
+    if cfg.conditioning.style != "control_tokens":
+        return source
+    if read_manifest(source) is not None:
+        raise ValueError(
+            f"model.path {cfg.model.path} already has control tokens (it is a control-token export); train from the model it "
+            "started from, or with conditioning.style chat_system"
+        )
+    dest = Path(run_dir) / STARTING_MODEL_DIR
+    existing = read_manifest(dest)
+    if existing is None:
+        log.info(
+            "adding %d control tokens to %s in %s (once per run)", (10**cfg.conditioning.decimals + 1) * len(cfg.objectives), source, dest
+        )
+        add_control_tokens(source, dest, cfg.objective_names, cfg.conditioning.decimals)
+    else:
+        check_manifest(existing, cfg.objective_names, cfg.conditioning.decimals, str(dest))
+    return dest

@@ -78,6 +78,24 @@ class RunningNormalizer:
         self.eps = float(state["eps"])
 
 
+def normalized_rewards(raw: np.ndarray, mode: str, running: RunningNormalizer) -> np.ndarray:
+    """A step's (B, n, K) rewards as the pairs are ranked on them (`algorithm.reward_normalization`);
+    the running statistics are updated whatever the mode, so the choice can change on a resume."""
+    running.update(raw)
+    if mode == "running":
+        return running.normalize(raw)
+    if mode == "batch":
+        flat = raw.reshape(-1, raw.shape[-1])
+        mean = flat.mean(axis=0)
+        std = flat.std(axis=0, ddof=1) if flat.shape[0] > 1 else np.zeros(raw.shape[-1])
+        # An objective every sample scored alike (up to rounding) carries no preference: it is 0.
+        varies = std > 1e-9 * np.maximum(1.0, np.abs(mean))
+        return np.where(varies, (raw - mean) / np.where(varies, std, 1.0), 0.0)
+    if mode == "none":
+        return np.asarray(raw, dtype=float)
+    raise ValueError(f"unknown reward normalization {mode!r}; allowed: running, batch, none")
+
+
 @dataclass(frozen=True)
 class Pair:
     prompt: int

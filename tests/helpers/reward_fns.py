@@ -89,3 +89,23 @@ def kill_marker():
     from pathlib import Path
 
     return Path(tempfile.gettempdir()) / KILL_MARKER
+
+
+def _letter_share(completions, low: bool):
+    shares = []
+    for text in completions:
+        letters = [c for c in text.lower() if "a" <= c <= "z"]
+        early = sum(c <= "m" for c in letters)
+        shares.append(0.0 if not letters else (early if low else len(letters) - early) / len(letters))
+    return shares
+
+
+def early_letters(prompts, completions):
+    """The pathway test's first toy objective: the share of the answer's letters in a-m. It and
+    `late_letters` sum to 1 for any answer with a letter, so they conflict directly."""
+    return _letter_share(completions, low=True)
+
+
+def late_letters(prompts, completions):
+    """The share of the answer's letters in n-z."""
+    return _letter_share(completions, low=False)

@@ -333,3 +333,37 @@ def test_eval_config_checks():
     with pytest.raises(ConfigError, match=r"eval\.every_steps: 3 is not a multiple of sync\.every_steps \(2\)"):
         load_config(None, ["eval.every_steps=3", "sync.every_steps=2"])
     assert load_config(None, ["eval.every_steps=4", "sync.every_steps=2", "eval.reference_point=[0, -1, 0.5]"]).eval.every_steps == 4
+
+
+def test_conflicts_tell_trade_offs_from_agreement_and_say_so_plainly():
+    from moalign.evaluation import conflict_summary, front_markdown, front_stats, objective_conflicts
+
+    rng = np.random.default_rng(3)
+    x = rng.random((3, 6, 4))  # weight vectors, prompts, samples
+    rewards = np.stack([x, 1 - x, x + 1e-3 * rng.random(x.shape)], axis=-1)
+    conflicts = {tuple(c["objectives"]): c for c in objective_conflicts(rewards, ["Short", "Long", "Twin"])}
+    assert conflicts[("Short", "Long")]["disagreement"] == 1.0 and conflicts[("Short", "Long")]["correlation"] < -0.99
+    assert conflicts[("Short", "Twin")]["disagreement"] < 0.05
+    summary = conflict_summary(list(conflicts.values()))
+    assert any("Short and Long **trade off**" in line for line in summary) and not summary[0].startswith("**Nothing")
+    agreeing = objective_conflicts(np.stack([x, x + 1e-3 * rng.random(x.shape)], axis=-1), ["A", "B"])
+    assert conflict_summary(agreeing)[0].startswith("**Nothing to steer:**")
+    weights = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    markdown = front_markdown(front_stats(weights, rewards, ["Short", "Long", "Twin"]), "base")
+    assert "## Do the objectives trade off?" in markdown and "| Short / Long | 100% |" in markdown
+
+
+def test_learning_curve_lists_steerability_by_optimizer_step(tmp_path):
+    from moalign.evaluation import front_stats, learning_curve_markdown, plot_learning_curve
+
+    rng = np.random.default_rng(0)
+    weights = [[1, 0], [0.5, 0.5], [0, 1]]
+    flat = rng.random((3, 8, 2, 2))
+    steering = flat + np.array([[[[0.5, 0.0]]], [[[0.25, 0.25]]], [[[0.0, 0.5]]]])
+    points = [(10, front_stats(weights, steering, ["A", "B"])), (0, front_stats(weights, flat, ["A", "B"]))]
+    table = learning_curve_markdown(points, "curve")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split("|")[1].strip() for r in rows] == ["0", "10"], "sorted by step, the base model as step 0"
+    assert float(rows[1].split("|")[3]) > 3, "the steered policy's z for A"
+    plot_learning_curve(tmp_path / "curve.png", points, "curve")
+    assert (tmp_path / "curve.png").stat().st_size > 1000

@@ -65,3 +65,12 @@ def test_offline_policy_card_takes_no_weights():
         modpo.weights({"Relevance": 1.0})
     mopo = PolicyCard.from_run(load_config(None, ["algorithm.name=mopo", "algorithm.mopo.primary=2"]), step=3)
     assert mopo.default_weights == [0.0, 0.0, 1.0] and mopo.algorithm == "mopo"
+
+
+def test_control_token_card_records_the_mechanism():
+    cfg = load_config(None, ["conditioning.style=control_tokens", "conditioning.decimals=1"])
+    card = PolicyCard.from_run(cfg, step=5)
+    assert card.style == "control_tokens" and len(card.control_tokens) == 3 * 11
+    assert card.example_line == "<|w:Relevance=0.4|><|w:Conciseness=0.3|><|w:Positivity=0.3|>"
+    chat = card.condition([{"role": "user", "content": "hi"}], card.weights({"Conciseness": 1.0}))
+    assert chat[0] == {"role": "system", "content": "<|w:Relevance=0.0|><|w:Conciseness=1.0|><|w:Positivity=0.0|>"}

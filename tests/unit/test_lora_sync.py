@@ -136,3 +136,21 @@ def test_the_payload_follows_the_learner():
     assert make_weight_sync(load_config(None, ["sync.payload=full"]), None, None).payload == "full"
     full = make_weight_sync(load_config(None, ["learner.lora.enabled=false", "sync.backend=broadcast"]), None, None)
     assert isinstance(full, BroadcastSync) and full.payload == "full"
+
+
+def test_trained_rows_merge_into_their_base_tensor():
+    from moalign.lora_sync import parse_rows_name, rows_name, rows_shape_error
+
+    base = base_weights()
+    name = rows_name("model.embed_tokens.weight", 30)
+    assert name == "model.embed_tokens.weight.rows.30" and parse_rows_name(name) == ("model.embed_tokens.weight", 30)
+    assert parse_rows_name("model.embed_tokens.weight") is None
+    rows = torch.full((2, 8), 7.0)
+    out = dict(merger(base)(iter([(name, rows)])))
+    expected = base["model.embed_tokens.weight"].clone()
+    expected[30:] = 7.0
+    assert torch.equal(out["model.embed_tokens.weight"], expected)
+    assert rows_shape_error(name, (2, 8), (32, 8)) is None
+    assert "takes rows 30.." in rows_shape_error(name, (3, 8), (32, 8))
+    assert "takes rows 30.." in rows_shape_error(name, (2, 7), (32, 8))
+    assert "does not have" in rows_shape_error(name, (2, 8), None)

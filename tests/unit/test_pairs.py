@@ -109,3 +109,24 @@ def test_relabelled_pairs_index_prompts_by_weight_set_and_count_ties():
     # Prompt 1's samples tie on every objective under both sets; zero weights are skipped.
     assert [(p.prompt, p.objective) for p in selection.pairs] == [(0, 0), (2, 1)]
     assert selection.dropped_ties == 4 and selection.dropped_zero_weight == 2
+
+
+def test_reward_normalization_modes():
+    from moalign.pairs import RunningNormalizer, normalized_rewards
+
+    rng = np.random.default_rng(0)
+    # Objective 0 on a scale 100x objective 1's, and objective 2 constant.
+    raw = np.stack([rng.normal(50, 10, (4, 3)), rng.normal(0.5, 0.1, (4, 3)), np.full((4, 3), 0.7)], axis=-1)
+    batch = normalized_rewards(raw, "batch", RunningNormalizer(3))
+    flat = batch.reshape(-1, 3)
+    np.testing.assert_allclose(flat[:, :2].mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(flat[:, :2].std(0, ddof=1), 1, atol=1e-12)
+    assert np.all(flat[:, 2] == 0), "a constant objective ranks nothing"
+    running = RunningNormalizer(3)
+    first = normalized_rewards(raw, "running", running)
+    assert running.count == 12 and np.allclose(first[..., :2], batch[..., :2], atol=1e-5)
+    untouched = RunningNormalizer(3)
+    np.testing.assert_array_equal(normalized_rewards(raw, "none", untouched), raw)
+    assert untouched.count == 12, "the running statistics are kept in every mode"
+    with pytest.raises(ValueError, match="allowed: running, batch, none"):
+        normalized_rewards(raw, "minmax", RunningNormalizer(3))

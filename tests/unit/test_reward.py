@@ -13,6 +13,7 @@ BUILTINS = [
     ObjectiveConfig(name="Relevance", source="relevance"),
     ObjectiveConfig(name="Conciseness", source="conciseness", target_words=8),
     ObjectiveConfig(name="Positivity", source="positivity"),
+    ObjectiveConfig(name="Detail", source="detail", target_words=16),
 ]
 
 
@@ -30,11 +31,12 @@ def test_builtin_signals_rank_sensibly(builtin_scorer):
         "",
     ]
     r = builtin_scorer.score([prompt] * 4, completions)
-    assert r.shape == (4, 3)
+    assert r.shape == (4, 4)
     assert r[0, 0] > r[1, 0] + 0.2, "on-topic answer must be more relevant"
     assert r[2, 1] > r[1, 1], "shorter answer must be more concise"
     assert r[2, 1] == 1.0 and r[3, 1] == 0.0
     assert r[2, 2] > 0.5 and r[2, 2] > r[1, 2]
+    assert r[0, 3] > r[2, 3] and r[3, 3] == 0.0, "the longer honest answer says more"
     assert np.all((r >= 0) & (r <= 1)), "built-in objectives are on a [0, 1] scale"
 
 
@@ -68,9 +70,32 @@ def test_cut_off_answer_is_not_concise(builtin_scorer):
     text = "Give it bright light and little water."
     r = builtin_scorer.score([DEGENERATE_PROMPT] * 2, [text, text], finished=[True, False])
     assert r[0, 1] == 1.0 and r[1, 1] == 0.0
-    assert r[0, 0] == r[1, 0] and r[0, 2] == r[1, 2], "only conciseness depends on whether the answer ended"
+    assert r[0, 0] == r[1, 0] and r[0, 2] == r[1, 2] and r[0, 3] == r[1, 3], "only conciseness depends on whether the answer ended"
     with pytest.raises(RewardError, match="2 completions and 1 finished flags"):
         builtin_scorer.score([DEGENERATE_PROMPT] * 2, [text, text], finished=[True])
+
+
+def test_detail_rises_with_length_and_trades_off_with_conciseness(builtin_scorer):
+    words = "soak seeds overnight then sow them thinly in damp compost under glass and keep them warm until the first leaves open".split()
+    texts = [" ".join(words[:n]) for n in (4, 8, 16, 21)]
+    r = builtin_scorer.score([DEGENERATE_PROMPT] * len(texts), texts)
+    detail, concise = r[:, 3], r[:, 1]
+    assert list(detail) == sorted(detail) and detail[2] == detail[3] == 1.0, "more words say more, up to target_words"
+    assert concise[1] > concise[3], "and the same answers are less concise past conciseness' target"
+
+
+def test_detail_is_not_won_by_long_degenerate_text(builtin_scorer):
+    honest = GOOD_ANSWERS[1]
+    long_degenerate = {
+        "a long loop": "water it water it " * 20,
+        "the prompt many times": " ".join([DEGENERATE_PROMPT] * 6),
+        "one word many times": "basil " * 60,
+        "a loop with the prompt": (DEGENERATE_PROMPT + " yes ") * 5,
+    }
+    texts = [honest, *long_degenerate.values()]
+    r = builtin_scorer.score([DEGENERATE_PROMPT] * len(texts), texts, finished=[True] + [False] * len(long_degenerate))
+    for i, name in enumerate(long_degenerate, start=1):
+        assert r[i, 3] < 0.3 < r[0, 3], f"{name!r} scores {r[i, 3]:.3f} on Detail, the honest answer {r[0, 3]:.3f}"
 
 
 def test_echo_fraction_and_quality_gate():

@@ -1,0 +1,184 @@
+"""Control tokens: one added token per objective and weight bin, whose embedding is trained.
+
+With `conditioning.style: control_tokens` the weights reach the policy as K added tokens (one per
+objective, e.g. `<|w:Conciseness=0.7|>`) instead of a numeric text line. A run starts from its
+base model with those tokens added (`add_control_tokens`, written to RUN_DIR/base_model): the
+tokenizer knows them as special tokens, the embedding matrix has one row more per token, and
+`control_tokens.json` beside the weights lists them. Every part reads that file:
+
+- the learner trains the new input rows with the adapter (`ControlEmbedding`) and scores
+  completions over the original vocabulary only (`sampled_vocab`);
+- generators and the serving engine never sample a control token (a -100 logit bias);
+- a sync carries the trained rows, an export writes them into the merged folder and, in PEFT's
+  trainable-tokens form, into the adapter.
+
+The tokens are input only: with tied embeddings their rows also feed the output layer, which is
+why the learner and the samplers leave them out of the output distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from moalign.conditioning import control_token_vocabulary
+
+MANIFEST = "control_tokens.json"
+# A logit bias this low never lets a token be sampled: vLLM clips biases to [-100, 100].
+NEVER = -100.0
+
+
+@dataclass(frozen=True)
+class ControlTokens:
+    """What `control_tokens.json` says about a model folder's added tokens."""
+
+    objectives: list[str]
+    decimals: int
+    tokens: list[str]
+    """In id order: objective by objective, weight bins ascending."""
+    first_id: int
+    """Id of the first control token; the ids are first_id .. first_id + len(tokens) - 1."""
+    sampled_vocab: int
+    """Tokens a policy may write: every id below first_id."""
+    source_model: str
+    """The folder the tokens were added to."""
+
+    @property
+    def ids(self) -> list[int]:
+        return list(range(self.first_id, self.first_id + len(self.tokens)))
+
+    def logit_bias(self) -> dict[int, float]:
+        """Sampling settings' bias that keeps every control token out of a completion."""
+        return dict.fromkeys(self.ids, NEVER)
+
+
+def read_manifest(model_dir: str | os.PathLike) -> ControlTokens | None:
+    """The folder's control tokens, or None for a model without them."""
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return ControlTokens(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not a control-token manifest: {exc}") from None
+
+
+def write_manifest(model_dir: str | os.PathLike, tokens: ControlTokens) -> None:
+    (Path(model_dir) / MANIFEST).write_text(json.dumps(asdict(tokens), indent=1) + "\n")
+
+
+def check_manifest(tokens: ControlTokens, names: Sequence[str], decimals: int, where: str) -> None:
+    """The folder's tokens must be the ones these objectives and decimals write."""
+    if list(tokens.objectives) != list(names) or tokens.decimals != decimals:
+        raise ValueError(
+            f"{where} holds control tokens for objectives {tokens.objectives} with {tokens.decimals} decimal(s); "
+            f"this run writes {list(names)} with {decimals}: start from a model without control tokens, or a new run_dir"
+        )
+
+
+def add_control_tokens(source: str | os.PathLike, dest: str | os.PathLike, names: Sequence[str], decimals: int) -> ControlTokens:
+    """A copy of the model at `source` in `dest` with one control token per objective and weight
+    bin added: its embedding row starts as the mean of the base embeddings of the text it stands
+    for (`Conciseness: 0.7`), so the policy starts out reading roughly what the text line says.
+    With untied embeddings the new output rows are the mean of the old ones (never sampled anyway).
+    Written beside `dest` and renamed into place: a crash leaves no half-written model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.tokenization_utils_base import AddedToken
+
+    source, dest = Path(source), Path(dest)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    vocab = model.get_input_embeddings().num_embeddings
+    tokens = control_token_vocabulary(names, decimals)
+    clash = [t for t in tokens if t in tokenizer.get_vocab()]
+    if clash:
+        raise ValueError(f"{source}: the tokenizer already has {clash[:3]}: it holds control tokens already")
+    # Text for each token's starting embedding: what the text line writes for that weight.
+    steps = 10**decimals
+    meaning = [f" {name}: {i / steps:.{decimals}f}" for name in names for i in range(steps + 1)]
+    if len(tokenizer) != vocab:
+        # Some checkpoints pad their embedding past the tokenizer; the new ids must follow both.
+        raise ValueError(f"{source}: the tokenizer has {len(tokenizer)} tokens, the embedding {vocab} rows: control tokens need them equal")
+    first_id = vocab
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens], special_tokens=True)
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    if ids != list(range(first_id, first_id + len(tokens))):
+        raise ValueError(f"{source}: the added control tokens did not get the ids after the vocabulary")
+    embed = model.get_input_embeddings().weight
+    with torch.no_grad():
+        starts = [embed[tokenizer(text, add_special_tokens=False)["input_ids"]].mean(0) for text in meaning]
+        model.resize_token_embeddings(vocab + len(tokens), mean_resizing=False)
+        embed = model.get_input_embeddings().weight
+        embed[first_id:] = torch.stack(starts)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not embed:
+            head.weight[first_id:] = head.weight[:first_id].mean(0)
+    manifest = ControlTokens(list(names), decimals, tokens, first_id, first_id, str(source))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            GenerationConfig.from_pretrained(source).save_pretrained(tmp)
+        except OSError:
+            pass  # the source has none; loaders fall back to the model config
+        write_manifest(tmp, manifest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+class ControlEmbedding(torch.nn.Module):
+    """The model's input embedding with the control tokens' rows trainable and the rest frozen.
+
+    The rows live in a parameter of their own (`rows`), so an optimizer holds state for them
+    alone and a LoRA checkpoint saves them beside the adapters. `base` is the original embedding
+    (its weight still shared with a tied output layer, which keeps the starting rows). Inside
+    `starting_rows()` the module embeds as the base model did: the reference policy of DPO.
+    """
+
+    def __init__(self, base: torch.nn.Embedding, first_id: int):
+        super().__init__()
+        if not 0 < first_id < base.num_embeddings:
+            raise ValueError(f"control tokens start at id {first_id}, outside an embedding of {base.num_embeddings} rows")
+        self.base = base
+        self.first_id = first_id
+        self.rows = torch.nn.Parameter(base.weight.detach()[first_id:].clone())
+        self._starting = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The embedding as the policy has it now (trained rows in place)."""
+        return torch.cat([self.base.weight[: self.first_id], self.rows.to(self.base.weight.dtype)], dim=0)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.base.num_embeddings
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(ids)
+        if self._starting:
+            return out
+        control = ids >= self.first_id
+        if not bool(control.any()):
+            return out
+        trained = self.rows[(ids - self.first_id).clamp(min=0)].to(out.dtype)
+        return torch.where(control.unsqueeze(-1), trained, out)
+
+    @contextmanager
+    def starting_rows(self) -> Iterator[None]:
+        was, self._starting = self._starting, True
+        try:
+            yield
+        finally:
+            self._starting = was

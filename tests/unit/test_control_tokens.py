@@ -1,0 +1,92 @@
+"""Control tokens: the tokens a weight vector is written as, the model folder they are added to,
+and the embedding whose rows for them train."""
+
+import pytest
+import torch
+
+from moalign.conditioning import condition_messages, control_token_vocabulary, format_control_tokens, render_prompt_ids
+from moalign.control_tokens import NEVER, ControlEmbedding, add_control_tokens, check_manifest, read_manifest
+
+NAMES = ["Conciseness", "Detail"]
+
+
+def test_each_weight_vector_is_one_token_per_objective():
+    assert format_control_tokens(NAMES, [0.7, 0.3], 1) == "<|w:Conciseness=0.7|><|w:Detail=0.3|>"
+    # Rounded as the text line rounds (largest remainder), so the written weights sum to 1.
+    assert format_control_tokens(["A", "B", "C"], [1 / 3, 1 / 3, 1 / 3], 1) == "<|w:A=0.4|><|w:B=0.3|><|w:C=0.3|>"
+    vocabulary = control_token_vocabulary(NAMES, 1)
+    assert len(vocabulary) == 2 * 11 and vocabulary[0] == "<|w:Conciseness=0.0|>" and vocabulary[-1] == "<|w:Detail=1.0|>"
+    chat = condition_messages("Why?", NAMES, [0.7, 0.3], "control_tokens", 1)
+    assert chat == [{"role": "system", "content": "<|w:Conciseness=0.7|><|w:Detail=0.3|>"}, {"role": "user", "content": "Why?"}]
+
+
+@pytest.fixture(scope="module")
+def with_tokens(tiny_model, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("control") / "model"
+    return dest, add_control_tokens(tiny_model, dest, NAMES, 1)
+
+
+def test_the_tokens_are_added_after_the_vocabulary(tiny_model, with_tokens):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest, control = with_tokens
+    base_tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    assert read_manifest(dest) == control and control.first_id == len(base_tokenizer) == control.sampled_vocab
+    assert control.ids == list(range(len(base_tokenizer), len(tokenizer))) and control.tokens == control_token_vocabulary(NAMES, 1)
+    assert control.logit_bias() == dict.fromkeys(control.ids, NEVER)
+    # Each token is one id, whatever text is around it, and the rest of a prompt tokenises as before.
+    ids = render_prompt_ids(tokenizer, condition_messages("Why is the sky blue?", NAMES, [0.7, 0.3], "control_tokens", 1))
+    assert [i for i in ids if i >= control.first_id] == [control.first_id + 7, control.first_id + 11 + 3]
+    line = render_prompt_ids(base_tokenizer, condition_messages("Why is the sky blue?", NAMES, [0.7, 0.3], "chat_system", 1))
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ids[ids.index(end) :] == line[line.index(end) :], "after the system message, the prompt is as the text line's"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(dest)
+    old, new = base.get_input_embeddings().weight, model.get_input_embeddings().weight
+    assert new.shape[0] == old.shape[0] + len(control.tokens) and torch.equal(new[: old.shape[0]], old)
+    # A token starts as the mean embedding of the text it stands for.
+    start = old[base_tokenizer(" Conciseness: 0.7", add_special_tokens=False)["input_ids"]].mean(0)
+    torch.testing.assert_close(new[control.first_id + 7], start)
+
+
+def test_a_folder_that_has_them_is_refused_as_a_source_and_checked_as_a_start(with_tokens, tmp_path):
+    dest, control = with_tokens
+    with pytest.raises(ValueError, match="holds control tokens already"):
+        add_control_tokens(dest, tmp_path / "again", NAMES, 1)
+    check_manifest(control, NAMES, 1, "here")
+    with pytest.raises(ValueError, match=r"objectives \['Conciseness', 'Detail'\] with 1 decimal"):
+        check_manifest(control, ["Conciseness", "Positivity"], 1, "here")
+    (tmp_path / "control_tokens.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a control-token manifest"):
+        read_manifest(tmp_path)
+    assert read_manifest(tmp_path / "nothing") is None
+
+
+def test_only_the_control_rows_train_and_the_start_is_kept():
+    torch.manual_seed(0)
+    base = torch.nn.Embedding(10, 4)
+    base.weight.requires_grad_(False)
+    embed = ControlEmbedding(base, first_id=7)
+    ids = torch.tensor([[1, 7, 9, 2]])
+    torch.testing.assert_close(embed(ids), base(ids))
+    optimizer = torch.optim.SGD(embed.parameters(), lr=1.0)
+    embed(ids).sum().backward()
+    optimizer.step()
+    assert [n for n, p in embed.named_parameters() if p.requires_grad] == ["rows"]
+    out = embed(ids)
+    torch.testing.assert_close(out[0, [0, 3]], base(ids)[0, [0, 3]])
+    assert not torch.allclose(out[0, 1], base(ids)[0, 1]) and torch.equal(embed.weight[7:], embed.rows.detach())
+    with embed.starting_rows():
+        torch.testing.assert_close(embed(ids), base(ids))
+    with pytest.raises(ValueError, match="outside an embedding of 10 rows"):
+        ControlEmbedding(base, first_id=10)
+
+
+def test_only_mo_odpo_takes_control_tokens():
+    from moalign.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="control_tokens carry weights into MO-ODPO prompts"):
+        load_config("configs/mopo_cpu.yaml", ["conditioning.style=control_tokens"])
+    with pytest.raises(ConfigError, match="1001 control tokens per objective"):
+        load_config(None, ["conditioning.style=control_tokens", "conditioning.decimals=3"])
