@@ -195,7 +195,11 @@ class Learner(WeightPublisher):
         if not trainable:
             raise ValueError("no trainable parameters: check learner.lora.target_modules against the model's module names")
         n_trainable = sum(p.numel() for p in trainable)
-        optimizer = torch.optim.AdamW(trainable, lr=lcfg.lr, weight_decay=lcfg.weight_decay)
+        rows = [p for m in model.modules() if isinstance(m, ControlEmbedding) for p in [m.rows]]
+        groups = [{"params": [p for p in trainable if all(p is not r for r in rows)]}]
+        if rows:
+            groups.append({"params": rows, "lr": lcfg.lr * lcfg.control_token_lr_scale})
+        optimizer = torch.optim.AdamW(groups, lr=lcfg.lr, weight_decay=lcfg.weight_decay)
         # One bucket holds all LoRA gradients; DeepSpeed's 5e8-element default only matters for full models.
         bucket = int(min(5e8, max(1e6, n_trainable)))
         ds_config = {

@@ -201,6 +201,8 @@ class LearnerConfig(_Section):
     """Gradient-norm clip."""
     micro_batch_pairs: int = Field(4, ge=1, le=4096)
     """Pairs per forward/backward on one learner."""
+    control_token_lr_scale: float = Field(10.0, gt=0, le=1000)
+    """conditioning.style control_tokens: the learning rate of the control tokens' embedding rows, as a multiple of `lr` (new rows start far from where they must end up; at `lr` alone they barely moved in 20 steps)."""
     zero_stage: int = Field(2, ge=0, le=3)
     """DeepSpeed ZeRO stage; 3 partitions the weights themselves over the learners, and every learner then takes part in each weight sync and export."""
     lora: LoRAConfig = LoRAConfig()

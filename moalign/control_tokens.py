@@ -86,10 +86,13 @@ def check_manifest(tokens: ControlTokens, names: Sequence[str], decimals: int, w
 
 def add_control_tokens(source: str | os.PathLike, dest: str | os.PathLike, names: Sequence[str], decimals: int) -> ControlTokens:
     """A copy of the model at `source` in `dest` with one control token per objective and weight
-    bin added: its embedding row starts as the mean of the base embeddings of the text it stands
-    for (`Conciseness: 0.7`), so the policy starts out reading roughly what the text line says.
-    With untied embeddings the new output rows are the mean of the old ones (never sampled anyway).
-    Written beside `dest` and renamed into place: a crash leaves no half-written model."""
+    bin added. A token's embedding row starts ordered by its weight: the mean embedding of the
+    objective's name plus (2w - 1) times half the difference between " more" and " less", so the
+    corners of one objective start as far apart as those two words and the bins between them in
+    order (the mean embedding of the text line's own words would start every bin of an objective
+    nearly alike). With untied embeddings the new output rows are the mean of the old ones (never
+    sampled anyway). Written beside `dest` and renamed into place: a crash leaves no half-written
+    model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.tokenization_utils_base import AddedToken
 
@@ -101,9 +104,6 @@ def add_control_tokens(source: str | os.PathLike, dest: str | os.PathLike, names
     clash = [t for t in tokens if t in tokenizer.get_vocab()]
     if clash:
         raise ValueError(f"{source}: the tokenizer already has {clash[:3]}: it holds control tokens already")
-    # Text for each token's starting embedding: what the text line writes for that weight.
-    steps = 10**decimals
-    meaning = [f" {name}: {i / steps:.{decimals}f}" for name in names for i in range(steps + 1)]
     if len(tokenizer) != vocab:
         # Some checkpoints pad their embedding past the tokenizer; the new ids must follow both.
         raise ValueError(f"{source}: the tokenizer has {len(tokenizer)} tokens, the embedding {vocab} rows: control tokens need them equal")
@@ -114,7 +114,13 @@ def add_control_tokens(source: str | os.PathLike, dest: str | os.PathLike, names
         raise ValueError(f"{source}: the added control tokens did not get the ids after the vocabulary")
     embed = model.get_input_embeddings().weight
     with torch.no_grad():
-        starts = [embed[tokenizer(text, add_special_tokens=False)["input_ids"]].mean(0) for text in meaning]
+
+        def text(words: str) -> torch.Tensor:
+            return embed[tokenizer(words, add_special_tokens=False)["input_ids"]].mean(0)
+
+        half_way = (text(" more") - text(" less")) / 2
+        steps = 10**decimals
+        starts = [text(f" {name}") + (2 * i / steps - 1) * half_way for name in names for i in range(steps + 1)]
         model.resize_token_embeddings(vocab + len(tokens), mean_resizing=False)
         embed = model.get_input_embeddings().weight
         embed[first_id:] = torch.stack(starts)

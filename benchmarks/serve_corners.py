@@ -1,0 +1,142 @@
+"""What a user of the served policy gets at each corner of the weights: held-out prompts sent
+through `make serve` (started here as a subprocess, loopback only) once per corner, with the same
+seed per prompt at every corner, and each answer scored on the run's own objectives.
+
+    python benchmarks/serve_corners.py --run runs/steer_length [--model DIR] [--prompts 20] [--out FILE]
+
+Prints, per corner, the mean answer length in words and tokens, the share of answers that ended
+by themselves, and the mean reward of every objective; the answers and figures go to
+RUN/eval/serve_corners.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from actors.reward import RewardScorer
+from moalign.config import load_config
+from moalign.data import load_prompts
+from moalign.weight_sync import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("serve_corners")
+
+
+def chat(url: str, prompt: str, weights: dict[str, float], max_tokens: int, temperature: float, seed: int) -> dict:
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "objective_weights": weights,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+    }
+    request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def start_service(model: str, port: int, timeout_s: float) -> subprocess.Popen:
+    """`serve.py` as `make serve` runs it; returns once it answers."""
+    command = [sys.executable, str(REPO / "serve.py"), "--config", str(REPO / "configs/serve/local.yaml"), "--model", model, f"port={port}"]
+    server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    started = time.perf_counter()
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"the service exited with {server.returncode} before answering; run {' '.join(command)} to see why")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+                if r.status == 200:
+                    return server
+        except (OSError, urllib.error.HTTPError):
+            pass
+        if time.perf_counter() - started > timeout_s:
+            stop_service(server)
+            raise SystemExit(f"the service did not answer within {timeout_s:.0f}s")
+        time.sleep(2)
+
+
+def stop_service(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGINT)
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="run directory: its config.yaml names the objectives and held-out prompts")
+    parser.add_argument("--model", help="exported policy folder (default: RUN/final)")
+    parser.add_argument("--prompts", type=int, default=20, help="held-out prompts per corner")
+    parser.add_argument("--startup-timeout-s", type=float, default=900)
+    parser.add_argument("--out", help="JSON file for the answers and figures (default: RUN/eval/serve_corners.json)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    run_dir = Path(args.run)
+    cfg = load_config(run_dir / "config.yaml")
+    model = args.model or str(run_dir / "final")
+    names = cfg.objective_names
+    prompts = [r.prompt for r in load_prompts(cfg.data.heldout_path)[: args.prompts]]
+    corners = [{n: float(i == k) for i, n in enumerate(names)} for k in range(len(names))]
+
+    port = free_port()
+    server = start_service(model, port, args.startup_timeout_s)
+    url = f"http://127.0.0.1:{port}"
+    answers: dict[str, list[dict]] = {}
+    try:
+        for corner, weights in zip(names, corners):
+            log.info("corner %s: %d prompts", corner, len(prompts))
+            answers[corner] = [
+                chat(url, p, weights, cfg.rollout.max_new_tokens, cfg.rollout.temperature, seed=cfg.eval.seed + i)
+                for i, p in enumerate(prompts)
+            ]
+    finally:
+        stop_service(server)
+
+    scorer = RewardScorer(cfg.objectives)
+    figures: dict[str, dict] = {}
+    rows = []
+    for corner in names:
+        texts = [a["choices"][0]["message"]["content"] for a in answers[corner]]
+        finished = [a["choices"][0]["finish_reason"] == "stop" for a in answers[corner]]
+        rewards = scorer.score(prompts, texts, finished)
+        figures[corner] = {
+            "words": float(np.mean([len(t.split()) for t in texts])),
+            "tokens": float(np.mean([a["usage"]["completion_tokens"] for a in answers[corner]])),
+            "ended": float(np.mean(finished)),
+            "rewards": dict(zip(names, map(float, rewards.mean(axis=0)))),
+        }
+        rows += [{"corner": corner, "prompt": p, "text": t, "ended": f} for p, t, f in zip(prompts, texts, finished)]
+    header = "| corner | words | tokens | ended | " + " | ".join(names) + " |"
+    lines = [header, "|---" * (4 + len(names)) + "|"]
+    for corner, f in figures.items():
+        cells = [corner, f"{f['words']:.1f}", f"{f['tokens']:.1f}", f"{f['ended']:.0%}"] + [f"{f['rewards'][n]:.3f}" for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    words = [f["words"] for f in figures.values()]
+    log.info(
+        "%s through make serve, %d held-out prompts per corner:\n%s\nlongest / shortest mean answer: %.2fx",
+        model,
+        len(prompts),
+        "\n".join(lines),
+        max(words) / max(min(words), 1e-9),
+    )
+    out = Path(args.out) if args.out else run_dir / "eval" / "serve_corners.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": model, "figures": figures, "answers": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
