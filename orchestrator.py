@@ -208,7 +208,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     weight_sets = [weights] + _relabel_weights(cfg, state.sampler, weights)
                     for extra in weight_sets[1:]:
                         prompt_ids += [render_conditioned(tokenizer, p.prompt, names, w, cfg) for p, w in zip(batch, extra)]
-                    selection = select_relabelled_pairs(weight_sets, normalized, cfg.algorithm.pair_mode)
+                    selection = select_relabelled_pairs(weight_sets, normalized, cfg.algorithm.pair_mode, cfg.algorithm.relabel_keep)
 
                     # 6. One learner step on the conditioned prompts.
                     t = time.perf_counter()
@@ -474,6 +474,7 @@ def _step_metrics(names, raw, samples, selection, learn, timings, version) -> di
             "pairs": len(selection.pairs),
             "dropped_ties": selection.dropped_ties,
             "dropped_zero_weight": selection.dropped_zero_weight,
+            "dropped_agreeing": selection.dropped_agreeing,
             "tokens_generated": tokens,
             # Throughput: with generation overlapped, time/generate_s is only the part not hidden.
             "tokens_per_s": tokens / max(timings["time/step_s"], 1e-9),

@@ -130,6 +130,8 @@ class AlgorithmConfig(_Section):
     """Extra weight vectors per prompt under which the same samples are re-ranked and trained with that weight line (hindsight relabelling; 0 = the paper's loop)."""
     reward_normalization: Literal["running", "batch", "none"] = "running"
     """Per-objective rewards before the weighted sum: `running`, a z-score against every step so far (running mean/std); `batch`, a z-score over this step's samples; `none`, the raw scores (objectives on different scales then weigh by their units)."""
+    relabel_keep: Literal["all", "contrasting"] = "all"
+    """With relabelling: `all` pairs, or only the pairs of prompts whose weight lines choose different answers (`contrasting`, scalarised pairs only): where every line prefers the same answer, its pairs push the whole policy one way and teach nothing about the weights."""
     relabel_source: Literal["dirichlet", "neglected_corner"] = "dirichlet"
     """Relabelling weights: fresh Dirichlet draws, or the corners of the objectives the sampled weights favour least (the most contrasting lines)."""
     modpo: MODPOConfig = MODPOConfig()
@@ -400,6 +402,12 @@ class RunConfig(_Section):
                 raise ValueError(
                     f"conditioning.decimals: {self.conditioning.decimals} would add {10**self.conditioning.decimals + 1} control tokens per objective; use 1 or 2"
                 )
+        if self.algorithm.relabel_keep == "contrasting" and (
+            self.algorithm.relabel_weights == 0 or self.algorithm.pair_mode != "scalarised"
+        ):
+            raise ValueError(
+                "algorithm.relabel_keep: contrasting compares the answers of relabelled lines; it needs relabel_weights > 0 and scalarised pairs"
+            )
         if self.algorithm.relabel_source == "neglected_corner" and self.algorithm.relabel_weights > k:
             raise ValueError(f"algorithm.relabel_weights: {self.algorithm.relabel_weights} neglected corners asked of {k} objectives")
         if self.algorithm.mopo.primary >= k:

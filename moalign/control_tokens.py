@@ -86,13 +86,13 @@ def check_manifest(tokens: ControlTokens, names: Sequence[str], decimals: int, w
 
 def add_control_tokens(source: str | os.PathLike, dest: str | os.PathLike, names: Sequence[str], decimals: int) -> ControlTokens:
     """A copy of the model at `source` in `dest` with one control token per objective and weight
-    bin added. A token's embedding row starts ordered by its weight: the mean embedding of the
-    objective's name plus (2w - 1) times half the difference between " more" and " less", so the
-    corners of one objective start as far apart as those two words and the bins between them in
-    order (the mean embedding of the text line's own words would start every bin of an objective
-    nearly alike). With untied embeddings the new output rows are the mean of the old ones (never
-    sampled anyway). Written beside `dest` and renamed into place: a crash leaves no half-written
-    model."""
+    bin added. A token's embedding row starts as the mean embedding of the text line's words for
+    it (`Conciseness: 0.7`), so the policy starts out reading about what the text line says, plus
+    (w - 1/2) x (" more" - " less") / 2, so the bins of one objective start apart and in order
+    (the words alone start the corners 0.27 apart on SmolLM2, rows of norm 1.3; the offset makes it
+    1.3 without moving the start far from the text line's). With untied embeddings the new output
+    rows are the mean of the old ones (never sampled anyway). Written beside `dest` and renamed
+    into place: a crash leaves no half-written model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.tokenization_utils_base import AddedToken
 
@@ -118,9 +118,9 @@ def add_control_tokens(source: str | os.PathLike, dest: str | os.PathLike, names
         def text(words: str) -> torch.Tensor:
             return embed[tokenizer(words, add_special_tokens=False)["input_ids"]].mean(0)
 
-        half_way = (text(" more") - text(" less")) / 2
+        more = (text(" more") - text(" less")) / 2
         steps = 10**decimals
-        starts = [text(f" {name}") + (2 * i / steps - 1) * half_way for name in names for i in range(steps + 1)]
+        starts = [text(f" {name}: {i / steps:.{decimals}f}") + (i / steps - 0.5) * more for name in names for i in range(steps + 1)]
         model.resize_token_embeddings(vocab + len(tokens), mean_resizing=False)
         embed = model.get_input_embeddings().weight
         embed[first_id:] = torch.stack(starts)

@@ -117,6 +117,8 @@ class PairSelection:
     """Candidate pairs whose chosen and rejected scores were equal (no preference to learn)."""
     dropped_zero_weight: int
     """Per-objective candidates whose objective weight was 0 (they add nothing to the loss)."""
+    dropped_agreeing: int = 0
+    """Pairs of prompts left out because every weight line chose the same answer (`keep="contrasting"`)."""
 
 
 def select_pairs(
@@ -166,6 +168,7 @@ def select_relabelled_pairs(
     weight_sets: Sequence[np.ndarray],
     rewards: np.ndarray,
     mode: Literal["scalarised", "per_objective"] = "scalarised",
+    keep: Literal["all", "contrasting"] = "all",
 ) -> PairSelection:
     """`select_pairs` under each (B, K) weight set in turn, over the same (B, n, K) samples.
 
@@ -173,13 +176,31 @@ def select_relabelled_pairs(
     (hindsight relabelling). Pair j * B + b is trained under weight set j's line for prompt b,
     so the same two completions can be chosen under one line and rejected under another: the
     only way to fit both is to read the line.
+
+    `keep="contrasting"` (scalarised only) keeps a prompt's pairs only where its lines choose
+    different answers. Where every line prefers the same answer (an objective that cannot rank
+    the samples, such as Conciseness when every answer ran to the cap, leaves the others to
+    decide under every line), the pairs teach no mapping from weights to answers, only a push of
+    the whole policy, which on such prompts always goes one way.
     """
+    if keep not in ("all", "contrasting"):
+        raise ValueError(f"unknown relabel keep {keep!r}; allowed: all, contrasting")
+    if keep == "contrasting" and mode != "scalarised":
+        raise ValueError("keep='contrasting' compares the answers each line chooses: scalarised pairs only")
     batch = np.asarray(rewards).shape[0]
+    selections = [select_pairs(weights, rewards, mode) for weights in weight_sets]
+    contrasting = None
+    if keep == "contrasting":
+        chosen = [{p.prompt: p.chosen for p in selection.pairs} for selection in selections]
+        contrasting = {b for b in range(batch) if len({c[b] for c in chosen if b in c}) > 1}
     pairs: list[Pair] = []
-    ties = zero = 0
-    for j, weights in enumerate(weight_sets):
-        selection = select_pairs(weights, rewards, mode)
-        pairs += [dataclasses.replace(p, prompt=j * batch + p.prompt) for p in selection.pairs]
+    ties = zero = agreeing = 0
+    for j, selection in enumerate(selections):
+        for p in selection.pairs:
+            if contrasting is not None and p.prompt not in contrasting:
+                agreeing += 1
+                continue
+            pairs.append(dataclasses.replace(p, prompt=j * batch + p.prompt))
         ties += selection.dropped_ties
         zero += selection.dropped_zero_weight
-    return PairSelection(pairs, ties, zero)
+    return PairSelection(pairs, ties, zero, agreeing)

@@ -105,8 +105,8 @@ def break_path(name, monkeypatch):
         monkeypatch.setattr(orchestrator, "_learn", learn)
     elif name == "wrong_relabel_line":
 
-        def select(weight_sets, rewards, mode):
-            selection = select_relabelled_pairs(weight_sets, rewards, mode)
+        def select(weight_sets, rewards, *args):
+            selection = select_relabelled_pairs(weight_sets, rewards, *args)
             batch = np.asarray(rewards).shape[0]
             for i, pair in enumerate(selection.pairs):
                 selection.pairs[i] = type(pair)(pair.prompt % batch, pair.chosen, pair.rejected, pair.loss_weight, pair.objective)

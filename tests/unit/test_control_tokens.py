@@ -46,13 +46,13 @@ def test_the_tokens_are_added_after_the_vocabulary(tiny_model, with_tokens):
     old, new = base.get_input_embeddings().weight, model.get_input_embeddings().weight
     assert new.shape[0] == old.shape[0] + len(control.tokens) and torch.equal(new[: old.shape[0]], old)
 
-    # Tokens start ordered by their weight: the name's embedding plus (2w - 1) x half of " more" - " less".
+    # A token starts as its text line's words, plus (w - 1/2) x (" more" - " less") / 2 to order the bins.
     def text(words):
         return old[base_tokenizer(words, add_special_tokens=False)["input_ids"]].mean(0)
 
-    half = (text(" more") - text(" less")) / 2
-    torch.testing.assert_close(new[control.first_id + 7], text(" Conciseness") + 0.4 * half)
-    torch.testing.assert_close(new[control.first_id + 11] - new[control.first_id + 21], -2 * half)
+    more = (text(" more") - text(" less")) / 2
+    torch.testing.assert_close(new[control.first_id + 7], text(" Conciseness: 0.7") + 0.2 * more)
+    torch.testing.assert_close(new[control.first_id + 21] - new[control.first_id + 11], text(" Detail: 1.0") - text(" Detail: 0.0") + more)
 
 
 def test_a_folder_that_has_them_is_refused_as_a_source_and_checked_as_a_start(with_tokens, tmp_path):

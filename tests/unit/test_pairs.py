@@ -130,3 +130,18 @@ def test_reward_normalization_modes():
     assert untouched.count == 12, "the running statistics are kept in every mode"
     with pytest.raises(ValueError, match="allowed: running, batch, none"):
         normalized_rewards(raw, "minmax", RunningNormalizer(3))
+
+
+def test_only_prompts_whose_lines_disagree_are_kept_when_asked():
+    # Prompt 0: objective 0 cannot rank its samples (all 0), so both lines pick by objective 1.
+    # Prompt 1: the lines choose different answers.
+    rewards = np.array([[[0.0, 0.2], [0.0, 0.9], [0.0, 0.5]], [[1.0, 0.1], [0.0, 0.9], [0.5, 0.5]]])
+    drawn = np.array([[0.9, 0.1], [0.9, 0.1]])
+    corner = np.array([[0.0, 1.0], [0.0, 1.0]])
+    everything = select_relabelled_pairs([drawn, corner], rewards)
+    assert [(p.prompt, p.chosen, p.rejected) for p in everything.pairs] == [(0, 1, 0), (1, 0, 1), (2, 1, 0), (3, 1, 0)]
+    kept = select_relabelled_pairs([drawn, corner], rewards, keep="contrasting")
+    assert [(p.prompt, p.chosen, p.rejected) for p in kept.pairs] == [(1, 0, 1), (3, 1, 0)]
+    assert kept.dropped_agreeing == 2
+    with pytest.raises(ValueError, match="scalarised pairs only"):
+        select_relabelled_pairs([drawn, corner], rewards, "per_objective", keep="contrasting")
