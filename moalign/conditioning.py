@@ -204,15 +204,19 @@ def condition_chat(
 ) -> list[dict[str, str]]:
     """A conversation with the weights written in as training wrote them: `chat_system` puts the
     text line in the system message, `system_prefix` before the last user turn (the one being
-    answered), `control_tokens` puts the control tokens in the system message. Training saw no
-    other system text; a caller's own system message follows the weights."""
+    answered); a caller's own system message follows the line. `control_tokens` opens the answer
+    with the control tokens (a partial assistant turn, rendered by `render_prompt_ids` so that
+    the answer continues it): right before the first token they steer, with the chat template's
+    own system prompt left as it is."""
     if style not in STYLES:
         raise WeightsError(f"unknown conditioning style {style!r}; allowed: {', '.join(STYLES)}")
     line = weight_signal(names, weights, style, decimals)
     chat = [dict(m) for m in messages]
     if not chat or chat[-1].get("role") != "user":
         raise WeightsError("the conversation must end with a user message for the weights to apply to")
-    if style in ("chat_system", "control_tokens"):
+    if style == "control_tokens":
+        return [*chat, {"role": "assistant", "content": line}]
+    if style == "chat_system":
         if chat[0].get("role") == "system":
             chat[0]["content"] = f"{line}\n{chat[0]['content']}"
             return chat
@@ -223,8 +227,12 @@ def condition_chat(
 
 def render_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
     """Token ids of a conditioned conversation, exactly as training fed them to the generators:
-    the chat template's text with the generation prompt, tokenised without added special tokens."""
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    the chat template's text with the generation prompt (or, when the conversation ends with the
+    opening of the answer, that answer left open), tokenised without added special tokens."""
+    if messages and messages[-1].get("role") == "assistant":
+        text = tokenizer.apply_chat_template(list(messages), continue_final_message=True, tokenize=False)
+    else:
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -66,7 +66,7 @@ class ObjectiveConfig(_Section):
 
 class ConditioningConfig(_Section):
     style: Literal["system_prefix", "chat_system", "control_tokens"] = "chat_system"
-    """`system_prefix`: the paper's `[Begin System Instruction] … [End System Instruction]` text before the prompt; `chat_system`: the same line as the chat template's system message; `control_tokens`: one added token per objective and weight bin (`<|w:Name=0.7|>`) as the system message, its embedding trained with the adapter (MO-ODPO only; the run keeps its base model with the tokens added in RUN_DIR/base_model)."""
+    """`system_prefix`: the paper's `[Begin System Instruction] … [End System Instruction]` text before the prompt; `chat_system`: the same line as the chat template's system message; `control_tokens`: one added token per objective and weight bin (`<|w:Name=0.7|>`) opening the answer, right before the first token they steer, each token's embedding trained with the adapter (MO-ODPO only; the run keeps its base model with the tokens added in RUN_DIR/base_model)."""
     decimals: int = Field(2, ge=0, le=6)
     """Digits each weight is rounded to when written into the prompt (rounded weights still sum to 1)."""
     alpha: float | list[float] = 1.0

@@ -40,7 +40,7 @@ class PolicyCard(BaseModel):
     objectives: list[str] = Field(min_length=1)
     """Objective names, in the order the weight line writes them."""
     style: Literal["system_prefix", "chat_system", "control_tokens", "none"]
-    """How the weights reach the policy: the text line as the system message (`chat_system`) or before the user turn (`system_prefix`), or one added control token per objective as the system message (`control_tokens`, listed in `control_tokens`); `none`: an offline policy (MODPO, MOPO) trained at fixed weights, whose prompts carry none."""
+    """How the weights reach the policy: the text line as the system message (`chat_system`) or before the user turn (`system_prefix`), or one added control token per objective opening the answer (`control_tokens`, listed in `control_tokens`); `none`: an offline policy (MODPO, MOPO) trained at fixed weights, whose prompts carry none."""
     decimals: int = Field(ge=0, le=6)
     """Digits each written weight is rounded to."""
     instruction_begin: str = BEGIN

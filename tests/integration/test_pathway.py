@@ -146,8 +146,9 @@ def test_a_trained_toy_policy_follows_its_weights(trained, style):
     for name in NAMES:
         # The base model writes nearly the same letters under every weight vector...
         assert not (base[name]["spread_z"] or 0.0) >= 3, report
-        # ...the trained one moves each objective with its weight.
-        assert (trained[name]["spread_z"] or 0.0) >= 3 and trained[name]["spearman"] > 0.8, report
+        # ...the trained one moves each objective with its weight. (Not its Spearman over the three
+        # weight vectors: at equal weights every toy answer scores 0.5, so the centre may go either way.)
+        assert (trained[name]["spread_z"] or 0.0) >= 3, report
 
     # The learning curve: steerability at every evaluation, against optimizer steps.
     curve = (run_dir / "eval" / "learning_curve.md").read_text()

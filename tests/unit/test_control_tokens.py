@@ -17,7 +17,7 @@ def test_each_weight_vector_is_one_token_per_objective():
     vocabulary = control_token_vocabulary(NAMES, 1)
     assert len(vocabulary) == 2 * 11 and vocabulary[0] == "<|w:Conciseness=0.0|>" and vocabulary[-1] == "<|w:Detail=1.0|>"
     chat = condition_messages("Why?", NAMES, [0.7, 0.3], "control_tokens", 1)
-    assert chat == [{"role": "system", "content": "<|w:Conciseness=0.7|><|w:Detail=0.3|>"}, {"role": "user", "content": "Why?"}]
+    assert chat == [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "<|w:Conciseness=0.7|><|w:Detail=0.3|>"}]
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,9 @@ def test_the_tokens_are_added_after_the_vocabulary(tiny_model, with_tokens):
     assert control.logit_bias() == dict.fromkeys(control.ids, NEVER)
     # Each token is one id, whatever text is around it, and the rest of a prompt tokenises as before.
     ids = render_prompt_ids(tokenizer, condition_messages("Why is the sky blue?", NAMES, [0.7, 0.3], "control_tokens", 1))
-    assert [i for i in ids if i >= control.first_id] == [control.first_id + 7, control.first_id + 11 + 3]
-    line = render_prompt_ids(base_tokenizer, condition_messages("Why is the sky blue?", NAMES, [0.7, 0.3], "chat_system", 1))
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert ids[ids.index(end) :] == line[line.index(end) :], "after the system message, the prompt is as the text line's"
+    # They open the answer: the prompt is the plain one, with the generation prompt, then them.
+    plain = render_prompt_ids(base_tokenizer, [{"role": "user", "content": "Why is the sky blue?"}])
+    assert ids == plain + [control.first_id + 7, control.first_id + 11 + 3]
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(dest)
     old, new = base.get_input_embeddings().weight, model.get_input_embeddings().weight

@@ -73,4 +73,4 @@ def test_control_token_card_records_the_mechanism():
     assert card.style == "control_tokens" and len(card.control_tokens) == 3 * 11
     assert card.example_line == "<|w:Relevance=0.4|><|w:Conciseness=0.3|><|w:Positivity=0.3|>"
     chat = card.condition([{"role": "user", "content": "hi"}], card.weights({"Conciseness": 1.0}))
-    assert chat[0] == {"role": "system", "content": "<|w:Relevance=0.0|><|w:Conciseness=1.0|><|w:Positivity=0.0|>"}
+    assert chat[-1] == {"role": "assistant", "content": "<|w:Relevance=0.0|><|w:Conciseness=1.0|><|w:Positivity=0.0|>"}
