@@ -22,6 +22,7 @@ generators keep the base model).
 """
 
 import json
+import logging
 import urllib.request
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from tests.helpers.letters_model import build_letters_model
 from tests.helpers.reward_fns import early_letters
 
 pytestmark = pytest.mark.integration
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
@@ -151,6 +153,9 @@ def test_a_trained_toy_policy_follows_its_weights(trained, style):
 
     # The learning curve: steerability at every evaluation, against optimizer steps.
     curve = (run_dir / "eval" / "learning_curve.md").read_text()
+    # Shown with `-o log_cli=true --log-cli-level=INFO`: the numbers a refactor must leave unchanged, to the digit.
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    log.info("learning curve (%s):\n%s\nlosses by step: %s", style, curve, losses)
     assert [line.split("|")[1].strip() for line in curve.splitlines() if line.startswith("| ") and line[2].isdigit()] == [
         "0",
         "10",
