@@ -28,7 +28,8 @@ import numpy as np
 from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import ConfigError, RunConfig, load_config
 from moalign.data import DataError, PromptRecord, load_prompts
-from moalign.evaluation import (
+from moalign.pairs import RewardError
+from moalign.pareto_report import (
     eval_weights,
     front_metrics,
     front_stats,
@@ -40,7 +41,6 @@ from moalign.evaluation import (
     write_atomic,
     write_front,
 )
-from moalign.pairs import RewardError
 
 log = logging.getLogger("moalign.evaluate")
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import ConfigError, load_config
-from moalign.export import PolicyCard
+from moalign.export_folder import PolicyCard
 from moalign.models import starting_model
-from moalign.weight_sync import free_port
+from moalign.weight_transport import free_port
 
 log = logging.getLogger("moalign.export")
 

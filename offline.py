@@ -29,8 +29,8 @@ import numpy as np
 from moalign.checkpoint import latest_checkpoint, read_state, write_json
 from moalign.config import ConfigError, RunConfig, save_resolved
 from moalign.data import PromptCursor
-from moalign.evaluation import weights_label
 from moalign.pareto import simplex_lattice
+from moalign.pareto_report import weights_label
 from moalign.preferences import EncodedRow, encode_rows, load_preferences, modpo_pairs, mopo_labels, normalized_rewards
 
 log = logging.getLogger("moalign.offline")

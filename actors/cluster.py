@@ -183,7 +183,7 @@ def _learner_group(cfg: RunConfig, model_path: str):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
     from actors.ray_actors import ActorFailure, ActorGroup, LearnerActor, describe_failure
-    from moalign.weight_sync import free_port
+    from moalign.weight_transport import free_port
 
     a = cfg.actors
     # Data-parallel ranks meet at learner 0. In a placement group, a task in learner 0's bundle
@@ -223,7 +223,7 @@ def node_address_and_free_port() -> tuple[str, int]:
     """This node's address and a port free on it (run as a task where learner 0 will run)."""
     import ray
 
-    from moalign.weight_sync import free_port
+    from moalign.weight_transport import free_port
 
     return ray.util.get_node_ip_address(), free_port()
 
@@ -482,7 +482,7 @@ def save_checkpoint(cfg: RunConfig, run_dir: Path, learners, state: Any) -> None
 
 
 def export_policy(cfg: RunConfig, learners, dest: Path, step: int) -> str:
-    from moalign.export import PolicyCard
+    from moalign.export_folder import PolicyCard
 
     card = PolicyCard.from_run(cfg, step).model_dump()
     learners.call("export_policy", str(dest), card, step=step)

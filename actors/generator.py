@@ -279,7 +279,7 @@ class Generator:
         self.dtype = dtype
         self._read_base: Any = None  # moalign.models.checkpoint_reader, opened at the first adapter load
         self.version = 0
-        self._broadcast: Any = None  # a moalign.weight_sync.BroadcastGroup once open_broadcast ran
+        self._broadcast: Any = None  # a moalign.weight_transport.BroadcastGroup once open_broadcast ran
         _LIVE.add(self)
         log.info(
             "generator ready: %s (%s, tp=%d, %s) in %.1fs",
@@ -575,7 +575,7 @@ class Generator:
     ) -> dict:
         """Join the learner's broadcast group as `rank` (>= 1); blocks until every rank joined.
         `backend`: default NCCL when the engine runs on a GPU, else gloo."""
-        from moalign.weight_sync import open_broadcast_group
+        from moalign.weight_transport import open_broadcast_group
 
         if rank < 1:
             raise ValueError(f"generator ranks start at 1 (rank 0 is the learner), got {rank}")
@@ -594,7 +594,7 @@ class Generator:
         arrives, so the engine keeps its weights instead of falling back to the checkpoint."""
         import torch
 
-        from moalign.weight_sync import dtype_from_name
+        from moalign.weight_transport import dtype_from_name
 
         seen: set[str] = set()
         for index, entries in enumerate(manifest):
@@ -616,7 +616,7 @@ class Generator:
         """
         import torch
 
-        from moalign.weight_sync import BroadcastError, manifest_nbytes, unflatten_bucket
+        from moalign.weight_transport import BroadcastError, manifest_nbytes, unflatten_bucket
 
         group = self._broadcast
         if group is None or not group.is_open:

@@ -10,7 +10,7 @@ metrics. One implementation per backend (`sync.backend`):
 
 What travels (`sync.payload`) is the learner's business (`actors.learner_weights`): with LoRA,
 the adapters, merged on each generator (`moalign.lora_sync`); otherwise every weight. The
-transport below moves named tensors either way (`moalign.weight_sync`).
+transport below moves named tensors either way (`moalign.weight_transport`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from actors.ray_actors import ActorFailure, ActorGroup, describe_failure
 from moalign.config import RunConfig
-from moalign.weight_sync import BroadcastError
+from moalign.weight_transport import BroadcastError
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ def main() -> None:
     from actors.ray_actors import ActorGroup, GeneratorActor, LearnerActor
     from actors.weight_sync import BroadcastSync, ObjectStoreSync
     from moalign.config import load_config
-    from moalign.models import build_tiny_model
+    from tests.helpers.tiny_model import build_tiny_model
 
     model = args.model or str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
     cfg = load_config(

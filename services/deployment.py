@@ -28,7 +28,7 @@ class PolicyDeployment:
     def __init__(self, config: dict[str, Any], api_token: str | None):
         from transformers import AutoTokenizer
 
-        from moalign.export import PolicyCard
+        from moalign.export_folder import PolicyCard
         from services.api import build_api
         from services.engine import EngineLoop
         from services.policy import PolicyService
@@ -157,7 +157,7 @@ def check_servable(folder: str | os.PathLike) -> Path:
 
 def build_app(cfg: ServeConfig):
     """The Ray Serve application for `cfg`; the bearer token is read here, from `cfg.api_token_env`."""
-    from moalign.export import PolicyCard
+    from moalign.export_folder import PolicyCard
 
     model = check_servable(cfg.model)
     PolicyCard.read(model)  # an unreadable card fails here too, before any replica starts

@@ -15,7 +15,7 @@ from actors.ray_actors import ActorFailure
 from export import export_checkpoint
 from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import load_config
-from moalign.export import PolicyCard
+from moalign.export_folder import PolicyCard
 from moalign.ledger import audit
 from moalign.scaling import read_done, write_request
 from orchestrator import run

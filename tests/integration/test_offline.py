@@ -8,7 +8,7 @@ import pytest
 
 from actors.metrics import read_metrics
 from moalign.config import load_config
-from moalign.export import PolicyCard
+from moalign.export_folder import PolicyCard
 from offline import REWARD_CACHE, run
 from tests.helpers.crash import crashed_copy
 

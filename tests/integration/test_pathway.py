@@ -36,9 +36,9 @@ from actors.weight_sync import ObjectStoreSync
 from evaluate import load_front
 from moalign.config import ServeConfig, load_config
 from moalign.control_tokens import read_manifest
-from moalign.export import PolicyCard
+from moalign.export_folder import PolicyCard
 from moalign.pairs import select_relabelled_pairs
-from moalign.weight_sync import free_port
+from moalign.weight_transport import free_port
 from tests.helpers.letters_model import build_letters_model
 from tests.helpers.reward_fns import early_letters
 

@@ -6,9 +6,9 @@ from moalign.conditioning import (
     WeightsError,
     condition_messages,
     format_weights,
-    parse_weights,
     round_weights,
 )
+from tests.helpers.weight_lines import parse_weights
 
 NAMES = {2: ["Helpfulness", "Harmlessness"], 3: ["Relevance", "Conciseness", "Positivity"], 5: ["A", "B", "C", "D", "E"]}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moalign.config import load_config, save_resolved
-from moalign.evaluation import (
+from moalign.pareto_report import (
     eval_weights,
     front_metrics,
     front_stats,
@@ -210,7 +210,9 @@ def test_weights_label_is_short():
 
 
 def test_module_does_not_pull_in_ray_vllm_or_matplotlib():
-    code = "import sys, moalign.evaluation; bad = [m for m in ('ray', 'vllm', 'matplotlib') if m in sys.modules]; sys.exit(1 if bad else 0)"
+    code = (
+        "import sys, moalign.pareto_report; bad = [m for m in ('ray', 'vllm', 'matplotlib') if m in sys.modules]; sys.exit(1 if bad else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr.decode()
 
@@ -336,7 +338,7 @@ def test_eval_config_checks():
 
 
 def test_conflicts_tell_trade_offs_from_agreement_and_say_so_plainly():
-    from moalign.evaluation import conflict_summary, front_markdown, front_stats, objective_conflicts
+    from moalign.pareto_report import conflict_summary, front_markdown, front_stats, objective_conflicts
 
     rng = np.random.default_rng(3)
     x = rng.random((3, 6, 4))  # weight vectors, prompts, samples
@@ -354,7 +356,7 @@ def test_conflicts_tell_trade_offs_from_agreement_and_say_so_plainly():
 
 
 def test_learning_curve_lists_steerability_by_optimizer_step(tmp_path):
-    from moalign.evaluation import front_stats, learning_curve_markdown, plot_learning_curve
+    from moalign.pareto_report import front_stats, learning_curve_markdown, plot_learning_curve
 
     rng = np.random.default_rng(0)
     weights = [[1, 0], [0.5, 0.5], [0, 1]]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moalign.config import load_config
-from moalign.mopo import MOPOObjective
 from moalign.objectives import DPOObjective, MODPOObjective, MOPOLearnerObjective, build_objective
+from moalign.objectives.mopo import MOPOObjective
 
 N = 6
 GEN = torch.Generator().manual_seed(0)
