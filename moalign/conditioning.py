@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from moalign.config import ConditioningConfig, ConfigError
+
 BEGIN = "[Begin System Instruction]"
 END = "[End System Instruction]"
 
@@ -267,3 +269,23 @@ def _cut_start(text: str, tokenizer: Any, measure: Any, max_tokens: int) -> str:
         # Re-tokenising a cut text can merge or split a token at the cut: cut a little more.
         cut += max(1, overshoot)
     raise ValueError(f"the chat template and weight line alone take {measure('')} of max_prompt_tokens={max_tokens}: no prompt fits")
+
+
+def render_conditioned(
+    tokenizer,
+    prompt: str,
+    names: Sequence[str],
+    weights: Sequence[float] | np.ndarray,
+    conditioning: ConditioningConfig,
+    max_prompt_tokens: int,
+) -> list[int]:
+    """The token ids of `prompt` with `weights` written in as `conditioning` says: what a generator
+    samples from and the learner trains on; a prompt over `max_prompt_tokens` is an error."""
+    ids = render_prompt_ids(tokenizer, condition_messages(prompt, names, weights, conditioning.style, conditioning.decimals))
+    if len(ids) > max_prompt_tokens:
+        # load_fitted_prompts measured every prompt under the longest weight line: only a
+        # prompt that did not pass through it lands here.
+        raise ConfigError(
+            f"prompt {prompt[:60]!r} is {len(ids)} tokens after conditioning, over model.max_prompt_tokens={max_prompt_tokens}"
+        )
+    return ids

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from actors.metrics import ACTOR_CALL_METRIC, metric_spec, read_metrics
 from actors.ray_actors import ActorFailure
-from export import export_checkpoint
+from loops.export_checkpoint import export_checkpoint
 from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import load_config
 from moalign.export_folder import PolicyCard
