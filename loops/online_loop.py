@@ -26,7 +26,7 @@ from moalign.data import DataError, PromptCursor
 from moalign.health import METRICS as HEALTH_METRICS
 from moalign.health import HealthMonitor
 from moalign.objectives import OBJECTIVES
-from moalign.pairs import RunningNormalizer
+from moalign.pairs import Pair, RunningNormalizer
 from moalign.scaling import ScaleRequestError, due_requests, mark_done
 
 # The orchestrator's own logger: its lines read as they did when this lived in orchestrator.py.
@@ -279,7 +279,9 @@ def step_seeds(cfg: RunConfig, step: int, count: int) -> list[int]:
     return [int(np.random.SeedSequence([cfg.seed, step, i]).generate_state(1)[0]) for i in range(count)]
 
 
-def learn(cfg: RunConfig, learners, prompt_ids, samples, pairs, step: int) -> StepLearnerMetrics | dict:
+def learn(
+    cfg: RunConfig, learners, prompt_ids: list[list[int]], samples: list[list[Sample]], pairs: list[Pair], step: int
+) -> StepLearnerMetrics | dict:
     """One learner step on `pairs` (each learner rank a contiguous part), the ranks' metrics merged;
     {} when every candidate pair was a tie."""
     if not pairs:

@@ -35,4 +35,5 @@ OBJECTIVES: dict[str, type[DPOObjective]] = {
 
 
 def build_objective(cfg: RunConfig) -> DPOObjective:
-    return OBJECTIVES[cfg.algorithm.name](cfg)
+    """The run's algorithm's objective, from its own section and the objectives' names."""
+    return OBJECTIVES[cfg.algorithm.name](cfg.algorithm, cfg.objective_names)

@@ -4,13 +4,14 @@ learner-side objective that reports DPO's implicit rewards."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from moalign.actor_io import PairBatch
-from moalign.config import RunConfig
+from moalign.config import AlgorithmConfig
 from moalign.objectives.base import Objective, check_tensor
 
 LossKind = Literal["sigmoid", "ipo", "hinge"]
@@ -76,8 +77,8 @@ class DPOObjective(Objective):
 
     pair_metrics = ("chosen_reward", "rejected_reward", "margin", "accuracy")
 
-    def __init__(self, cfg: RunConfig):
-        a = cfg.algorithm
+    def __init__(self, algorithm: AlgorithmConfig, names: Sequence[str]):
+        a = algorithm
         self.beta, self.kind, self.label_smoothing = a.beta, a.loss, a.label_smoothing
 
     def pair_losses(self, pc, pr, rc, rr, index: torch.Tensor, batch: PairBatch) -> torch.Tensor:

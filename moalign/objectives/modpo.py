@@ -3,11 +3,13 @@ other objectives' rewards; the loss and its learner-side objective."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from moalign.actor_io import PairBatch
-from moalign.config import RunConfig
+from moalign.config import AlgorithmConfig
 from moalign.objectives.base import check_tensor, float_rows
 from moalign.objectives.dpo import DPOObjective, dpo_margin
 
@@ -58,9 +60,9 @@ class MODPOObjective(DPOObjective):
     rewards of its chosen and rejected response (`margin_chosen`, `margin_rejected`, K-1 values
     each, objective order with k left out), which `modpo_loss` subtracts."""
 
-    def __init__(self, cfg: RunConfig):
-        super().__init__(cfg)
-        m = cfg.algorithm.modpo
+    def __init__(self, algorithm: AlgorithmConfig, names: Sequence[str]):
+        super().__init__(algorithm, names)
+        m = algorithm.modpo
         if m.weights is None:
             raise ValueError("algorithm.modpo.weights: a MODPO learner trains one weight vector; a sweep runs one learner per vector")
         self.weights = torch.tensor(m.weights, dtype=torch.float32)

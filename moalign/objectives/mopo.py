@@ -98,7 +98,7 @@ import numpy as np
 import torch
 
 from moalign.actor_io import PairBatch
-from moalign.config import RunConfig
+from moalign.config import AlgorithmConfig
 from moalign.objectives.base import Scorer, float_rows
 from moalign.objectives.dpo import DPOObjective
 
@@ -695,10 +695,10 @@ class MOPOLearnerObjective(DPOObjective):
 
     metrics_prefix = "mopo/"
 
-    def __init__(self, cfg: RunConfig):
-        super().__init__(cfg)
-        m = cfg.algorithm.mopo
-        self.names = cfg.objective_names
+    def __init__(self, algorithm: AlgorithmConfig, names: Sequence[str]):
+        super().__init__(algorithm, names)
+        m = algorithm.mopo
+        self.names = list(names)
         self.mopo = MOPOObjective(
             tau=m.tau,
             lb_radius=m.lb_radius,
