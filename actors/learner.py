@@ -167,24 +167,7 @@ class Learner(WeightPublisher):
         self.sampled_vocab = self.control.sampled_vocab if self.control is not None else self.vocab_size
         self.ref_model = None
         if self.lora:
-            from peft import LoraConfig, get_peft_model
-
-            lc = lcfg.lora
-            model = get_peft_model(
-                model,
-                LoraConfig(
-                    r=lc.rank,
-                    lora_alpha=lc.alpha,
-                    lora_dropout=lc.dropout,
-                    target_modules=list(lc.target_modules),
-                    bias="none",
-                    task_type="CAUSAL_LM",
-                ),
-            )
-            if self.control is not None:
-                # Their rows train beside the adapters (without LoRA the whole embedding trains).
-                base = model.get_base_model()
-                base.set_input_embeddings(ControlEmbedding(base.get_input_embeddings(), self.control.first_id))
+            model = self._with_adapters(model)
         else:
             ref = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
             ref.config.use_cache = False
@@ -196,25 +179,7 @@ class Learner(WeightPublisher):
             raise ValueError("no trainable parameters: check learner.lora.target_modules against the model's module names")
         n_trainable = sum(p.numel() for p in trainable)
         optimizer = torch.optim.AdamW(trainable, lr=lcfg.lr, weight_decay=lcfg.weight_decay)
-        # One bucket holds all LoRA gradients; DeepSpeed's 5e8-element default only matters for full models.
-        bucket = int(min(5e8, max(1e6, n_trainable)))
-        ds_config = {
-            "train_micro_batch_size_per_gpu": self.micro,
-            "gradient_accumulation_steps": self.grad_accum,
-            "train_batch_size": self.micro * self.grad_accum * world_size,
-            "gradient_clipping": lcfg.grad_clip,
-            "zero_optimization": {
-                "stage": self.zero_stage,
-                "reduce_bucket_size": bucket,
-                "allgather_bucket_size": bucket,
-            },
-            "bf16": {"enabled": self.dtype == torch.bfloat16},
-            # torch AdamW rather than DeepSpeed's fused/CPU Adam, which JIT-compile C++/CUDA at start-up.
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**62,
-            "wall_clock_breakdown": False,
-        }
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self._deepspeed_config(n_trainable))
         self.engine.train()
         log.info(
             "learner rank %d/%d on %s: %s, %s, %d trainable params, ZeRO-%d, %d micro-batches x %d pairs per step",
@@ -228,6 +193,48 @@ class Learner(WeightPublisher):
             self.grad_accum,
             self.micro,
         )
+
+    def _with_adapters(self, model):
+        """`model` with LoRA adapters, the only weights that train (with control tokens, their rows too)."""
+        from peft import LoraConfig, get_peft_model
+
+        lc = self.cfg.learner.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lc.rank,
+                lora_alpha=lc.alpha,
+                lora_dropout=lc.dropout,
+                target_modules=list(lc.target_modules),
+                bias="none",
+                task_type="CAUSAL_LM",
+            ),
+        )
+        if self.control is not None:
+            # Their rows train beside the adapters (without LoRA the whole embedding trains).
+            base = model.get_base_model()
+            base.set_input_embeddings(ControlEmbedding(base.get_input_embeddings(), self.control.first_id))
+        return model
+
+    def _deepspeed_config(self, n_trainable: int) -> dict[str, Any]:
+        # One bucket holds all LoRA gradients; DeepSpeed's 5e8-element default only matters for full models.
+        bucket = int(min(5e8, max(1e6, n_trainable)))
+        return {
+            "train_micro_batch_size_per_gpu": self.micro,
+            "gradient_accumulation_steps": self.grad_accum,
+            "train_batch_size": self.micro * self.grad_accum * self.world_size,
+            "gradient_clipping": self.cfg.learner.grad_clip,
+            "zero_optimization": {
+                "stage": self.zero_stage,
+                "reduce_bucket_size": bucket,
+                "allgather_bucket_size": bucket,
+            },
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            # torch AdamW rather than DeepSpeed's fused/CPU Adam, which JIT-compile C++/CUDA at start-up.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
 
     # ------------------------------------------------------------------ batches
 
@@ -437,6 +444,20 @@ class Learner(WeightPublisher):
 
     # ------------------------------------------------------------------ training
 
+    def _micro_batch(self, batch: PairBatch, idx: list[int], weights: list[float]):
+        """The pairs `idx` of the batch (-1: a zero-weight dummy pair, padding every rank to the
+        same number of forward/backward calls) as prompts, chosen, rejected and weights."""
+        tok = self._dummy_token
+        # A dummy prompt as long as the shortest real one keeps logits_to_keep tight.
+        real_lens = [len(batch["prompt_ids"][i]) for i in idx if i >= 0]
+        dummy_prompt = [tok] * (min(real_lens) if real_lens else 1)
+        dummy = [tok]
+        prompts = [batch["prompt_ids"][i] if i >= 0 else dummy_prompt for i in idx]
+        chosen = [batch["chosen_ids"][i] if i >= 0 else dummy for i in idx]
+        rejected = [batch["rejected_ids"][i] if i >= 0 else dummy for i in idx]
+        w = torch.tensor([weights[i] if i >= 0 else 0.0 for i in idx], dtype=torch.float32, device=self.device)
+        return prompts, chosen, rejected, w
+
     def train_step(self, batch: PairBatch) -> LearnerMetrics:
         """One optimizer step on this rank's shard; every rank must call it with the same total_weight."""
         t0 = time.perf_counter()
@@ -455,19 +476,11 @@ class Learner(WeightPublisher):
             # backward(scale_wrt_gas=False) keeps it from also dividing by the accumulation steps.
             scale = self.engine.dp_world_size / total_weight
             index = list(range(n)) + [-1] * (self.capacity - n)
-            tok = self._dummy_token
             own_norm = self.zero_stage == 0 and self.dtype == torch.float32
             self._prepare_objective(batch)
             for k in range(self.grad_accum):
                 idx = index[k * self.micro : (k + 1) * self.micro]
-                # A dummy prompt as long as the shortest real one keeps logits_to_keep tight.
-                real_lens = [len(batch["prompt_ids"][i]) for i in idx if i >= 0]
-                dummy_prompt = [tok] * (min(real_lens) if real_lens else 1)
-                dummy = [tok]
-                prompts = [batch["prompt_ids"][i] if i >= 0 else dummy_prompt for i in idx]
-                chosen = [batch["chosen_ids"][i] if i >= 0 else dummy for i in idx]
-                rejected = [batch["rejected_ids"][i] if i >= 0 else dummy for i in idx]
-                w = torch.tensor([weights[i] if i >= 0 else 0.0 for i in idx], dtype=torch.float32, device=self.device)
+                prompts, chosen, rejected, w = self._micro_batch(batch, idx, weights)
                 m = len(idx)
                 # Chosen and rejected in one pass, behind their prompt run once. The reference
                 # first: a lagged one is swapped into the policy's parameters, which must not
