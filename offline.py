@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.is_offline:
             raise ConfigError(
                 f"algorithm.name: {cfg.algorithm.name!r} is the online loop, which offline.py does not train; "
-                "train it with: python orchestrator.py --config <the same config> [key=value ...]"
+                f"train it with: python orchestrator.py --config {args.config or '<the same config>'} [key=value ...]"
             )
     except ConfigError as exc:
         logging.basicConfig(format="%(levelname)s: %(message)s")

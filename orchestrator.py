@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        check_supported(cfg)
+        check_supported(cfg, args.config)
     except ConfigError as exc:
         logging.basicConfig(format="%(levelname)s: %(message)s")
         log.error("%s", exc)

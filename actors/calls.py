@@ -35,9 +35,8 @@ class Generation:
     """
 
     def __init__(self, rollout: RolloutConfig, generators, prompt_ids: list[list[int]], seeds: list[int], n: int, step: int | None):
-        r = rollout
         parts = [s for s in chunks(len(prompt_ids), len(generators)) if s.stop > s.start]
-        self._args = [(prompt_ids[s], n, r.temperature, r.top_p, r.max_new_tokens, seeds[s]) for s in parts]
+        self._args = [(prompt_ids[s], n, rollout.temperature, rollout.top_p, rollout.max_new_tokens, seeds[s]) for s in parts]
         self._refs = generators.submit_each("generate", self._args)
         self._generators, self._step = generators, step
         self._version = generators.policy_version

@@ -240,12 +240,13 @@ def check_same_prompts(cfg: RunConfig, saved: dict[str, Any], sha256: str) -> No
         )
 
 
-def check_supported(cfg: RunConfig) -> None:
-    """The online loop trains MO-ODPO only: an offline config is refused with the command that trains it."""
+def check_supported(cfg: RunConfig, config_path: str | None = None) -> None:
+    """The online loop trains MO-ODPO only: an offline config is refused with the command that
+    trains it (naming `config_path`, the --config given, when there is one)."""
     if cfg.is_offline:
         raise ConfigError(
             f"algorithm.name: {cfg.algorithm.name!r} is an offline algorithm, which orchestrator.py does not train; "
-            "train it with: python offline.py --config <the same config> [key=value ...]"
+            f"train it with: python offline.py --config {config_path or '<the same config>'} [key=value ...]"
         )
 
 
