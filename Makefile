@@ -66,15 +66,16 @@ test-unit: install
 
 # This loop beside TRL's online DPO trainer, same model, shapes and rewards (benchmarks/vs_trl.py; ~15 min on 2 cores).
 bench: install $(VENV)/.bench-installed
-	$(PY) benchmarks/vs_trl.py $(ARGS)
+	$(PY) -m benchmarks.vs_trl $(ARGS)
 
 $(VENV)/.bench-installed: pyproject.toml
 	@# The `bench` extra's pin; TRL's own requirements are all in the pinned set already.
 	$(PY) -m pip install -q --no-deps $$($(PY) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['bench'])")
 	touch $@
 
+# MOPO's closed form on a synthetic preference bandit (a side study, off the training path).
 bandit: install
-	$(PY) -m moalign.mopo_bandit
+	$(PY) -m benchmarks.mopo_bandit
 
 docs: install
 	$(PY) -m moalign.config_docs

@@ -11,30 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 
 from moalign.config import ConfigError, ServeConfig, load_config
+from services.deployment import start_serving
 
 log = logging.getLogger("moalign.serve")
-
-
-def start(cfg: ServeConfig, ray_address: str | None = None) -> str:
-    """Deploy `cfg` on Ray Serve (starting a local Ray if none is running); returns the base URL
-    once the first replica answers its health check."""
-    import ray
-    from ray import serve
-
-    from services.deployment import build_app
-
-    app = build_app(cfg)  # checks the folder before anything starts (services.deployment.check_servable)
-    if not ray.is_initialized():
-        address = ray_address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False) if address else ray.init(include_dashboard=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(app, name="moalign", route_prefix="/", blocking=False)
-    return f"http://{cfg.host}:{cfg.port}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides, ServeConfig)
         started = time.perf_counter()
-        url = start(cfg)
+        url = start_serving(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2

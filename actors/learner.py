@@ -34,17 +34,17 @@ import numpy as np
 import torch
 
 from actors.learner_weights import WeightPublisher
+from moalign.actor_io import PAIR_FIELDS, LearnerMetrics, PairBatch
 from moalign.config import RunConfig
 from moalign.control_tokens import ControlEmbedding, read_manifest
-from moalign.losses import token_logprobs
+from moalign.logprobs import token_logprobs
 from moalign.models import checkpoint_shapes, resolve_model_path
 from moalign.objectives import build_objective
-from moalign.weight_sync import free_port
+from moalign.weight_transport import free_port
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "loss_weights")
 _DS_TAG = "learner"
 _STATE_FILE = "learner_state_rank{rank}.pt"
 
@@ -167,24 +167,7 @@ class Learner(WeightPublisher):
         self.sampled_vocab = self.control.sampled_vocab if self.control is not None else self.vocab_size
         self.ref_model = None
         if self.lora:
-            from peft import LoraConfig, get_peft_model
-
-            lc = lcfg.lora
-            model = get_peft_model(
-                model,
-                LoraConfig(
-                    r=lc.rank,
-                    lora_alpha=lc.alpha,
-                    lora_dropout=lc.dropout,
-                    target_modules=list(lc.target_modules),
-                    bias="none",
-                    task_type="CAUSAL_LM",
-                ),
-            )
-            if self.control is not None:
-                # Their rows train beside the adapters (without LoRA the whole embedding trains).
-                base = model.get_base_model()
-                base.set_input_embeddings(ControlEmbedding(base.get_input_embeddings(), self.control.first_id))
+            model = self._with_adapters(model)
         else:
             ref = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
             ref.config.use_cache = False
@@ -200,25 +183,7 @@ class Learner(WeightPublisher):
         if rows:
             groups.append({"params": rows, "lr": lcfg.lr * lcfg.control_token_lr_scale})
         optimizer = torch.optim.AdamW(groups, lr=lcfg.lr, weight_decay=lcfg.weight_decay)
-        # One bucket holds all LoRA gradients; DeepSpeed's 5e8-element default only matters for full models.
-        bucket = int(min(5e8, max(1e6, n_trainable)))
-        ds_config = {
-            "train_micro_batch_size_per_gpu": self.micro,
-            "gradient_accumulation_steps": self.grad_accum,
-            "train_batch_size": self.micro * self.grad_accum * world_size,
-            "gradient_clipping": lcfg.grad_clip,
-            "zero_optimization": {
-                "stage": self.zero_stage,
-                "reduce_bucket_size": bucket,
-                "allgather_bucket_size": bucket,
-            },
-            "bf16": {"enabled": self.dtype == torch.bfloat16},
-            # torch AdamW rather than DeepSpeed's fused/CPU Adam, which JIT-compile C++/CUDA at start-up.
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**62,
-            "wall_clock_breakdown": False,
-        }
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self._deepspeed_config(n_trainable))
         self.engine.train()
         log.info(
             "learner rank %d/%d on %s: %s, %s, %d trainable params, ZeRO-%d, %d micro-batches x %d pairs per step",
@@ -233,16 +198,58 @@ class Learner(WeightPublisher):
             self.micro,
         )
 
+    def _with_adapters(self, model):
+        """`model` with LoRA adapters, the only weights that train (with control tokens, their rows too)."""
+        from peft import LoraConfig, get_peft_model
+
+        lc = self.cfg.learner.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lc.rank,
+                lora_alpha=lc.alpha,
+                lora_dropout=lc.dropout,
+                target_modules=list(lc.target_modules),
+                bias="none",
+                task_type="CAUSAL_LM",
+            ),
+        )
+        if self.control is not None:
+            # Their rows train beside the adapters (without LoRA the whole embedding trains).
+            base = model.get_base_model()
+            base.set_input_embeddings(ControlEmbedding(base.get_input_embeddings(), self.control.first_id))
+        return model
+
+    def _deepspeed_config(self, n_trainable: int) -> dict[str, Any]:
+        # One bucket holds all LoRA gradients; DeepSpeed's 5e8-element default only matters for full models.
+        bucket = int(min(5e8, max(1e6, n_trainable)))
+        return {
+            "train_micro_batch_size_per_gpu": self.micro,
+            "gradient_accumulation_steps": self.grad_accum,
+            "train_batch_size": self.micro * self.grad_accum * self.world_size,
+            "gradient_clipping": self.cfg.learner.grad_clip,
+            "zero_optimization": {
+                "stage": self.zero_stage,
+                "reduce_bucket_size": bucket,
+                "allgather_bucket_size": bucket,
+            },
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            # torch AdamW rather than DeepSpeed's fused/CPU Adam, which JIT-compile C++/CUDA at start-up.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**62,
+            "wall_clock_breakdown": False,
+        }
+
     # ------------------------------------------------------------------ batches
 
-    def _validate(self, batch: dict) -> tuple[int, list[float], float]:
+    def _validate(self, batch: PairBatch) -> tuple[int, list[float], float]:
         if not isinstance(batch, dict):
             raise ValueError(f"batch must be a dict, got {type(batch).__name__}")
-        for key in (*_PAIR_FIELDS, "total_weight"):
+        for key in (*PAIR_FIELDS, "total_weight"):
             if key not in batch:
                 raise ValueError(f"batch: missing field {key!r}")
         n = len(batch["prompt_ids"])
-        for key in _PAIR_FIELDS[1:]:
+        for key in PAIR_FIELDS[1:]:
             if len(batch[key]) != n:
                 raise ValueError(f"batch[{key!r}] has {len(batch[key])} entries, batch['prompt_ids'] has {n}")
         if n > self.capacity:
@@ -425,7 +432,7 @@ class Learner(WeightPublisher):
         parts = [score(prompts[s : s + chunk], completions[s : s + chunk]) for s in range(0, len(prompts), chunk)]
         return torch.cat(parts).float()
 
-    def _prepare_objective(self, batch: dict) -> None:
+    def _prepare_objective(self, batch: PairBatch) -> None:
         """The objective's pass over the whole batch (MOPO's closed-form weights), dropout off."""
 
         def policy(p, c):
@@ -441,15 +448,27 @@ class Learner(WeightPublisher):
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, batch: dict) -> dict:
+    def _micro_batch(self, batch: PairBatch, idx: list[int], weights: list[float]):
+        """The pairs `idx` of the batch (-1: a zero-weight dummy pair, padding every rank to the
+        same number of forward/backward calls) as prompts, chosen, rejected and weights."""
+        tok = self._dummy_token
+        # A dummy prompt as long as the shortest real one keeps logits_to_keep tight.
+        real_lens = [len(batch["prompt_ids"][i]) for i in idx if i >= 0]
+        dummy_prompt = [tok] * (min(real_lens) if real_lens else 1)
+        dummy = [tok]
+        prompts = [batch["prompt_ids"][i] if i >= 0 else dummy_prompt for i in idx]
+        chosen = [batch["chosen_ids"][i] if i >= 0 else dummy for i in idx]
+        rejected = [batch["rejected_ids"][i] if i >= 0 else dummy for i in idx]
+        w = torch.tensor([weights[i] if i >= 0 else 0.0 for i in idx], dtype=torch.float32, device=self.device)
+        return prompts, chosen, rejected, w
+
+    def train_step(self, batch: PairBatch) -> LearnerMetrics:
         """One optimizer step on this rank's shard; every rank must call it with the same total_weight."""
         t0 = time.perf_counter()
         n, weights, total_weight = self._validate(batch)
-        beta = self.cfg.algorithm.beta
-        sums = dict.fromkeys(
-            ("loss_sum", "chosen_reward_sum", "rejected_reward_sum", "margin_sum", "accuracy_sum", "kl_sum", "unweighted_loss_sum"),
-            0.0,
-        )
+        # The objective's own per-pair figures sit between the loss and the KL, which every algorithm has.
+        pair_metrics = self.objective.pair_metrics
+        sums = dict.fromkeys(("loss_sum", *(f"{m}_sum" for m in pair_metrics), "kl_sum", "unweighted_loss_sum"), 0.0)
         grad_norm = float("nan")
         skipped = total_weight == 0
         if skipped:
@@ -461,19 +480,11 @@ class Learner(WeightPublisher):
             # backward(scale_wrt_gas=False) keeps it from also dividing by the accumulation steps.
             scale = self.engine.dp_world_size / total_weight
             index = list(range(n)) + [-1] * (self.capacity - n)
-            tok = self._dummy_token
             own_norm = self.zero_stage == 0 and self.dtype == torch.float32
             self._prepare_objective(batch)
             for k in range(self.grad_accum):
                 idx = index[k * self.micro : (k + 1) * self.micro]
-                # A dummy prompt as long as the shortest real one keeps logits_to_keep tight.
-                real_lens = [len(batch["prompt_ids"][i]) for i in idx if i >= 0]
-                dummy_prompt = [tok] * (min(real_lens) if real_lens else 1)
-                dummy = [tok]
-                prompts = [batch["prompt_ids"][i] if i >= 0 else dummy_prompt for i in idx]
-                chosen = [batch["chosen_ids"][i] if i >= 0 else dummy for i in idx]
-                rejected = [batch["rejected_ids"][i] if i >= 0 else dummy for i in idx]
-                w = torch.tensor([weights[i] if i >= 0 else 0.0 for i in idx], dtype=torch.float32, device=self.device)
+                prompts, chosen, rejected, w = self._micro_batch(batch, idx, weights)
                 m = len(idx)
                 # Chosen and rejected in one pass, behind their prompt run once. The reference
                 # first: a lagged one is swapped into the policy's parameters, which must not
@@ -490,14 +501,10 @@ class Learner(WeightPublisher):
                 with torch.no_grad():
                     real = torch.tensor([i >= 0 for i in idx], device=self.device)
                     if real.any():
-                        cr = beta * (pc - rc)[real]
-                        rj = beta * (pr - rr)[real]
                         sums["loss_sum"] += float((w * losses)[real].sum())
                         sums["unweighted_loss_sum"] += float(losses[real].sum())
-                        sums["chosen_reward_sum"] += float(cr.sum())
-                        sums["rejected_reward_sum"] += float(rj.sum())
-                        sums["margin_sum"] += float((cr - rj).sum())
-                        sums["accuracy_sum"] += float((cr > rj).float().sum())
+                        for name, value in self.objective.pair_metric_sums(pc[real], pr[real], rc[real], rr[real]).items():
+                            sums[f"{name}_sum"] += value
                         sums["kl_sum"] += float((pc - rc)[real].sum() + (pr - rr)[real].sum())
             ds_norm = self.engine.get_global_grad_norm()
             if ds_norm is not None and not own_norm:
@@ -522,10 +529,7 @@ class Learner(WeightPublisher):
             # This rank's share of the global objective: summing it over ranks gives the step's loss.
             "objective": sums["loss_sum"] / total_weight if total_weight > 0 else 0.0,
             "loss": sums["loss_sum"] / weight_sum if weight_sum > 0 else (unweighted / n if n and not skipped else nan),
-            "chosen_reward": sums["chosen_reward_sum"] / n if n and not skipped else nan,
-            "rejected_reward": sums["rejected_reward_sum"] / n if n and not skipped else nan,
-            "margin": sums["margin_sum"] / n if n and not skipped else nan,
-            "accuracy": sums["accuracy_sum"] / n if n and not skipped else nan,
+            **{m: sums[f"{m}_sum"] / n if n and not skipped else nan for m in pair_metrics},
             "kl": sums["kl_sum"] / (2 * n) if n and not skipped else nan,
             "grad_norm": grad_norm,
             "lr": float(self.engine.get_lr()[0]),
@@ -556,22 +560,6 @@ class Learner(WeightPublisher):
                 yield
         finally:
             module.train(was_training)
-
-    def sequence_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[float]:
-        """Summed completion log-probs under the current policy (adapters on, dropout off)."""
-        if len(prompt_ids) != len(completion_ids):
-            raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
-        for name, seqs in (("prompt_ids", prompt_ids), ("completion_ids", completion_ids)):
-            for i, s in enumerate(seqs):
-                if len(s) == 0:
-                    raise ValueError(f"{name}[{i}] is empty")
-        out: list[float] = []
-        chunk = 2 * self.micro
-        with self._eval_mode():
-            for s in range(0, len(prompt_ids), chunk):
-                lp = self._sequence_logps(self.engine.module, prompt_ids[s : s + chunk], completion_ids[s : s + chunk])
-                out.extend(lp.float().cpu().tolist())
-        return out
 
     def adapter_logprobs(self, adapter_dir: str, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> dict[str, list[float]]:
         """Summed completion log-probs under a PEFT adapter trained on this base with this run's

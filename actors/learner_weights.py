@@ -19,7 +19,7 @@ import torch
 
 from moalign.control_tokens import ControlEmbedding
 from moalign.lora_sync import adapter_tensors, add_lora, rows_name
-from moalign.weight_sync import BroadcastGroup, bucket_manifest, bucketize, flatten_bucket, open_broadcast_group
+from moalign.weight_transport import BroadcastGroup, bucket_manifest, bucketize, flatten_bucket, open_broadcast_group
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class WeightPublisher:
     def export_policy(self, dest: str, card: dict) -> dict:
         """Write the policy as a merged Hugging Face folder at `dest` (plus `dest/adapter` with
         LoRA) and its card (`moalign.json`); a collective on all ranks, rank 0 writes."""
-        from moalign.export import ADAPTER_DIR, PolicyCard, add_adapter_token_rows, publish_folder, write_card, write_model_folder
+        from moalign.export_folder import ADAPTER_DIR, PolicyCard, add_adapter_token_rows, publish_folder, write_card, write_model_folder
 
         policy_card = PolicyCard.model_validate({**card, "adapter_base": self.model_path} if self.lora else card)
         named = self._named_full_weights()

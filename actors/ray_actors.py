@@ -20,7 +20,7 @@ from actors.generator import Generator
 from actors.learner import Learner
 from actors.metrics import record_actor_call
 from actors.reward import RewardScorer
-from moalign.weight_sync import LazyBuckets, free_port
+from moalign.weight_transport import LazyBuckets, free_port
 
 log = logging.getLogger(__name__)
 

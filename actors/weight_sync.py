@@ -1,4 +1,4 @@
-"""Weight sync, driven from the orchestrator: the learner's policy into every generator.
+"""Weight sync, driven from the loops: the learner's policy into every generator.
 
 One interface, `WeightSync`: calling it with (version, step) syncs and returns the sync's
 metrics. One implementation per backend (`sync.backend`):
@@ -8,9 +8,10 @@ metrics. One implementation per backend (`sync.backend`):
 - `BroadcastSync`: a torch.distributed broadcast from learner 0 to every generator over a group of
   its own (gloo on CPU, NCCL on GPUs), opened at the first sync and again after a failure.
 
-What travels (`sync.payload`) is the learner's business (`actors.learner_weights`): with LoRA,
-the adapters, merged on each generator (`moalign.lora_sync`); otherwise every weight. The
-transport below moves named tensors either way (`moalign.weight_sync`).
+What travels (`sync.payload`) is the learner's business (`actors.learner_weights`, the sending
+end): with LoRA, the adapters, merged on each generator (`moalign.lora_sync`); otherwise every
+weight. Each generator loads it in `actors.generator_weights` (the receiving end). The transport
+below moves named tensors either way (`moalign.weight_transport`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from actors.ray_actors import ActorFailure, ActorGroup, describe_failure
 from moalign.config import RunConfig
-from moalign.weight_sync import BroadcastError
+from moalign.weight_transport import BroadcastError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 log = logging.getLogger("drill")
 FAULTS = {1: "GeneratorActor", 2: "RewardActor", 5: "LearnerActor"}

@@ -28,7 +28,7 @@ import numpy as np
 from actors.reward import RewardScorer
 from moalign.config import load_config
 from moalign.data import load_prompts
-from moalign.weight_sync import free_port
+from moalign.weight_transport import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("serve_corners")

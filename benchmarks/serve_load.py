@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moalign.weight_sync import free_port
+from moalign.weight_transport import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = [

@@ -5,7 +5,7 @@ median seconds, the bytes sent and their share of the full weights, and ratios t
 full-weight object-store sync.
 
     python benchmarks/sync_backends.py --model builtin:smollm2-135m-instruct --bucket-mb 64
-    python benchmarks/sync_backends.py            # a tiny random model, seconds
+    python -m benchmarks.sync_backends            # a tiny random model, seconds (from the repository root)
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 log = logging.getLogger("bench")
 BATCH = {
@@ -44,9 +41,14 @@ def main() -> None:
     from actors.ray_actors import ActorGroup, GeneratorActor, LearnerActor
     from actors.weight_sync import BroadcastSync, ObjectStoreSync
     from moalign.config import load_config
-    from moalign.models import build_tiny_model
 
-    model = args.model or str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
+    if args.model:
+        model = args.model
+    else:
+        # The tests' tiny model: `tests` is importable from the repository root (python -m benchmarks.sync_backends).
+        from tests.helpers.tiny_model import build_tiny_model
+
+        model = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
     cfg = load_config(
         None, [f"model.path={model}", "rollout.prompts_per_step=2", "learner.micro_batch_pairs=2", f"sync.bucket_mb={args.bucket_mb}"]
     )

@@ -22,13 +22,13 @@ import json
 import logging
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 log = logging.getLogger("bench")
 OBJECTIVES = "[{name: Relevance, source: relevance}, {name: Conciseness, source: conciseness, target_words: 24}, {name: Positivity, source: positivity}]"
@@ -58,36 +58,30 @@ def layout(name: str) -> tuple[int, int]:
 
 
 def run_moalign(args, name: str, workdir: Path) -> list[dict]:
-    """Steps of the MO-ODPO loop (a fresh Ray cluster and actors), as per-step figures. The name
-    gives the layout: `moalign-s<max_staleness>[-c<cores for the generator and the learner each>]`."""
+    """Steps of the MO-ODPO loop (`orchestrator.py` in a process of its own: a fresh Ray cluster
+    and actors), as per-step figures from its metrics.jsonl. The name gives the layout:
+    `moalign-s<max_staleness>[-c<cores for the generator and the learner each>]`."""
     staleness, cores = layout(name)
-    import ray
-
     from actors.metrics import read_metrics
-    from moalign.config import load_config
-    from orchestrator import run
 
     run_dir = workdir / f"{name}-{time.monotonic_ns()}"
-    cfg = load_config(
-        None,
-        [
-            *shared_overrides(args),
-            f"run_dir={run_dir}",
-            f"steps={args.steps}",
-            f"rollout.max_staleness={staleness}",
-            f"actors.generator_cpus={cores}",
-            f"actors.learner_cpus={cores}",
-            "checkpoint.every_steps=1000",
-            "eval.at_start_and_end=false",
-            "logging.progress_bar=false",
-            "logging.tensorboard=false",
-            "logging.ray_metrics=false",
-        ],
-    )
-    try:
-        run(cfg)
-    finally:
-        ray.shutdown()
+    overrides = [
+        *shared_overrides(args),
+        f"run_dir={run_dir}",
+        f"steps={args.steps}",
+        f"rollout.max_staleness={staleness}",
+        f"actors.generator_cpus={cores}",
+        f"actors.learner_cpus={cores}",
+        "checkpoint.every_steps=1000",
+        "eval.at_start_and_end=false",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+        "logging.ray_metrics=false",
+    ]
+    # A process of its own, as `make demo` runs it: its log goes to the console and RUN_DIR/orchestrator.log.
+    done = subprocess.run([sys.executable, str(REPO / "orchestrator.py"), *overrides], cwd=REPO)
+    if done.returncode != 0:
+        raise SystemExit(f"{name}: orchestrator.py failed (exit {done.returncode}); see {run_dir / 'orchestrator.log'}")
     out = []
     for h in read_metrics(run_dir)[1:]:
         step_s = h["time/step_s"]

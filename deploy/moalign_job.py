@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 log = logging.getLogger("moalign-job")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -159,23 +158,37 @@ def room_problem(cfg, nodes: Sequence[dict], source: str = "the config") -> str 
     return f"{source} does not fit the cluster: " + "; ".join(problems) + ". Nothing was submitted (--no-resource-check submits anyway)"
 
 
+def training_script(offline: bool) -> str:
+    """The command that trains a config: the MO-ODPO loop, or the offline one (MODPO, MOPO)."""
+    return "offline.py" if offline else "orchestrator.py"
+
+
 def submit(jobs, config: str, overrides: list[str], wait: bool, nodes: Callable[[], list[dict]] | None = None) -> int:
     """Check the config and, given `nodes` (the cluster's nodes, see `cluster_nodes`), that they
-    can hold its actors; then submit it as a job running orchestrator.py."""
+    can hold its actors; then submit it as a job running orchestrator.py (offline.py for MODPO, MOPO)."""
     cfg = checked_config(config, overrides)
     if nodes is not None:
         problem = room_problem(cfg, nodes(), config + (" with its overrides" if overrides else ""))
         if problem:
             raise JobError(problem)
-    return _submit(jobs, ["orchestrator.py", "--config", config, *overrides], str(cfg.run_dir), {"config": config}, wait)
+    args = [training_script(cfg.is_offline), "--config", config, *overrides]
+    return _submit(jobs, args, str(cfg.run_dir), {"config": config}, wait)
 
 
 def resume(jobs, run_dir: str, overrides: list[str], wait: bool) -> int:
     """Submit the run again with the config it saved: it resumes from its last checkpoint (the
-    orchestrator's lock refuses it while the previous job still holds the run directory)."""
+    run's lock refuses it while the previous job still holds the run directory)."""
     if not Path(run_dir).is_absolute():
         raise JobError(f"{run_dir}: give the run directory's absolute path, as the cluster sees it")
-    args = ["orchestrator.py", "--config", str(Path(run_dir) / "config.yaml"), f"run_dir={run_dir}", *overrides]
+    saved = Path(run_dir) / "config.yaml"
+    # The saved config says which loop trained the run where this machine sees the run directory
+    # too; otherwise orchestrator.py, which names offline.py should the run be an offline one.
+    offline = False
+    if saved.is_file():
+        from moalign.config import load_config
+
+        offline = load_config(saved).is_offline
+    args = [training_script(offline), "--config", str(saved), f"run_dir={run_dir}", *overrides]
     return _submit(jobs, args, run_dir, {"resumed": "true"}, wait)
 
 

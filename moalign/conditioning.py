@@ -8,11 +8,12 @@ per objective and weight bin (`format_control_tokens`), whose embeddings are tra
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+
+from moalign.config import ConditioningConfig, ConfigError
 
 BEGIN = "[Begin System Instruction]"
 END = "[End System Instruction]"
@@ -159,31 +160,6 @@ def weight_signal(names: Sequence[str], weights: Sequence[float] | np.ndarray, s
     return format_weights(names, weights, decimals)
 
 
-_PREFIX_RE = re.compile(re.escape(BEGIN) + r"(.*?)" + re.escape(END), re.DOTALL)
-
-
-def parse_weights(text: str, names: Sequence[str], decimals: int | None = None) -> np.ndarray:
-    """Read the weights back from a prompt or system message; names must match in order."""
-    match = _PREFIX_RE.search(text)
-    if match is None:
-        raise WeightsError(f"no weight instruction found (expected {BEGIN} … {END}) in {text[:80]!r}")
-    items = [p.strip() for p in match.group(1).split(",") if p.strip()]
-    found: list[tuple[str, float]] = []
-    for item in items:
-        name, sep, value = item.rpartition(":")
-        try:
-            found.append((name.strip(), float(value)))
-        except ValueError:
-            raise WeightsError(f"weight entry {item!r} is not `Name: number`") from None
-        if not sep:
-            raise WeightsError(f"weight entry {item!r} is not `Name: number`")
-    got_names = [n for n, _ in found]
-    if got_names != list(names):
-        raise WeightsError(f"objectives in prompt {got_names} differ from configured {list(names)}")
-    tol = 1e-6 if decimals is None else 0.5 * 10.0 ** (-decimals) * len(names)
-    return check_weights([v for _, v in found], len(names), atol=tol)
-
-
 def condition_messages(
     prompt: str,
     names: Sequence[str],
@@ -301,3 +277,23 @@ def _cut_start(text: str, tokenizer: Any, measure: Any, max_tokens: int) -> str:
         # Re-tokenising a cut text can merge or split a token at the cut: cut a little more.
         cut += max(1, overshoot)
     raise ValueError(f"the chat template and weight line alone take {measure('')} of max_prompt_tokens={max_tokens}: no prompt fits")
+
+
+def render_conditioned(
+    tokenizer,
+    prompt: str,
+    names: Sequence[str],
+    weights: Sequence[float] | np.ndarray,
+    conditioning: ConditioningConfig,
+    max_prompt_tokens: int,
+) -> list[int]:
+    """The token ids of `prompt` with `weights` written in as `conditioning` says: what a generator
+    samples from and the learner trains on; a prompt over `max_prompt_tokens` is an error."""
+    ids = render_prompt_ids(tokenizer, condition_messages(prompt, names, weights, conditioning.style, conditioning.decimals))
+    if len(ids) > max_prompt_tokens:
+        # load_fitted_prompts measured every prompt under the longest weight line: only a
+        # prompt that did not pass through it lands here.
+        raise ConfigError(
+            f"prompt {prompt[:60]!r} is {len(ids)} tokens after conditioning, over model.max_prompt_tokens={max_prompt_tokens}"
+        )
+    return ids

@@ -662,3 +662,35 @@ def save_resolved(cfg: RunConfig, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     tmp.replace(path)
+
+
+# Changing these between the stop and the resume does not change what is trained (the
+# checkpoint interval does: every checkpoint forces a weight sync). Health bounds only decide
+# when to warn. Evaluations run only after regular syncs and sample with their own seeds. A run
+# directory may be moved or copied and resumed where it lies.
+_RESUMABLE_CHANGES = (
+    "run_dir", "steps", "logging.", "ray_timeout_s", "actors.placement_timeout_s", "checkpoint.keep_last", "health.", "eval.",
+)  # fmt: skip
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def check_resume_config(cfg: RunConfig, saved_path: Path) -> None:
+    """A resumed run must train the same problem; otherwise 'continue as if never stopped' is false."""
+    saved = _flatten(load_config(saved_path).model_dump(mode="json"))
+    now = _flatten(cfg.model_dump(mode="json"))
+    changed = sorted(
+        k.rstrip(".") for k in now.keys() | saved.keys() if not k.startswith(_RESUMABLE_CHANGES) and now.get(k) != saved.get(k)
+    )
+    if changed:
+        raise ConfigError(
+            f"run_dir {cfg.run_dir} holds a checkpoint made with a different configuration (changed: {', '.join(changed)}); "
+            f"resume with the saved {saved_path} or choose a new run_dir"
+        )

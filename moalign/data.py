@@ -1,13 +1,19 @@
-"""Prompt files and the resumable cursor that draws B prompts per step."""
+"""Prompt files, the prompts of one fitted to the model's prompt budget, and the resumable cursor
+that draws B prompts per step."""
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from moalign.config import RunConfig
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -93,3 +99,33 @@ class PromptCursor:
             raise DataError(f"saved cursor was over {state['n']} prompts, the prompt file now has {self.n}")
         self.seed, self.shuffle = state["seed"], state["shuffle"]
         self.epoch, self.position = state["epoch"], state["position"]
+
+
+def load_fitted_prompts(cfg: RunConfig, path: str, tokenizer, report_path: Path | None = None) -> list:
+    """The prompt file's records that fit model.max_prompt_tokens with any weight line written in
+    (the others skipped or cut, `data.too_long`), counted in the log and at `report_path`."""
+    from moalign.checkpoint import write_json
+    from moalign.conditioning import fit_prompts
+
+    c = cfg.conditioning
+    try:
+        prompts, report = fit_prompts(
+            load_prompts(path), tokenizer, cfg.objective_names, c.style, c.decimals, cfg.model.max_prompt_tokens, cfg.data.too_long
+        )
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    if report["too_long"]:
+        done = "left out" if cfg.data.too_long == "skip" else "cut at the start to fit"
+        log.warning(
+            "%s: %d of %d prompts are over model.max_prompt_tokens=%d with the weight line written in (longest %d tokens): %s "
+            "(data.too_long=%s), e.g. %s",
+            path, report["too_long"], report["prompts"], cfg.model.max_prompt_tokens, report["longest_tokens"], done,
+            cfg.data.too_long, ", ".join(report["too_long_ids"][:3]),
+        )  # fmt: skip
+    if not prompts:
+        raise DataError(
+            f"{path}: every prompt is over model.max_prompt_tokens={cfg.model.max_prompt_tokens}; raise it or use data.too_long=truncate"
+        )
+    if report_path is not None:
+        write_json(report_path, {"path": str(path), **report})
+    return prompts

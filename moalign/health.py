@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from moalign.actor_io import Sample
 from moalign.pairs import PairSelection
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,11 @@ METRICS = ("distinct_fraction", "tied_share", "completion_tokens_mean", "length_
 """Health metric names; each is logged per step as `health/<name>`."""
 
 
-def step_health(samples: Sequence[Sequence[dict]], selection: PairSelection, learn: dict[str, float]) -> dict[str, float]:
+def step_health(samples: Sequence[Sequence[Sample]], selection: PairSelection, learn: dict[str, float]) -> dict[str, float]:
     """One step's health figures. A figure with nothing to measure is left out rather than made up:
     `kl` when the learner took no update, `tied_share` when no candidate pair was ranked.
 
-    samples: per prompt, the completions as dicts with `token_ids`, `text` and `finish_reason`.
+    samples: per prompt, the generators' completions (`moalign.actor_io.Sample`).
     """
     groups = [g for g in samples if len(g) > 0]
     flat = [s for g in groups for s in g]
@@ -142,7 +143,7 @@ class HealthMonitor:
         """Metrics whose smoothed value is beyond its bound now."""
         return [b.metric for b in self.bounds if b.metric in self._crossed]
 
-    def update(self, step: int, samples: Sequence[Sequence[dict]], selection: PairSelection, learn: dict[str, float]) -> dict[str, float]:
+    def update(self, step: int, samples: Sequence[Sequence[Sample]], selection: PairSelection, learn: dict[str, float]) -> dict[str, float]:
         """Measure one step, judge the bounds; returns the step's figures as `health/<name>` metrics."""
         return self.observe(step, step_health(samples, selection, learn))
 

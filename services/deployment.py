@@ -1,6 +1,6 @@
 """The policy service on Ray Serve: each replica holds one vLLM engine and the HTTP routes.
 
-    make serve MODEL=runs/demo/final [PORT=8000]          (serve.py: a local Ray, then this)
+    make serve MODEL=runs/demo/final [PORT=8000]          (serve.py: `start_serving`, a local Ray, then this)
     serve run deploy/serve.yaml                           (a cluster; import_path services.deployment:app_builder)
 
 Replicas scale with Ray Serve's autoscaling (`min_replicas` < `max_replicas`), and a replica
@@ -28,7 +28,7 @@ class PolicyDeployment:
     def __init__(self, config: dict[str, Any], api_token: str | None):
         from transformers import AutoTokenizer
 
-        from moalign.export import PolicyCard
+        from moalign.export_folder import PolicyCard
         from services.api import build_api
         from services.engine import EngineLoop
         from services.policy import PolicyService
@@ -157,7 +157,7 @@ def check_servable(folder: str | os.PathLike) -> Path:
 
 def build_app(cfg: ServeConfig):
     """The Ray Serve application for `cfg`; the bearer token is read here, from `cfg.api_token_env`."""
-    from moalign.export import PolicyCard
+    from moalign.export_folder import PolicyCard
 
     model = check_servable(cfg.model)
     PolicyCard.read(model)  # an unreadable card fails here too, before any replica starts
@@ -191,3 +191,17 @@ def app_builder(args: dict[str, Any]):
     """Entry for Ray Serve config files: `args` are ServeConfig fields (host and port belong to
     the file's `http_options`)."""
     return build_app(parse_config(dict(args or {}), ServeConfig, "serve config args"))
+
+
+def start_serving(cfg: ServeConfig, ray_address: str | None = None) -> str:
+    """Deploy `cfg` on Ray Serve (starting a local Ray if none is running); returns the base URL
+    once the first replica answers its health check."""
+    import ray
+
+    app = build_app(cfg)  # checks the folder before anything starts (check_servable)
+    if not ray.is_initialized():
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False) if address else ray.init(include_dashboard=False)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(app, name="moalign", route_prefix="/", blocking=False)
+    return f"http://{cfg.host}:{cfg.port}"

@@ -17,7 +17,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moalign.conditioning import WeightsError, render_prompt_ids, round_weights
-from moalign.export import PolicyCard
+from moalign.export_folder import PolicyCard
 
 
 class RequestError(ValueError):

@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A random 2-layer Llama with SmolLM2's tokenizer; no download."""
-    from moalign.models import build_tiny_model
+    from tests.helpers.tiny_model import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama") / "model", seed=0))
 
@@ -44,7 +44,7 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def metrics_port():
     """The Prometheus port of the session's Ray cluster."""
-    from moalign.weight_sync import free_port
+    from moalign.weight_transport import free_port
 
     return free_port()
 

@@ -94,8 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     # vLLM reads these at import; an in-process engine keeps its log quiet and its threads ours.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))  # the project may not be pip-installed
 
     from tqdm import tqdm
     from transformers import AutoTokenizer

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from actors.generator import Generator
-from moalign.models import build_tiny_model
-from moalign.weight_sync import bucketize
+from moalign.weight_transport import bucketize
+from tests.helpers.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.integration
 

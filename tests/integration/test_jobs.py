@@ -25,7 +25,7 @@ from actors.metrics import metric_spec, read_metrics
 from evaluate import main as evaluate_main
 from moalign.checkpoint import list_checkpoints, read_state
 from moalign.ledger import audit
-from moalign.weight_sync import free_port
+from moalign.weight_transport import free_port
 from tests.unit.test_grafana import dashboard_metrics
 
 pytestmark = pytest.mark.integration

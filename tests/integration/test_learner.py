@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from actors.learner import Learner
 from moalign.config import load_config
 from moalign.lora_sync import AdapterMerger, parse_adapter_name
-from moalign.models import build_tiny_model, checkpoint_shapes
+from moalign.models import checkpoint_shapes
+from tests.helpers.learner_probes import sequence_logprobs
+from tests.helpers.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -307,7 +309,7 @@ def test_export_weights_match_checkpoint_and_policy(tiny, tiny_weights):
                 ref = F.log_softmax(plain(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
                 torch.testing.assert_close(torch.tensor(lp), ref, rtol=0, atol=1e-5)
         # Summed completion log-probs agree with the per-token ones.
-        seq_lp = learner.sequence_logprobs([seqs[0][:2]], [seqs[0][2:]])
+        seq_lp = sequence_logprobs(learner, [seqs[0][:2]], [seqs[0][2:]])
         assert seq_lp[0] == pytest.approx(sum(ours[0][1:]), abs=1e-5)
 
         # The adapter payload, merged as a generator merges it, gives the same bits.
@@ -409,7 +411,7 @@ def test_modpo_at_a_corner_trains_exactly_like_dpo(tiny, tmp_path):
     equal a DPO learner's on the same pairs, bit for bit, whatever the margin rewards say. The DPO
     learner's adapter then serves as an implicit margin model: scored by the other learner, it
     gives the DPO policy's log-probs, and the base's."""
-    from moalign.export import PolicyCard
+    from moalign.export_folder import PolicyCard
 
     batch = make_batch(PAIRS, [1.0] * 4)
     prompts, completions = [list(p) for p, _, _ in PAIRS], [list(c) for _, c, _ in PAIRS]
@@ -423,12 +425,12 @@ def test_modpo_at_a_corner_trains_exactly_like_dpo(tiny, tmp_path):
         try:
             if name == "modpo":
                 scored = learner.adapter_logprobs(str(tmp_path / "dpo" / "adapter"), prompts, completions)
-                base = learner.sequence_logprobs(prompts, completions)
+                base = sequence_logprobs(learner, prompts, completions)
             losses = [learner.train_step(data)["loss"] for _ in range(3)]
             runs[name] = (losses, trainable(learner))
             if name == "dpo":
                 learner.export_policy(str(tmp_path / "dpo"), PolicyCard.from_run(learner.cfg, 3).model_dump())
-                dpo_logps = learner.sequence_logprobs(prompts, completions)
+                dpo_logps = sequence_logprobs(learner, prompts, completions)
             else:
                 with pytest.raises(ValueError, match="missing field 'margin_chosen'"):
                     learner.train_step(batch)

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from actors.metrics import ACTOR_CALL_METRIC, metric_spec, read_metrics
 from actors.ray_actors import ActorFailure
-from export import export_checkpoint
+from loops.export_checkpoint import export_checkpoint
 from moalign.checkpoint import list_checkpoints, read_state
 from moalign.config import load_config
-from moalign.export import PolicyCard
+from moalign.export_folder import PolicyCard
 from moalign.ledger import audit
 from moalign.scaling import read_done, write_request
 from orchestrator import run

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from actors.metrics import read_metrics
+from loops.offline_loop import REWARD_CACHE, run
 from moalign.config import load_config
-from moalign.export import PolicyCard
-from offline import REWARD_CACHE, run
+from moalign.export_folder import PolicyCard
 from tests.helpers.crash import crashed_copy
 
 pytestmark = pytest.mark.integration
@@ -88,8 +88,8 @@ def test_modpo_sweep_resume_and_pareto_evaluation(tiny_model, ray_cluster, tmp_p
     """A sweep trains one policy per weight vector with margins scored once for all; one of its
     runs, resumed after a crash, repeats its losses; the evaluation puts each policy's point on
     held-out prompts without a weight line."""
-    from evaluate import evaluate_offline
-    from offline import sweep_members, train
+    from loops.offline_loop import sweep_members, train
+    from loops.pareto_eval import evaluate_offline
 
     cfg = offline_config(
         tiny_model,

@@ -22,6 +22,7 @@ generators keep the base model).
 """
 
 import json
+import logging
 import urllib.request
 from pathlib import Path
 
@@ -29,19 +30,21 @@ import numpy as np
 import pytest
 import torch
 
+import loops.online_loop
 import orchestrator
-from actors.cluster import render_conditioned
 from actors.weight_sync import ObjectStoreSync
-from evaluate import load_front
+from moalign.conditioning import render_conditioned
 from moalign.config import ServeConfig, load_config
 from moalign.control_tokens import read_manifest
-from moalign.export import PolicyCard
+from moalign.export_folder import PolicyCard
 from moalign.pairs import select_relabelled_pairs
-from moalign.weight_sync import free_port
+from moalign.pareto_report import load_front
+from moalign.weight_transport import free_port
 from tests.helpers.letters_model import build_letters_model
 from tests.helpers.reward_fns import early_letters
 
 pytestmark = pytest.mark.integration
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
@@ -89,20 +92,22 @@ def pathway_config(model, run_dir, style):
 def break_path(name, monkeypatch):
     """Inject one fault into the path from weights to gradient (see the module docstring)."""
     if name == "learner_unconditioned":
-        real_render, real_learn = orchestrator.render_conditioned, orchestrator._learn
+        real_render, real_learn = orchestrator.render_conditioned, orchestrator.learn
         unconditioned = {}
 
-        def render(tokenizer, prompt, names, weights, cfg):
-            ids = real_render(tokenizer, prompt, names, weights, cfg)
+        def render(tokenizer, prompt, names, weights, *sections):
+            ids = real_render(tokenizer, prompt, names, weights, *sections)
             equal = np.full(len(names), 1.0 / len(names))
-            unconditioned[tuple(ids)] = real_render(tokenizer, prompt, names, equal, cfg)
+            unconditioned[tuple(ids)] = real_render(tokenizer, prompt, names, equal, *sections)
             return ids
 
         def learn(cfg, learners, prompt_ids, *args):
             return real_learn(cfg, learners, [unconditioned[tuple(ids)] for ids in prompt_ids], *args)
 
+        # The loop writes weights into prompts in both places: rollouts (online_loop) and relabelled pairs (orchestrator).
+        monkeypatch.setattr(loops.online_loop, "render_conditioned", render)
         monkeypatch.setattr(orchestrator, "render_conditioned", render)
-        monkeypatch.setattr(orchestrator, "_learn", learn)
+        monkeypatch.setattr(orchestrator, "learn", learn)
     elif name == "wrong_relabel_line":
 
         def select(weight_sets, rewards, *args):
@@ -152,6 +157,9 @@ def test_a_trained_toy_policy_follows_its_weights(trained, style):
 
     # The learning curve: steerability at every evaluation, against optimizer steps.
     curve = (run_dir / "eval" / "learning_curve.md").read_text()
+    # Shown with `-o log_cli=true --log-cli-level=INFO`: the numbers a refactor must leave unchanged, to the digit.
+    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    log.info("learning curve (%s):\n%s\nlosses by step: %s", style, curve, losses)
     assert [line.split("|")[1].strip() for line in curve.splitlines() if line.startswith("| ") and line[2].isdigit()] == [
         "0",
         "10",
@@ -184,7 +192,7 @@ def test_control_tokens_are_exported_and_served(trained):
     from ray import serve
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import serve as serve_command
+    from services.deployment import start_serving
 
     run_dir = trained("control_tokens")
     cfg = load_config(run_dir / "config.yaml")
@@ -195,7 +203,9 @@ def test_control_tokens_are_exported_and_served(trained):
 
     # The merged folder and base + adapter give the same policy, trained rows included.
     tokenizer = AutoTokenizer.from_pretrained(final)
-    ids = torch.tensor([render_conditioned(tokenizer, QUESTION, cfg.objective_names, [1.0, 0.0], cfg)])
+    ids = torch.tensor(
+        [render_conditioned(tokenizer, QUESTION, cfg.objective_names, [1.0, 0.0], cfg.conditioning, cfg.model.max_prompt_tokens)]
+    )
     assert set(ids[0].tolist()) & set(control.ids), "the prompt carries control tokens"
     merged = AutoModelForCausalLM.from_pretrained(final).eval()
     base = AutoModelForCausalLM.from_pretrained(start).eval()
@@ -211,14 +221,16 @@ def test_control_tokens_are_exported_and_served(trained):
     serve_cfg = load_config(
         REPO / "configs/serve/local.yaml", [f"model={final}", f"port={free_port()}", "cpu_kvcache_gb=0.25", "replica_cpus=0.5"], ServeConfig
     )
-    url = serve_command.start(serve_cfg)
+    url = start_serving(serve_cfg)
     try:
         answers = {name: _chat(url, {name: 1.0}) for name in NAMES}
     finally:
         serve.delete("moalign")
         serve.shutdown()
     for name, corner in zip(NAMES, ([1.0, 0.0], [0.0, 1.0])):
-        assert answers[name]["prompt_token_ids"] == render_conditioned(tokenizer, QUESTION, cfg.objective_names, corner, cfg)
+        assert answers[name]["prompt_token_ids"] == render_conditioned(
+            tokenizer, QUESTION, cfg.objective_names, corner, cfg.conditioning, cfg.model.max_prompt_tokens
+        )
         assert not set(answers[name]["choices"][0]["token_ids"]) & set(control.ids), "a control token was sampled"
     texts = {name: answers[name]["choices"][0]["message"]["content"] for name in NAMES}
     early = {name: early_letters([QUESTION], [text])[0] for name, text in texts.items()}

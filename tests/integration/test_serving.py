@@ -16,8 +16,8 @@ import torch
 from actors.learner import Learner
 from moalign.conditioning import render_prompt_ids
 from moalign.config import load_config
-from moalign.export import PolicyCard
-from moalign.weight_sync import free_port
+from moalign.export_folder import PolicyCard
+from moalign.weight_transport import free_port
 
 pytestmark = pytest.mark.integration
 

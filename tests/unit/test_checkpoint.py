@@ -136,7 +136,7 @@ class _State:
 def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_the_latest(tmp_path):
     import errno
 
-    from actors.cluster import save_checkpoint
+    from actors.calls import save_checkpoint
     from moalign.checkpoint import CheckpointError
     from moalign.config import load_config
 
@@ -144,7 +144,7 @@ def test_a_full_disk_during_a_checkpoint_leaves_the_previous_one_the_latest(tmp_
     previous = publish(staging_dir(tmp_path, 2), 2, {"step": 2}, keep_last=1)
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     with pytest.raises(CheckpointError, match=r"step 4 could not be written \(\[Errno 28\] No space left on device\).*latest is still"):
-        save_checkpoint(cfg, tmp_path, _Learners(full), _State(4))
+        save_checkpoint(tmp_path, _Learners(full), _State(4), cfg.checkpoint.keep_last)
     # What was written of step 4 is gone (it would hold the space the next save needs).
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [previous.name]
     assert latest_sound_checkpoint(tmp_path) == previous
@@ -154,7 +154,7 @@ def test_a_failed_publish_removes_the_staging_folder(tmp_path, monkeypatch):
     import errno
 
     import moalign.checkpoint
-    from actors.cluster import save_checkpoint
+    from actors.calls import save_checkpoint
     from moalign.checkpoint import CheckpointError
     from moalign.config import load_config
 
@@ -169,19 +169,19 @@ def test_a_failed_publish_removes_the_staging_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(moalign.checkpoint, "write_json", full)
     with pytest.raises(CheckpointError, match="there is no earlier checkpoint"):
-        save_checkpoint(cfg, tmp_path, Saves(), _State(1))
+        save_checkpoint(tmp_path, Saves(), _State(1), cfg.checkpoint.keep_last)
     assert list((tmp_path / "checkpoints").iterdir()) == [] and latest_checkpoint(tmp_path) is None
 
 
 def test_a_learner_lost_while_saving_is_not_a_write_failure(tmp_path):
     from ray.exceptions import ActorDiedError
 
-    from actors.cluster import save_checkpoint
+    from actors.calls import save_checkpoint
     from actors.ray_actors import ActorFailure
     from moalign.config import load_config
 
     lost = ActorFailure("learner", 0, 3, "save_checkpoint", "the actor died")
     lost.__cause__ = ActorDiedError()
     with pytest.raises(ActorFailure) as err:
-        save_checkpoint(load_config(None, [f"run_dir={tmp_path}"]), tmp_path, _Learners(lost), _State(3))
+        save_checkpoint(tmp_path, _Learners(lost), _State(3), load_config(None, [f"run_dir={tmp_path}"]).checkpoint.keep_last)
     assert err.value.actor_lost and list((tmp_path / "checkpoints").iterdir()) == []

@@ -6,9 +6,9 @@ from moalign.conditioning import (
     WeightsError,
     condition_messages,
     format_weights,
-    parse_weights,
     round_weights,
 )
+from tests.helpers.weight_lines import parse_weights
 
 NAMES = {2: ["Helpfulness", "Harmlessness"], 3: ["Relevance", "Conciseness", "Positivity"], 5: ["A", "B", "C", "D", "E"]}
 
@@ -235,8 +235,8 @@ def test_no_room_for_any_prompt_is_an_error():
 def test_a_run_counts_the_prompts_it_left_out_in_its_data_report(tmp_path):
     import json
 
-    from actors.cluster import load_fitted_prompts
     from moalign.config import load_config
+    from moalign.data import load_fitted_prompts
 
     lines = ['{"id": "short", "prompt": "why is the sky blue"}', '{"id": "long", "prompt": "' + "tell me more " * 10 + '"}']
     (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")

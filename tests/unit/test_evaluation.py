@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moalign.config import load_config, save_resolved
-from moalign.evaluation import (
+from moalign.pareto_report import (
     eval_weights,
     front_metrics,
     front_stats,
@@ -210,7 +210,9 @@ def test_weights_label_is_short():
 
 
 def test_module_does_not_pull_in_ray_vllm_or_matplotlib():
-    code = "import sys, moalign.evaluation; bad = [m for m in ('ray', 'vllm', 'matplotlib') if m in sys.modules]; sys.exit(1 if bad else 0)"
+    code = (
+        "import sys, moalign.pareto_report; bad = [m for m in ('ray', 'vllm', 'matplotlib') if m in sys.modules]; sys.exit(1 if bad else 0)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr.decode()
 
@@ -226,8 +228,8 @@ def run_config(run_dir, *extra):
 
 def saved_base_front(cfg, run_dir):
     """A base front in RUN_DIR/eval/base made with the config's evaluation settings."""
-    from evaluate import eval_settings
     from moalign.data import load_prompts
+    from moalign.pareto_report import eval_settings
 
     e = cfg.eval
     prompts = load_prompts(cfg.data.heldout_path)[: e.heldout_prompts]
@@ -238,8 +240,8 @@ def saved_base_front(cfg, run_dir):
 
 
 def test_base_front_is_reused_only_with_the_same_settings(tmp_path):
-    from evaluate import eval_settings, load_front
     from moalign.data import load_prompts
+    from moalign.pareto_report import eval_settings, load_front
 
     cfg = run_config(tmp_path / "run", "eval.heldout_prompts=4")
     saved_base_front(cfg, tmp_path / "run")
@@ -253,15 +255,15 @@ def test_base_front_is_reused_only_with_the_same_settings(tmp_path):
 
 
 def test_cli_base_only_reuses_the_saved_front_without_actors(tmp_path, monkeypatch):
-    import actors.cluster
+    import loops.pareto_eval
     from evaluate import main
 
     # Checked on the calls, not on ray.is_initialized(): another test may have started Ray already.
     def refuse(*args, **kwargs):
         raise AssertionError("started Ray or actors although nothing needed evaluating")
 
-    monkeypatch.setattr(actors.cluster, "start_ray", refuse)
-    monkeypatch.setattr(actors.cluster, "actor_groups", refuse)
+    monkeypatch.setattr(loops.pareto_eval, "start_ray", refuse)
+    monkeypatch.setattr(loops.pareto_eval, "actor_groups", refuse)
 
     cfg = run_config(tmp_path / "run", "eval.heldout_prompts=4")
     saved_base_front(cfg, tmp_path / "run")
@@ -292,7 +294,7 @@ def test_cli_exit_codes(tmp_path, caplog):
 
 
 class WordTokenizer:
-    """Just enough of a tokenizer for actors.cluster.render_conditioned: one token per word."""
+    """Just enough of a tokenizer for moalign.conditioning.render_conditioned: one token per word."""
 
     def apply_chat_template(self, messages, add_generation_prompt, tokenize):
         return " ".join(m["content"] for m in messages)
@@ -302,7 +304,7 @@ class WordTokenizer:
 
 
 def test_training_evaluation_schedule(tmp_path):
-    from evaluate import TrainingEvaluation
+    from loops.pareto_eval import TrainingEvaluation
 
     def schedule(*overrides):
         cfg = load_config(None, [f"run_dir={tmp_path}", f"data.heldout_path={REPO / 'data/prompts/heldout.jsonl'}", "steps=10", *overrides])
@@ -316,7 +318,7 @@ def test_training_evaluation_schedule(tmp_path):
 
 
 def test_training_evaluation_checks_prompt_lengths_up_front(tmp_path):
-    from evaluate import TrainingEvaluation
+    from loops.pareto_eval import TrainingEvaluation
     from moalign.data import DataError
 
     cfg = load_config(None, [f"data.heldout_path={REPO / 'data/prompts/heldout.jsonl'}", "eval.every_steps=1", "model.max_prompt_tokens=8"])
@@ -336,7 +338,7 @@ def test_eval_config_checks():
 
 
 def test_conflicts_tell_trade_offs_from_agreement_and_say_so_plainly():
-    from moalign.evaluation import conflict_summary, front_markdown, front_stats, objective_conflicts
+    from moalign.pareto_report import conflict_summary, front_markdown, front_stats, objective_conflicts
 
     rng = np.random.default_rng(3)
     x = rng.random((3, 6, 4))  # weight vectors, prompts, samples
@@ -354,7 +356,7 @@ def test_conflicts_tell_trade_offs_from_agreement_and_say_so_plainly():
 
 
 def test_learning_curve_lists_steerability_by_optimizer_step(tmp_path):
-    from moalign.evaluation import front_stats, learning_curve_markdown, plot_learning_curve
+    from moalign.pareto_report import front_stats, learning_curve_markdown, plot_learning_curve
 
     rng = np.random.default_rng(0)
     weights = [[1, 0], [0.5, 0.5], [0, 1]]

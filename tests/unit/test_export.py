@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from moalign.config import load_config
-from moalign.export import CARD_FILE, PolicyCard, publish_folder, write_card, write_safetensors
+from moalign.export_folder import CARD_FILE, PolicyCard, publish_folder, write_card, write_safetensors
 
 
 def test_large_exports_are_sharded_with_an_index_loaders_read(tmp_path):

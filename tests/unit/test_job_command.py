@@ -145,6 +145,17 @@ def test_submit_refuses_an_oversized_config_before_sending_anything(job, tmp_pat
     assert sent["entrypoint"] == f"python orchestrator.py --config {REPO / 'configs/default.yaml'} run_dir={tmp_path} steps=2"
 
 
+def test_an_offline_config_is_submitted_and_resumed_as_offline_py(job, tmp_path):
+    from moalign.config import load_config, save_resolved
+
+    jobs = FakeJobs("PENDING", {})
+    assert job.submit(jobs, str(REPO / "configs/mopo_cpu.yaml"), [f"run_dir={tmp_path}"], wait=False) == 0
+    assert jobs.submitted[-1]["entrypoint"].startswith("python offline.py --config ")
+    save_resolved(load_config(REPO / "configs/mopo_cpu.yaml", [f"run_dir={tmp_path}"]), tmp_path / "config.yaml")
+    assert job.resume(jobs, str(tmp_path), [], wait=False) == 0
+    assert jobs.submitted[-1]["entrypoint"] == f"python offline.py --config {tmp_path / 'config.yaml'} run_dir={tmp_path}"
+
+
 def test_status_shows_a_run_waiting_for_room_and_the_error_it_failed_with(job):
     from actors import ray_actors
 

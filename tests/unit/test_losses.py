@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from moalign.losses import dpo_loss, dpo_margin, implicit_reward, modpo_loss, preference_loss, token_logprobs
+from moalign.logprobs import token_logprobs
+from moalign.objectives.dpo import dpo_loss, dpo_margin, implicit_reward, preference_loss
+from moalign.objectives.modpo import modpo_loss
 
 PC = torch.tensor([-10.0, -20.0, -5.0])
 PR = torch.tensor([-12.0, -18.0, -5.0])

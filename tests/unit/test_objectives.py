@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moalign.config import load_config
-from moalign.mopo import MOPOObjective
 from moalign.objectives import DPOObjective, MODPOObjective, MOPOLearnerObjective, build_objective
+from moalign.objectives.mopo import MOPOObjective
 
 N = 6
 GEN = torch.Generator().manual_seed(0)
@@ -29,10 +29,10 @@ def test_modpo_margin_moves_the_loss_off_the_corner_only():
         "margin_chosen": margins(torch.randn(N, 2, generator=GEN)),
         "margin_rejected": margins(torch.randn(N, 2, generator=GEN)),
     }
-    dpo = DPOObjective(load_config(None, [])).pair_losses(PC, PR, RC, RR, INDEX, batch)
-    corner = MODPOObjective(load_config(None, ["algorithm.name=modpo", "algorithm.modpo.weights=[1, 0, 0]"]))
+    dpo = build_objective(load_config(None, [])).pair_losses(PC, PR, RC, RR, INDEX, batch)
+    corner = build_objective(load_config(None, ["algorithm.name=modpo", "algorithm.modpo.weights=[1, 0, 0]"]))
     assert torch.equal(corner.pair_losses(PC, PR, RC, RR, INDEX, batch), dpo)
-    mixed = MODPOObjective(load_config(None, ["algorithm.name=modpo", "algorithm.modpo.weights=[0.5, 0.3, 0.2]"]))
+    mixed = build_objective(load_config(None, ["algorithm.name=modpo", "algorithm.modpo.weights=[0.5, 0.3, 0.2]"]))
     assert not torch.allclose(mixed.pair_losses(PC, PR, RC, RR, INDEX, batch), dpo)
     # Padding rows (index -1) come out finite.
     assert torch.isfinite(mixed.pair_losses(PC, PR, RC, RR, torch.tensor([0, 1, -1, -1, 4, 5]), batch)).all()
@@ -50,7 +50,7 @@ def test_mopo_pair_losses_average_to_the_batch_bc_loss():
     batch = {"prompt_ids": [[1]] * N, "chosen_ids": [[2]] * N, "rejected_ids": [[3]] * N, "labels": labels}
     policy = torch.cat([PC, PR]).double()
     reference = torch.cat([RC, RR]).double()
-    learner_side = MOPOLearnerObjective(cfg)
+    learner_side = build_objective(cfg)
     learner_side.validate(batch, N)
     learner_side.prepare(batch, lambda p, c: policy, lambda p, c: reference, lambda p, c: reference)
     per_pair = torch.cat(
@@ -65,10 +65,27 @@ def test_mopo_pair_losses_average_to_the_batch_bc_loss():
     after = learner_side.step_end()
     reference_side.step_end()
     assert after["metrics"]["mopo/lambda/Conciseness"] == pytest.approx(float(reference_side.lambdas[0]))
-    restored = MOPOLearnerObjective(cfg)
+    restored = build_objective(cfg)
     restored.load_state_dict(learner_side.state_dict())
     assert torch.equal(restored.mopo.lambdas, learner_side.mopo.lambdas)
     with pytest.raises(ValueError, match="labels are probabilities"):
         learner_side.validate({**batch, "labels": [[1.5, 0, 0]] * N}, N)
     with pytest.raises(RuntimeError, match="before prepare"):
         learner_side.pair_losses(PC, PR, RC, RR, INDEX, batch)
+
+
+def test_dpo_family_reports_its_implicit_rewards_exactly_as_the_learner_did():
+    beta = 0.3
+    real = torch.tensor([True, False, True, True, False, True])
+    for cfg in (load_config(None, [f"algorithm.beta={beta}"]), load_config(None, ["algorithm.name=mopo", f"algorithm.beta={beta}"])):
+        objective = build_objective(cfg)
+        assert objective.pair_metrics == ("chosen_reward", "rejected_reward", "margin", "accuracy")
+        sums = objective.pair_metric_sums(PC[real], PR[real], RC[real], RR[real])
+        # The learner's own formulas before the objective owned them, bit for bit.
+        cr, rj = beta * (PC - RC)[real], beta * (PR - RR)[real]
+        assert sums == {
+            "chosen_reward": float(cr.sum()),
+            "rejected_reward": float(rj.sum()),
+            "margin": float((cr - rj).sum()),
+            "accuracy": float((cr > rj).float().sum()),
+        }

@@ -3,10 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from actors.cluster import actor_env, check_resume_config, chunks, merge_rank_metrics
-from moalign.config import ConfigError, load_config, save_resolved
+from actors.calls import chunks, merge_rank_metrics
+from actors.cluster import actor_env
+from loops.online_loop import Rollout, check_same_prompts, check_supported, report, summarize
+from moalign.config import ConfigError, check_resume_config, load_config, save_resolved
 from moalign.health import HealthMonitor
-from orchestrator import Rollout, _check_supported, _report, _summarize
+from moalign.objectives import DPOObjective
 
 
 def test_chunks_cover_range_evenly():
@@ -33,11 +35,15 @@ def _rank(pairs, objective, chosen, kl, seconds):
 
 
 def test_merge_rank_metrics_from_sums():
-    merged = merge_rank_metrics([_rank(3, 0.4, 3.0, 6.0, 1.0), _rank(1, 0.2, 1.0, 2.0, 2.0)])
+    merged = merge_rank_metrics([_rank(3, 0.4, 3.0, 6.0, 1.0), _rank(1, 0.2, 1.0, 2.0, 2.0)], DPOObjective)
     assert merged["loss"] == pytest.approx(0.6)
     assert merged["chosen_reward"] == pytest.approx(1.0) and merged["accuracy"] == 1.0
     assert merged["kl"] == pytest.approx(1.0)
     assert merged["grad_norm"] == 2.0 and merged["time/learner_compute_s"] == 2.0
+    # The order metrics.jsonl has always had: the objective's own figures between the loss and the KL.
+    assert list(merged) == [
+        "loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "kl", "grad_norm", "lr", "learner_step", "time/learner_compute_s",
+    ]  # fmt: skip
 
 
 def test_resume_config_check(tmp_path):
@@ -53,9 +59,20 @@ def test_resume_config_check(tmp_path):
 
 
 def test_offline_algorithms_are_not_run_as_mo_odpo():
-    _check_supported(load_config(None, []))
-    with pytest.raises(ConfigError, match="algorithm.name: 'mopo' is an offline algorithm"):
-        _check_supported(load_config(None, ["algorithm.name=mopo"]))
+    check_supported(load_config(None, []))
+    with pytest.raises(ConfigError, match="algorithm.name: 'mopo' is an offline algorithm.*python offline.py --config"):
+        check_supported(load_config(None, ["algorithm.name=mopo"]))
+
+
+def test_each_command_refuses_the_other_loops_config_and_names_the_right_command(tmp_path, caplog):
+    import offline
+    from orchestrator import main
+
+    assert main([f"run_dir={tmp_path / 'a'}", "algorithm.name=mopo"]) == 2
+    assert "python offline.py --config" in caplog.text and not (tmp_path / "a").exists()
+    caplog.clear()
+    assert offline.main([f"run_dir={tmp_path / 'b'}"]) == 2
+    assert "python orchestrator.py --config" in caplog.text and not (tmp_path / "b").exists()
 
 
 def test_main_reports_bad_config_and_exits_2(caplog):
@@ -88,13 +105,13 @@ def _summary(history, monitor):
         "export": "r/final",
         "steps": len(history),
         "version": 1,
-        **_summarize(history, ["Relevance"], monitor),
+        **summarize(history, ["Relevance"], monitor),
         "history": history,
     }
 
 
 def test_summary_compares_health_of_first_and_last_quarter():
-    summary = _summarize(_history([None, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]), ["Relevance"], HealthMonitor())
+    summary = summarize(_history([None, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]), ["Relevance"], HealthMonitor())
     assert summary["reward_window_steps"] == 2
     assert summary["reward_start"]["Relevance"] == pytest.approx(0.05) and summary["reward_end"]["Relevance"] == pytest.approx(0.65)
     assert summary["health_start"]["distinct_fraction"] == pytest.approx(0.95)
@@ -102,7 +119,7 @@ def test_summary_compares_health_of_first_and_last_quarter():
     # Step 1 took no learner update: the first quarter's KL is step 2's alone.
     assert summary["health_start"]["kl"] == 1.0 and summary["health_end"]["kl"] == 6.5
     assert summary["health_warnings"] == [] and summary["health_crossed_at_end"] == []
-    assert _summarize(_history([None, None]), ["Relevance"], HealthMonitor())["health_start"]["kl"] is None
+    assert summarize(_history([None, None]), ["Relevance"], HealthMonitor())["health_start"]["kl"] is None
 
 
 def test_report_puts_a_warning_under_the_rewards_when_a_bound_was_crossed(caplog):
@@ -110,7 +127,7 @@ def test_report_puts_a_warning_under_the_rewards_when_a_bound_was_crossed(caplog
     monitor.observe(7, {"kl": 27.0})
     history = _history([1.0, 27.0])
     with caplog.at_level("INFO", logger="moalign"):
-        _report(_summary(history, monitor))
+        report(_summary(history, monitor))
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "moalign"]
     after_rewards = lines[[i for i, (_, m) in enumerate(lines) if m.startswith("reward Relevance")][-1] + 1]
     assert after_rewards[0] == "WARNING" and "crossed 1 time(s)" in after_rewards[1] and "still crossed at the end: kl" in after_rewards[1]
@@ -120,7 +137,7 @@ def test_report_puts_a_warning_under_the_rewards_when_a_bound_was_crossed(caplog
 
 def test_report_says_none_when_healthy(caplog):
     with caplog.at_level("INFO", logger="moalign"):
-        _report(_summary(_history([1.0] * 8), HealthMonitor()))
+        report(_summary(_history([1.0] * 8), HealthMonitor()))
     assert "health: no bound crossed" in caplog.text and "health warnings: none" in caplog.text
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
@@ -166,17 +183,16 @@ def test_actor_threads_follow_the_cpu_allotment_unless_set():
 def test_a_resumed_run_refuses_a_changed_prompt_file(tmp_path):
     from moalign.checkpoint import file_sha256
     from moalign.data import DataError
-    from orchestrator import _check_same_prompts
 
     prompts = tmp_path / "train.jsonl"
     prompts.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
     cfg = load_config(None, [f"data.train_path={prompts}"])
     saved = {"step": 6, "prompts_sha256": file_sha256(prompts)}
-    _check_same_prompts(cfg, saved, file_sha256(prompts))
-    _check_same_prompts(cfg, {"step": 6}, file_sha256(prompts))  # a checkpoint from before the hash
+    check_same_prompts(cfg, saved, file_sha256(prompts))
+    check_same_prompts(cfg, {"step": 6}, file_sha256(prompts))  # a checkpoint from before the hash
     prompts.write_text('{"prompt": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(DataError, match=r"train\.jsonl changed since the checkpoint of step 6"):
-        _check_same_prompts(cfg, saved, file_sha256(prompts))
+        check_same_prompts(cfg, saved, file_sha256(prompts))
 
 
 def test_metrics_rewind_drops_the_steps_to_be_redone(tmp_path):

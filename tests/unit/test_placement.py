@@ -61,7 +61,7 @@ def test_asks_carry_labels_gpus_and_tensor_parallel_workers():
             "actors.learner_node_labels={moalign-role: learner}",
         ],
     )
-    generator, learner = role_ask(cfg, "generator"), role_ask(cfg, "learner")
+    generator, learner = role_ask(cfg.actors, "generator"), role_ask(cfg.actors, "learner")
     assert (generator.gpus, generator.total_gpus, generator.strategy) == (4.0, 8.0, None)
     assert generator.describe() == "2 generator actors of 1 CPU, 4 GPU each (no placement group, any node)"
     assert learner.options() == {"num_cpus": 1.0, "num_gpus": 0.0, "label_selector": {"moalign-role": "learner"}}
@@ -69,7 +69,7 @@ def test_asks_carry_labels_gpus_and_tensor_parallel_workers():
     offline = load_config("configs/modpo_cpu.yaml")
     assert [a.role for a in run_asks(offline)] == ["learner", "reward"]
     with pytest.raises(ValueError, match="unknown role 'critic'"):
-        role_ask(cfg, "critic")
+        role_ask(cfg.actors, "critic")
 
 
 def test_a_role_without_room_is_reported_within_seconds_then_at_intervals_and_given_up_at_the_bound(caplog):

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from moalign.conditioning import WeightsError
-from moalign.export import PolicyCard
+from moalign.export_folder import PolicyCard
 from services.api import build_api
 from services.engine import Delta
 from services.policy import PolicyService
@@ -253,7 +253,7 @@ def test_a_request_the_engine_refuses_is_422_and_the_service_goes_on():
 def exported_run(root):
     """A run directory as a LoRA run leaves it: a checkpoint, and the export RUN_DIR/final with its
     merged weights, card and adapter/ (file contents do not matter to the check)."""
-    from moalign.export import write_card
+    from moalign.export_folder import write_card
 
     run = root / "run"
     checkpoint = run / "checkpoints" / "step_00000002"

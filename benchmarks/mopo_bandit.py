@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m moalign.mopo_bandit [--steps N] [--taus 0.02,0.08,0.3,1.0] [--seed S]
+    python -m benchmarks.mopo_bandit [--steps N] [--taus 0.02,0.08,0.3,1.0] [--seed S]
                                   [--structures a,b] [--n-pairs N] [--lag-reference]
                                   [--initial-threshold reference|zero]
 
@@ -60,7 +60,7 @@ Where the paper is silent, and what this module chooses
   like any other data.  Record orientation is irrelevant: every record is used
   both ways (paper Sec. 3.1).
 * Thresholds: they come from the schedule, with the rule of
-  :class:`moalign.mopo.MOPOObjective`: every ``T = 500`` steps
+  :class:`moalign.objectives.mopo.MOPOObjective`: every ``T = 500`` steps
   ``b <- 0.9995 * mean LB_eps[P_2(pi_theta > mu)]`` over the last ``T``
   steps (the pessimistic estimate, so both sides of the constraint are
   pessimistic).  ``T`` and the relaxation are Table 2's LLM values; the paper
@@ -94,7 +94,7 @@ Where the paper is silent, and what this module chooses
   two-thirds" in the antichain is checked for the tau values below 0.1;
   larger ones must lie between the reference and (2/3, 1/3).
 
-Reconstruction choices of the tabular learner (see also :mod:`moalign.mopo`):
+Reconstruction choices of the tabular learner (see also :mod:`moalign.objectives.mopo`):
 
 * Preferences against the data, ``g_k(y)``, are running means of the labels of
   the mini-batches seen so far (a tabular critic), with each record also used
@@ -114,7 +114,7 @@ Reconstruction choices of the tabular learner (see also :mod:`moalign.mopo`):
   steps (with ``--lag-reference``: since the last reference refresh, if
   later): Adam at lr 0.015 on 24 sampled actions leaves about +-0.05 of jitter
   in the final iterate (measured), which would hide the properties.
-* :class:`moalign.mopo.MOPOObjective` itself uses one-sample estimates
+* :class:`moalign.objectives.mopo.MOPOObjective` itself uses one-sample estimates
   (``g_k(y_i)`` = the record's own label), exact only when labels are a
   function of the action (the antichain); the tests run it there with its own
   schedule and check it against the same exact COP.
@@ -136,7 +136,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moalign.mopo import (
+from moalign.objectives.mopo import (
     _lower_bound_core,
     closed_form_ratio,
     dual_update,
@@ -902,7 +902,7 @@ def _parse_taus(text: str) -> tuple[float, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moalign.mopo_bandit", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mopo_bandit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps per run (default {DEFAULT_STEPS})")
     parser.add_argument(
         "--taus",

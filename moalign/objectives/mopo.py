@@ -1,4 +1,6 @@
-"""MOPO: Multi-Objective Preference Optimization (reconstruction).
+"""MOPO: Multi-Objective Preference Optimization (reconstruction): the maths (`MOPOObjective`, the
+dual variables and the closed-form importance weights) and the learner-side objective that trains
+an LLM with it (`MOPOLearnerObjective`).
 
 The method maximises the preference probability of a *primary* objective
 while keeping the preference probabilities of the *secondary* objectives above
@@ -81,7 +83,7 @@ be consistent with the prose, not copied from the paper):
   for ``P_k(y_i > mu)`` but ``exp(label/tau)`` is not ``exp(g/tau)``
   (Jensen), so for stochastic labels the extracted policy is flatter than the
   exact optimum.  When per-action estimates exist (tabular bandit,
-  :mod:`moalign.mopo_bandit`) the same closed form is exact.
+  :mod:`benchmarks.mopo_bandit`) the same closed form is exact.
 
 Only torch, numpy and the standard library are imported (no Ray / vLLM).
 """
@@ -95,6 +97,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from moalign.actor_io import PairBatch
+from moalign.config import AlgorithmConfig
+from moalign.objectives.base import Scorer, float_rows
+from moalign.objectives.dpo import DPOObjective
+
 __all__ = [
     "pessimistic_lower_bound",
     "closed_form_ratio",
@@ -102,6 +109,7 @@ __all__ = [
     "importance_weighted_bc_loss",
     "symmetrize_pairs",
     "MOPOObjective",
+    "MOPOLearnerObjective",
 ]
 
 _STATE_VERSION = 1
@@ -653,3 +661,105 @@ class MOPOObjective:
         self._acc_count = int(state["acc_count"])
         self._win_lb_sum = tensors["win_lb_sum"]
         self._win_count = int(state["win_count"])
+
+
+# --------------------------------------------------------------------------
+# the learner-side objective
+# --------------------------------------------------------------------------
+
+
+class MOPOLearnerObjective(DPOObjective):
+    """MOPO on pairs (response 0 as `chosen_ids`, response 1 as `rejected_ids`) with per-pair
+    `labels` (K values: the probability that response 0 is preferred on each objective).
+
+    `prepare` scores the whole batch under the policy, the (lagged) reference and the behaviour
+    policy and computes the closed-form importance weights w*; a pair's loss is then
+    -(w*_0 log pi(y_0) + w*_1 log pi(y_1)) / 2, so the mean over the step's pairs is the
+    self-normalised BC loss of `MOPOObjective.loss` over the step's batch.
+
+    Where the seed text is silent about an LLM learner (the equations' own reconstruction is in
+    this module's docstring), these are choices, also listed in the README:
+    - The behaviour policy mu (the data's sampler) is the base model: the shipped pairs are its
+      samples; for other data it is an assumption, as the sampler is rarely known.
+    - w* is computed once per optimizer step over all 2 x pairs_per_step completions of the
+      step (one self-normalised batch), not per micro-batch; log-probs are summed over a
+      response's tokens (sequence-level ratios), with dropout off.
+    - An objective a row does not judge counts as a tie (0.5) on that row.
+    - Thresholds and multipliers start at 0, so the constraints bind only from the first
+      schedule update, after `lag_steps` steps; reference lag and schedule update follow the
+      optimizer step whose index is a multiple of `lag_steps`.
+    - The lagged reference is a copy of the trainable weights (LoRA: the adapters), swapped in
+      to score the reference; hence ZeRO-3 is refused.
+    - One learner rank: the multipliers would otherwise need an all-reduce of the bounds.
+    """
+
+    metrics_prefix = "mopo/"
+
+    def __init__(self, algorithm: AlgorithmConfig, names: Sequence[str]):
+        super().__init__(algorithm, names)
+        m = algorithm.mopo
+        self.names = list(names)
+        self.mopo = MOPOObjective(
+            tau=m.tau,
+            lb_radius=m.lb_radius,
+            relaxation=m.relaxation,
+            lag_steps=m.lag_steps,
+            dual_lr=m.dual_lr,
+            n_objectives=len(self.names),
+            primary=m.primary,
+            max_lambda=m.max_lambda,
+        )
+        self._weights: torch.Tensor | None = None
+        self._metrics: dict[str, float] = {}
+
+    def validate(self, batch: PairBatch, n: int) -> None:
+        for i, row in enumerate(float_rows(batch, "labels", n, len(self.names))):
+            if any(not 0 <= v <= 1 for v in row):
+                raise ValueError(f"batch['labels'][{i}] = {row}: labels are probabilities in [0, 1]")
+
+    def prepare(self, batch: PairBatch, score_policy: Scorer, score_reference: Scorer, score_behaviour: Scorer) -> None:
+        prompts = list(batch["prompt_ids"]) * 2
+        completions = list(batch["chosen_ids"]) + list(batch["rejected_ids"])
+        n = len(batch["prompt_ids"])
+
+        def pairs(scores: torch.Tensor) -> torch.Tensor:
+            return torch.stack([scores[:n], scores[n:]], dim=1).double().cpu()
+
+        policy, reference = pairs(score_policy(prompts, completions)), pairs(score_reference(prompts, completions))
+        # Until the first lag the reference is the behaviour policy: one pass fewer.
+        behaviour = pairs(score_behaviour(prompts, completions)) if self.mopo.n_refreshes else None
+        labels = torch.tensor(batch["labels"], dtype=torch.float64)
+        w_star, metrics = self.mopo.sample_weights(policy, reference, labels, behaviour)
+        self._weights = w_star.reshape(2, n).T.contiguous()
+        self._metrics = self._named(metrics)
+
+    def _named(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        out = {}
+        for key, value in metrics.items():
+            head, _, tail = key.partition("/")
+            out[f"mopo/{head}/{self.names[int(tail)]}" if tail.isdigit() else f"mopo/{key}"] = float(value)
+        return out
+
+    def pair_losses(self, pc, pr, rc, rr, index: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+        if self._weights is None:
+            raise RuntimeError("MOPO: pair_losses before prepare; the learner must score the batch first")
+        rows = index.clamp_min(0)
+        w = self._weights[rows].to(device=pc.device, dtype=pc.dtype)
+        return -(w[:, 0] * pc + w[:, 1] * pr) / 2
+
+    def step_end(self) -> dict[str, Any]:
+        self._weights = None
+        out = self.mopo.step_end()
+        metrics = dict(self._metrics)
+        for j, k in enumerate(self.mopo.secondary):
+            # After the dual step: the multipliers the next step trains with.
+            metrics[f"mopo/lambda/{self.names[k]}"] = float(out["lambdas"][j])
+            metrics[f"mopo/threshold/{self.names[k]}"] = float(out["thresholds"][j])
+        metrics["mopo/reference_refreshes"] = float(self.mopo.n_refreshes)
+        return {"refresh_reference": out["refresh_reference"], "metrics": metrics}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.mopo.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.mopo.load_state_dict(state)

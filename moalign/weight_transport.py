@@ -1,17 +1,17 @@
-"""Helpers for moving full model weights from the learner to the generators.
+"""How weights travel from the learner to the generators, whatever the backend (the pure half of
+weight sync; the backends are `actors.weight_sync`, the two ends `actors.learner_weights` and
+`actors.generator_weights`, LoRA payloads `moalign.lora_sync`).
 
 Pure torch: the learner exports HF-named tensors, these group them into size-bounded buckets
-(so a transfer never needs the whole model resident twice) and fingerprint them (so both ends
-can check that they hold the same weights). For the broadcast path, a bucket travels as one flat
-byte buffer described by a manifest, over a standalone process group (gloo on CPU, NCCL on GPU).
+(so a transfer never needs the whole model resident twice). For the broadcast path, a bucket
+travels as one flat byte buffer described by a manifest, over a standalone process group (gloo
+on CPU, NCCL on GPU).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -55,40 +55,6 @@ def bucketize(named_tensors: NamedTensors, bucket_mb: float) -> list[list[tuple[
     if current:
         buckets.append(current)
     return buckets
-
-
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    # Viewing as uint8 works for every dtype (bf16 and fp8 have no numpy equivalent).
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def checksum(named_tensors: NamedTensors) -> str:
-    """sha256 over names, dtypes, shapes and bytes; independent of the order tensors come in.
-
-    Length-prefixed fields keep distinct inputs from hashing the same by concatenation
-    (e.g. name "a" + shape (12,) versus name "a1" + shape (2,)).
-    """
-    by_name: dict[str, torch.Tensor] = {}
-    for name, tensor in named_tensors:
-        if name in by_name:
-            raise ValueError(f"checksum: duplicate tensor name {name!r}")
-        by_name[name] = tensor
-    h = hashlib.sha256()
-
-    def field(data: bytes) -> None:
-        h.update(struct.pack("<Q", len(data)))
-        h.update(data)
-
-    for name in sorted(by_name):
-        tensor = by_name[name]
-        field(name.encode())
-        field(str(tensor.dtype).encode())
-        field(",".join(map(str, tensor.shape)).encode())
-        raw = _raw_bytes(tensor)
-        h.update(struct.pack("<Q", raw.nbytes))
-        h.update(raw)
-    return h.hexdigest()
 
 
 class LazyBuckets:

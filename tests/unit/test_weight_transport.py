@@ -6,12 +6,11 @@ import time
 import pytest
 import torch
 
-from moalign.weight_sync import (
+from moalign.weight_transport import (
     BroadcastError,
     LazyBuckets,
     bucket_manifest,
     bucketize,
-    checksum,
     flatten_bucket,
     free_port,
     manifest_nbytes,
@@ -19,6 +18,7 @@ from moalign.weight_sync import (
     tensor_nbytes,
     unflatten_bucket,
 )
+from tests.helpers.checksum import checksum
 
 MIB = 1 << 20
 

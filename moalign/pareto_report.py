@@ -1,7 +1,10 @@
-"""Pareto evaluation of a steerable policy: does the policy follow the weights written into its prompt?
+"""Pareto evaluation of a steerable policy, the pure half: does the policy follow the weights
+written into its prompt? A front's statistics, its files (front.json, front.md), tables, plots
+and learning curve, and the settings that make two fronts comparable.
 
-Pure (numpy; matplotlib only inside `plot_fronts`), so the statistics are testable without Ray
-or vLLM. The runner that fills the reward array is `evaluate.py` at the repository root.
+Pure (numpy; matplotlib only inside the plots), so the statistics are testable without Ray or
+vLLM. The maths on point sets is `moalign.pareto`; the runner that fills the reward array on the
+actors is `loops.pareto_eval` (`evaluate.py` is its command line).
 
 Shapes: W weight vectors (a simplex lattice plus corners and centre), P held-out prompts, S
 samples per (weight, prompt), K objectives. Rewards are the raw (unnormalised) scores.
@@ -21,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from moalign.conditioning import round_weights
+from moalign.config import RunConfig
+from moalign.data import PromptRecord
 from moalign.pareto import hypervolume, non_dominated_mask, simplex_lattice, steerability
 
 log = logging.getLogger(__name__)
@@ -434,3 +439,84 @@ def plot_learning_curve(out_png: str | Path, points: Sequence[tuple[int, dict[st
     tmp = out.with_name(f".{out.name}.tmp")
     figure.savefig(tmp, format="png", dpi=110)
     os.replace(tmp, out)
+
+
+def reference_point(cfg: RunConfig) -> list[float]:
+    return list(cfg.eval.reference_point) if cfg.eval.reference_point is not None else [0.0] * len(cfg.objectives)
+
+
+def eval_settings(cfg: RunConfig, prompts: Sequence[PromptRecord], lattice_divisions: int, samples: int) -> dict[str, Any]:
+    """Everything that decides an evaluation's outcome besides the policy's weights; two fronts
+    with equal settings differ only by the model."""
+    return {
+        "model": cfg.model.path,
+        "objectives": [o.model_dump(mode="json") for o in cfg.objectives],
+        "prompts": {"path": cfg.data.heldout_path, "count": len(prompts), "ids": [p.id for p in prompts]},
+        "lattice": {
+            "divisions": lattice_divisions,
+            "weights": eval_weights(len(cfg.objectives), lattice_divisions, cfg.conditioning.decimals).tolist(),
+        },
+        "seeds": {"eval_seed": cfg.eval.seed, "samples_per_weight": samples, "depend_on": "eval seed, prompt index, sample"},
+        "reference_point": reference_point(cfg),
+        "generation": {"temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p, "max_new_tokens": cfg.rollout.max_new_tokens},
+        "conditioning": {"style": cfg.conditioning.style, "decimals": cfg.conditioning.decimals},
+    }
+
+
+def load_front(out_dir: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The front saved in `out_dir`; with `settings`, only if it was made with exactly those."""
+    path = Path(out_dir) / "front.json"
+    if not path.is_file():
+        return None
+    try:
+        front = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return None
+    if settings is not None:
+        # Through JSON so tuples/lists and int/float spellings compare as they were saved.
+        wanted = json.loads(json.dumps(settings))
+        saved = front.get("meta", {})
+        if any(saved.get(key) != value for key, value in wanted.items()):
+            return None
+    return front
+
+
+def latest_front(run_dir: str | Path) -> dict[str, Any] | None:
+    """The front of a run's latest evaluated step (RUN_DIR/eval/step_N with the largest N)."""
+    steps = []
+    for child in (Path(run_dir) / "eval").glob("step_*"):
+        suffix = child.name.removeprefix("step_")
+        if suffix.isdigit() and (child / "front.json").is_file():
+            steps.append((int(suffix), child))
+    return load_front(max(steps)[1]) if steps else None
+
+
+def write_learning_curve(run_dir: Path, settings: dict[str, Any], name: str, title: str) -> Path | None:
+    """RUN_DIR/eval/<name>.md and .png: steerability against optimizer steps, from every front in
+    RUN_DIR/eval made with `settings` (the base model as step 0); None with fewer than two."""
+    points = []
+    for child in (run_dir / "eval").iterdir() if (run_dir / "eval").is_dir() else ():
+        suffix = child.name.removeprefix("step_")
+        if child.name == "base" or (child.name.startswith("step_") and suffix.isdigit()):
+            front = load_front(child, settings)
+            if front is not None:
+                points.append((0 if child.name == "base" else int(suffix), front))
+    if len(points) < 2:
+        return None
+    out = run_dir / "eval" / f"{name}.md"
+    write_atomic(out, learning_curve_markdown(points, title))
+    plot_learning_curve(out.with_suffix(".png"), points, title)
+    return out
+
+
+def points_table(fronts: list[tuple[str, dict[str, Any]]]) -> str:
+    """Every point of every front: mean reward per objective, and each front's hypervolume."""
+    names = fronts[0][1]["objectives"]
+    lines = ["| front | weights | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for label, stats in fronts:
+        for w, mean in zip(stats["weights"], stats["mean"]):
+            lines.append(f"| {label} | {weights_label(w)} | " + " | ".join(f"{v:.4f}" for v in mean) + " |")
+    lines.append("")
+    lines += [f"hypervolume {label}: {stats['hypervolume']:.4g}" for label, stats in fronts]
+    return "\n".join(lines)

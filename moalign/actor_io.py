@@ -1,0 +1,83 @@
+"""The data that crosses actor boundaries: a generator's samples, a learner's pair batch and the
+figures a learner step reports.
+
+TypedDicts, so they travel through Ray as the plain dicts they are (pickled as dicts, read with
+`[]` on either side); both sides name their fields from here rather than from each other's code.
+"""
+
+from __future__ import annotations
+
+from typing import NotRequired, TypedDict
+
+
+class Sample(TypedDict):
+    """One completion, as `Generator.generate` returns it (n per prompt)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    """vLLM's: "stop" for EOS or a stop string, "length" when max_new_tokens cut the answer off."""
+    version: int
+    """The policy version the generator held when it sampled this (0: the starting model)."""
+
+
+class PairBatch(TypedDict):
+    """One learner rank's share of a step's pairs: pair i is (prompt_ids[i], chosen_ids[i],
+    rejected_ids[i]) with weight loss_weights[i]; the step's loss is sum_i w_i loss_i / total_weight
+    over the pairs of every rank, so total_weight is the same on every rank."""
+
+    prompt_ids: list[list[int]]
+    chosen_ids: list[list[int]]
+    rejected_ids: list[list[int]]
+    loss_weights: list[float]
+    total_weight: float
+    # The algorithms' own per-pair fields, checked by their objective's `validate`:
+    margin_chosen: NotRequired[list[list[float]]]
+    """MODPO: the other objectives' rewards of the chosen response (K-1 values, objective order)."""
+    margin_rejected: NotRequired[list[list[float]]]
+    """MODPO: the same of the rejected response."""
+    labels: NotRequired[list[list[float]]]
+    """MOPO: per objective, the probability that response 0 (`chosen_ids`) is preferred."""
+
+
+PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "loss_weights")
+"""The per-pair fields every batch carries, one entry per pair."""
+
+
+class LearnerMetrics(TypedDict):
+    """What `Learner.train_step` returns for its rank. Besides these: for each per-pair figure the
+    objective declares (`Objective.pair_metrics`; the DPO family's chosen_reward, rejected_reward,
+    margin, accuracy) its sum `<name>_sum` and mean `<name>`, and the algorithm's own figures
+    (MOPO's `mopo/...`), the same on every rank."""
+
+    step: int
+    rank: int
+    pairs: int
+    capacity: int
+    weight_sum: float
+    total_weight: float
+    loss_sum: float
+    kl_sum: float
+    objective: float
+    """This rank's share of the step's loss: summed over ranks it is the loss."""
+    loss: float
+    kl: float
+    grad_norm: float
+    lr: float
+    skipped: int
+    seconds: float
+
+
+StepLearnerMetrics = TypedDict(
+    "StepLearnerMetrics",
+    {
+        "loss": float,
+        "kl": float,
+        "grad_norm": float,
+        "lr": float,
+        "learner_step": int,
+        "time/learner_compute_s": float,
+    },
+)
+"""A step's learner figures merged over the ranks (`actors.calls.merge_rank_metrics`), as the loops
+log them; besides these, the objective's per-pair means and its own figures (see LearnerMetrics)."""

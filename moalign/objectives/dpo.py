@@ -1,0 +1,95 @@
+"""DPO, the loss of MO-ODPO (and of offline DPO): the sigmoid / IPO / hinge losses of the
+log-ratio margin, on per-pair tensors of summed token log-probs (the caller reduces), and the
+learner-side objective that reports DPO's implicit rewards."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from moalign.actor_io import PairBatch
+from moalign.config import AlgorithmConfig
+from moalign.objectives.base import Objective, check_tensor
+
+LossKind = Literal["sigmoid", "ipo", "hinge"]
+
+
+def dpo_margin(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+) -> torch.Tensor:
+    """h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)], per pair."""
+    check_tensor("policy_chosen", policy_chosen)
+    for name, t in (("policy_rejected", policy_rejected), ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
+        check_tensor(name, t, policy_chosen.shape)
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
+def preference_loss(margin: torch.Tensor, beta: float, kind: LossKind = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair loss of the log-ratio margin h.
+
+    sigmoid: (1-eps)(-log sigma(beta h)) + eps(-log sigma(-beta h)); ipo: (h - 1/(2 beta))^2;
+    hinge: relu(1 - beta h).
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if kind == "sigmoid":
+        return -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+    if label_smoothing:
+        raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {kind!r}")
+    if kind == "ipo":
+        return (margin - 1 / (2 * beta)) ** 2
+    if kind == "hinge":
+        return torch.relu(1 - beta * margin)
+    raise ValueError(f"unknown loss {kind!r}; allowed: sigmoid, ipo, hinge")
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    kind: LossKind = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair DPO-family loss."""
+    margin = dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    return preference_loss(margin, beta, kind, label_smoothing)
+
+
+def implicit_reward(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """beta * log(pi/ref): the DPO implicit reward, usable as a MODPO margin model."""
+    return beta * (policy_logps - ref_logps)
+
+
+class DPOObjective(Objective):
+    """Sigmoid / IPO / hinge DPO on (chosen, rejected): MO-ODPO's loss. A step reports DPO's
+    implicit rewards beta * log(pi/ref) of chosen and rejected, their margin, and the share of
+    pairs whose chosen one is the larger (accuracy)."""
+
+    pair_metrics = ("chosen_reward", "rejected_reward", "margin", "accuracy")
+
+    def __init__(self, algorithm: AlgorithmConfig, names: Sequence[str]):
+        a = algorithm
+        self.beta, self.kind, self.label_smoothing = a.beta, a.loss, a.label_smoothing
+
+    def pair_losses(self, pc, pr, rc, rr, index: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+        return dpo_loss(pc, pr, rc, rr, self.beta, self.kind, self.label_smoothing)
+
+    def pair_metric_sums(self, pc, pr, rc, rr) -> dict[str, float]:
+        chosen = implicit_reward(pc, rc, self.beta)
+        rejected = implicit_reward(pr, rr, self.beta)
+        return {
+            "chosen_reward": float(chosen.sum()),
+            "rejected_reward": float(rejected.sum()),
+            "margin": float((chosen - rejected).sum()),
+            "accuracy": float((chosen > rejected).float().sum()),
+        }
