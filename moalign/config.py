@@ -124,6 +124,8 @@ class AlgorithmConfig(_Section):
     """DPO temperature beta (MO-ODPO, MODPO)."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """Conservative DPO label smoothing epsilon (sigmoid loss only)."""
+    sft_weight: float = Field(0.0, ge=0, le=100)
+    """MO-ODPO: weight of a supervised term added to each pair's loss, the chosen answer's mean token negative log-likelihood under the pair's own weight line (with relabelling, each line learns its own best answer directly); 0: DPO alone."""
     pair_mode: Literal["scalarised", "per_objective"] = "scalarised"
     """`scalarised`: chosen/rejected by sum_k w_k r_k (the paper); `per_objective`: one pair per objective, loss sum_k w_k DPO_k."""
     relabel_weights: int = Field(0, ge=0, le=16)
@@ -450,6 +452,7 @@ class RunConfig(_Section):
             # MO-ODPO's pair construction has no meaning on fixed pairs, and MODPO's loss is the sigmoid one.
             online_only = {"algorithm.pair_mode": a.pair_mode != "scalarised", "algorithm.relabel_weights": a.relabel_weights != 0}
             online_only |= {"algorithm.loss": a.loss != "sigmoid", "algorithm.label_smoothing": a.label_smoothing != 0}
+            online_only |= {"algorithm.sft_weight": a.sft_weight != 0}
             unused = [k for k, v in online_only.items() if v]
             if unused:
                 raise ValueError(f"{', '.join(unused)}: not used by {a.name}; leave at the default")

@@ -71,18 +71,25 @@ def implicit_reward(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: f
 
 
 class DPOObjective(Objective):
-    """Sigmoid / IPO / hinge DPO on (chosen, rejected): MO-ODPO's loss. A step reports DPO's
-    implicit rewards beta * log(pi/ref) of chosen and rejected, their margin, and the share of
-    pairs whose chosen one is the larger (accuracy)."""
+    """Sigmoid / IPO / hinge DPO on (chosen, rejected): MO-ODPO's loss, plus `sft_weight` times the
+    chosen answer's mean token NLL (a supervised term on what each line preferred). A step
+    reports DPO's implicit rewards beta * log(pi/ref) of chosen and rejected, their margin, and
+    the share of pairs whose chosen one is the larger (accuracy)."""
 
     pair_metrics = ("chosen_reward", "rejected_reward", "margin", "accuracy")
 
     def __init__(self, algorithm: AlgorithmConfig, names: Sequence[str]):
         a = algorithm
         self.beta, self.kind, self.label_smoothing = a.beta, a.loss, a.label_smoothing
+        self.sft_weight = a.sft_weight  # 0 for offline algorithms (the config refuses it there)
 
     def pair_losses(self, pc, pr, rc, rr, index: torch.Tensor, batch: PairBatch) -> torch.Tensor:
-        return dpo_loss(pc, pr, rc, rr, self.beta, self.kind, self.label_smoothing)
+        loss = dpo_loss(pc, pr, rc, rr, self.beta, self.kind, self.label_smoothing)
+        if self.sft_weight:
+            # Padding rows (index -1) carry weight 0; their one-token stand-in keeps the division finite.
+            lengths = torch.tensor([len(batch["chosen_ids"][i]) if i >= 0 else 1 for i in index.tolist()], dtype=pc.dtype, device=pc.device)
+            loss = loss + self.sft_weight * (-pc / lengths)
+        return loss
 
     def pair_metric_sums(self, pc, pr, rc, rr) -> dict[str, float]:
         chosen = implicit_reward(pc, rc, self.beta)
