@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 from actors.calls import export_policy, save_checkpoint, score
 from actors.cluster import actor_groups
 from actors.metrics import MetricsSink, read_metrics
@@ -47,7 +49,7 @@ from moalign.conditioning import render_conditioned
 from moalign.config import ConfigError, RunConfig, load_config
 from moalign.data import DataError, load_fitted_prompts
 from moalign.ledger import PromptLedger
-from moalign.pairs import RewardError, normalized_rewards, select_relabelled_pairs
+from moalign.pairs import RewardError, normalized_rewards, select_corner_answers, select_relabelled_pairs
 
 log = logging.getLogger("moalign")
 
@@ -105,18 +107,27 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     timings["time/score_s"] = time.perf_counter() - t
 
                     # 5. Chosen / rejected by the weighted (normalised) reward, under the sampled weights
-                    #    and under `relabel_weights` extra ones (each with its own weight line).
-                    weight_sets = [weights] + relabel_weights(cfg, state.sampler, weights)
-                    for extra in weight_sets[1:]:
+                    #    and under `relabel_weights` extra ones (each with its own weight line). During
+                    #    the warm start instead: each objective's best answer, to be trained alone under
+                    #    its corner's line (hindsight labels).
+                    supervised = step <= cfg.algorithm.warm_start_steps
+                    if supervised:
+                        weight_sets, prompt_ids = list(np.eye(len(names))[:, None, :].repeat(len(batch), axis=1)), []
+                    else:
+                        weight_sets = [weights] + relabel_weights(cfg, state.sampler, weights)
+                    for extra in weight_sets[0 if supervised else 1 :]:
                         prompt_ids += [
                             render_conditioned(tokenizer, p.prompt, names, w, cfg.conditioning, cfg.model.max_prompt_tokens)
                             for p, w in zip(batch, extra)
                         ]
-                    selection = select_relabelled_pairs(weight_sets, normalized, cfg.algorithm.pair_mode, cfg.algorithm.relabel_keep)
+                    if supervised:
+                        selection = select_corner_answers(normalized)
+                    else:
+                        selection = select_relabelled_pairs(weight_sets, normalized, cfg.algorithm.pair_mode, cfg.algorithm.relabel_keep)
 
                     # 6. One learner step on the conditioned prompts.
                     t = time.perf_counter()
-                    learner_metrics = learn(cfg, actors.learners, prompt_ids, samples, selection.pairs, step)
+                    learner_metrics = learn(cfg, actors.learners, prompt_ids, samples, selection.pairs, step, supervised)
                     timings["time/learn_s"] = time.perf_counter() - t
 
                     # 7. Weight sync; also before every checkpoint so a resumed run's generators hold

@@ -281,10 +281,17 @@ def step_seeds(cfg: RunConfig, step: int, count: int) -> list[int]:
 
 
 def learn(
-    cfg: RunConfig, learners, prompt_ids: list[list[int]], samples: list[list[Sample]], pairs: list[Pair], step: int
+    cfg: RunConfig,
+    learners,
+    prompt_ids: list[list[int]],
+    samples: list[list[Sample]],
+    pairs: list[Pair],
+    step: int,
+    supervised: bool = False,
 ) -> StepLearnerMetrics | dict:
     """One learner step on `pairs` (each learner rank a contiguous part), the ranks' metrics merged;
-    {} when every candidate pair was a tie."""
+    {} when every candidate pair was a tie. `supervised`: each pair's chosen answer is trained
+    alone (the warm start), so its rejected side is a one-token stand-in."""
     if not pairs:
         log.warning("step %d: every candidate pair was a tie; no learner update", step)
         return {}
@@ -296,10 +303,12 @@ def learn(
             "prompt_ids": [prompt_ids[p.prompt] for p in part],
             # Relabelled pairs (prompt index j * B + b) train on sample group b.
             "chosen_ids": [samples[p.prompt % len(samples)][p.chosen]["token_ids"] for p in part],
-            "rejected_ids": [samples[p.prompt % len(samples)][p.rejected]["token_ids"] for p in part],
+            "rejected_ids": [samples[p.prompt % len(samples)][p.rejected]["token_ids"][: 1 if supervised else None] for p in part],
             "loss_weights": [p.loss_weight for p in part],
             "total_weight": total_weight,
         }
+        if supervised:
+            batch["supervised"] = True
         shards.append((batch,))
     return merge_rank_metrics(learners.call_each("train_step", shards, step=step), OBJECTIVES[cfg.algorithm.name])
 

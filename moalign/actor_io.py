@@ -38,6 +38,8 @@ class PairBatch(TypedDict):
     """MODPO: the same of the rejected response."""
     labels: NotRequired[list[list[float]]]
     """MOPO: per objective, the probability that response 0 (`chosen_ids`) is preferred."""
+    supervised: NotRequired[bool]
+    """MO-ODPO's warm start: train each pair's chosen answer alone (its mean token NLL); `rejected_ids` is ignored."""
 
 
 PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "loss_weights")

@@ -124,6 +124,8 @@ class AlgorithmConfig(_Section):
     """DPO temperature beta (MO-ODPO, MODPO)."""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """Conservative DPO label smoothing epsilon (sigmoid loss only)."""
+    warm_start_steps: int = Field(0, ge=0)
+    """MO-ODPO: the first this many steps are supervised instead of DPO: for every prompt and every corner of the weights, the answer that corner's objective scores best is trained (its mean token NLL) under that corner's weight line, so every line is taught the answers it stands for (hindsight labels); 0: DPO from step 1."""
     sft_weight: float = Field(0.0, ge=0, le=100)
     """MO-ODPO: weight of a supervised term added to each pair's loss, the chosen answer's mean token negative log-likelihood under the pair's own weight line (with relabelling, each line learns its own best answer directly); 0: DPO alone."""
     pair_mode: Literal["scalarised", "per_objective"] = "scalarised"
@@ -452,7 +454,7 @@ class RunConfig(_Section):
             # MO-ODPO's pair construction has no meaning on fixed pairs, and MODPO's loss is the sigmoid one.
             online_only = {"algorithm.pair_mode": a.pair_mode != "scalarised", "algorithm.relabel_weights": a.relabel_weights != 0}
             online_only |= {"algorithm.loss": a.loss != "sigmoid", "algorithm.label_smoothing": a.label_smoothing != 0}
-            online_only |= {"algorithm.sft_weight": a.sft_weight != 0}
+            online_only |= {"algorithm.sft_weight": a.sft_weight != 0, "algorithm.warm_start_steps": a.warm_start_steps != 0}
             unused = [k for k, v in online_only.items() if v]
             if unused:
                 raise ValueError(f"{', '.join(unused)}: not used by {a.name}; leave at the default")
@@ -513,7 +515,9 @@ class RunConfig(_Section):
         if self.is_offline:
             return self.offline.pairs_per_step
         per_prompt = len(self.objectives) if self.algorithm.pair_mode == "per_objective" else 1
-        return self.rollout.prompts_per_step * per_prompt * (1 + self.algorithm.relabel_weights)
+        pairs = self.rollout.prompts_per_step * per_prompt * (1 + self.algorithm.relabel_weights)
+        # A warm-start step trains one answer per prompt and objective.
+        return max(pairs, self.rollout.prompts_per_step * len(self.objectives)) if self.algorithm.warm_start_steps else pairs
 
 
 class ServeConfig(_Section):

@@ -204,3 +204,25 @@ def select_relabelled_pairs(
         ties += selection.dropped_ties
         zero += selection.dropped_zero_weight
     return PairSelection(pairs, ties, zero, agreeing)
+
+
+def select_corner_answers(rewards: np.ndarray) -> PairSelection:
+    """Hindsight labels for a supervised step: for each (B, n, K) prompt and each objective k,
+    the sample objective k scores best, to be trained under corner k's weight line. A `Pair`
+    whose chosen and rejected are that sample, prompt index k * B + b (corner k's line for
+    prompt b), loss weight 1 and `objective` k; an objective that scores every sample of a prompt
+    alike labels none of them (counted as a tie)."""
+    r = np.asarray(rewards, dtype=float)
+    if r.ndim != 3 or r.shape[1] < 1:
+        raise RewardError(f"rewards {r.shape} must be (B, n, K)")
+    batch, _, k = r.shape
+    pairs: list[Pair] = []
+    ties = 0
+    for j in range(k):
+        for b in range(batch):
+            best = int(np.argmax(r[b, :, j]))
+            if r[b, best, j] == r[b, :, j].min():
+                ties += 1
+                continue
+            pairs.append(Pair(j * batch + b, best, best, 1.0, j))
+    return PairSelection(pairs, ties, 0)

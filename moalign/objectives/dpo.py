@@ -84,12 +84,15 @@ class DPOObjective(Objective):
         self.sft_weight = a.sft_weight  # 0 for offline algorithms (the config refuses it there)
 
     def pair_losses(self, pc, pr, rc, rr, index: torch.Tensor, batch: PairBatch) -> torch.Tensor:
-        loss = dpo_loss(pc, pr, rc, rr, self.beta, self.kind, self.label_smoothing)
-        if self.sft_weight:
+        supervised = batch.get("supervised", False)
+        if supervised or self.sft_weight:
             # Padding rows (index -1) carry weight 0; their one-token stand-in keeps the division finite.
             lengths = torch.tensor([len(batch["chosen_ids"][i]) if i >= 0 else 1 for i in index.tolist()], dtype=pc.dtype, device=pc.device)
-            loss = loss + self.sft_weight * (-pc / lengths)
-        return loss
+            nll = -pc / lengths
+        if supervised:
+            return nll
+        loss = dpo_loss(pc, pr, rc, rr, self.beta, self.kind, self.label_smoothing)
+        return loss + self.sft_weight * nll if self.sft_weight else loss
 
     def pair_metric_sums(self, pc, pr, rc, rr) -> dict[str, float]:
         chosen = implicit_reward(pc, rc, self.beta)

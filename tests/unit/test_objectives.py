@@ -99,9 +99,28 @@ def test_the_supervised_term_adds_each_chosen_answers_mean_token_nll():
 
     plain = DPOObjective(load_config(None, []).algorithm, ["A"])
     with_sft = DPOObjective(load_config(None, ["algorithm.sft_weight=0.5"]).algorithm, ["A"])
-    pc, pr, rc, rr = torch.tensor([-6.0, -2.0, 0.0]), torch.tensor([-5.0, -3.0, 0.0]), torch.tensor([-5.5, -2.5, 0.0]), torch.tensor([-5.0, -2.0, 0.0])
+    pc, pr, rc, rr = (
+        torch.tensor([-6.0, -2.0, 0.0]),
+        torch.tensor([-5.0, -3.0, 0.0]),
+        torch.tensor([-5.5, -2.5, 0.0]),
+        torch.tensor([-5.0, -2.0, 0.0]),
+    )
     batch = {"chosen_ids": [[1, 2, 3], [4, 5]]}
     index = torch.tensor([0, 1, -1])
     base = plain.pair_losses(pc, pr, rc, rr, index, batch)
     torch.testing.assert_close(base, dpo_loss(pc, pr, rc, rr, 0.1))
     torch.testing.assert_close(with_sft.pair_losses(pc, pr, rc, rr, index, batch), base + 0.5 * torch.tensor([2.0, 1.0, 0.0]))
+
+
+def test_a_supervised_batch_trains_the_chosen_answer_alone():
+    import torch
+
+    from moalign.config import load_config
+    from moalign.objectives.dpo import DPOObjective
+
+    objective = DPOObjective(load_config(None, ["algorithm.warm_start_steps=5"]).algorithm, ["A"])
+    pc = torch.tensor([-6.0, -2.0])
+    batch = {"chosen_ids": [[1, 2, 3], [4, 5]], "supervised": True}
+    losses = objective.pair_losses(pc, torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.tensor([0, 1]), batch)
+    torch.testing.assert_close(losses, torch.tensor([2.0, 1.0]))
+    assert load_config(None, ["algorithm.warm_start_steps=5", "rollout.prompts_per_step=4"]).pairs_per_step == 12

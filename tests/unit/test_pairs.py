@@ -145,3 +145,13 @@ def test_only_prompts_whose_lines_disagree_are_kept_when_asked():
     assert kept.dropped_agreeing == 2
     with pytest.raises(ValueError, match="scalarised pairs only"):
         select_relabelled_pairs([drawn, corner], rewards, "per_objective", keep="contrasting")
+
+
+def test_corner_answers_are_each_objectives_best_under_its_own_line():
+    from moalign.pairs import select_corner_answers
+
+    rewards = np.array([[[0.1, 0.9], [0.8, 0.2], [0.5, 0.5]], [[0.0, 0.3], [0.0, 0.7], [0.0, 0.1]]])
+    selection = select_corner_answers(rewards)
+    # Corner 0's line for prompts 0, 1 is prompt index 0, 1; corner 1's is 2, 3.
+    assert [(p.prompt, p.chosen, p.rejected, p.objective) for p in selection.pairs] == [(0, 1, 1, 0), (2, 0, 0, 1), (3, 1, 1, 1)]
+    assert selection.dropped_ties == 1, "objective 0 scores prompt 1's answers alike"
