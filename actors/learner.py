@@ -312,14 +312,18 @@ class Learner(WeightPublisher):
         first = min(len(p) for p in prompts)
         return ids.to(self.device), attn.to(self.device), target.to(self.device), first
 
-    def _token_logps(self, forward, prompts, completions) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position log-probs of the completion tokens (0 elsewhere) and their mask."""
+    def _token_logps(self, forward, prompts, completions, whole_vocabulary: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position log-probs of the completion tokens (0 elsewhere) and their mask; over the
+        tokens a policy may write, or with `whole_vocabulary` over every token, control tokens
+        included (as vLLM's prompt log-probs count them)."""
         ids, attn, target, first = self._encode(prompts, completions)
         width = ids.shape[1]
         # Logits only from the first completion position on: the vocabulary projection dominates the
         # cost of a small model, and prompt positions are never scored.
         keep = width - first + 1
-        logits = self._sampled(forward(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits)
+        logits = forward(input_ids=ids, attention_mask=attn, use_cache=False, logits_to_keep=keep).logits
+        if not whole_vocabulary:
+            logits = self._sampled(logits)
         start = width - keep
         # The log-softmax over the logits as they are: slicing off the last position first would
         # copy the vocabulary-wide tensor, the largest in the step (and zero-fill another in
@@ -600,7 +604,8 @@ class Learner(WeightPublisher):
         return {"adapter": adapter.cpu().tolist(), "base": base.cpu().tolist()}
 
     def token_logprobs(self, token_ids: list[list[int]]) -> list[list[float]]:
-        """Log-prob of every token after the first, under the current policy (adapters on, dropout off)."""
+        """Log-prob of every token after the first, under the current policy (adapters on, dropout
+        off), over the whole vocabulary: what a generator's prompt log-probs are compared with."""
         for i, s in enumerate(token_ids):
             if len(s) < 2:
                 raise ValueError(f"token_ids[{i}] needs at least 2 tokens, got {len(s)}")
@@ -609,7 +614,7 @@ class Learner(WeightPublisher):
         with self._eval_mode():
             for s in range(0, len(token_ids), chunk):
                 seqs = token_ids[s : s + chunk]
-                logp, _ = self._token_logps(self.engine.module, [q[:1] for q in seqs], [q[1:] for q in seqs])
+                logp, _ = self._token_logps(self.engine.module, [q[:1] for q in seqs], [q[1:] for q in seqs], whole_vocabulary=True)
                 logp = logp.float().cpu()
                 out.extend(logp[i, : len(q) - 1].tolist() for i, q in enumerate(seqs))
         return out

@@ -90,9 +90,10 @@ def add_control_tokens(source: str | os.PathLike, dest: str | os.PathLike, names
     it (`Conciseness: 0.7`), so the policy starts out reading about what the text line says, plus
     (w - 1/2) x (" more" - " less") / 2, so the bins of one objective start apart and in order
     (the words alone start the corners 0.27 apart on SmolLM2, rows of norm 1.3; the offset makes it
-    1.3 without moving the start far from the text line's). With untied embeddings the new output
-    rows are the mean of the old ones (never sampled anyway). Written beside `dest` and renamed
-    into place: a crash leaves no half-written model."""
+    1.3 without moving the start far from the text line's). A model with tied embeddings comes
+    out untied, so the tokens' trained rows stay input rows; their output rows are the mean of the
+    others, and the generation config suppresses them. Written beside `dest` and renamed into
+    place: a crash leaves no half-written model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.tokenization_utils_base import AddedToken
 
@@ -123,9 +124,15 @@ def add_control_tokens(source: str | os.PathLike, dest: str | os.PathLike, names
         starts = [text(f" {name}: {i / steps:.{decimals}f}") + (i / steps - 0.5) * more for name in names for i in range(steps + 1)]
         model.resize_token_embeddings(vocab + len(tokens), mean_resizing=False)
         embed = model.get_input_embeddings().weight
-        embed[first_id:] = torch.stack(starts)
         head = model.get_output_embeddings()
-        if head is not None and head.weight is not embed:
+        if head is not None and head.weight is embed:
+            # Untied: the rows trained for the tokens are input rows only. Tied, they would also
+            # be output rows that the learner (which scores the writable tokens alone) never sees
+            # move, while vLLM, or anyone loading the export, would score them against every token.
+            model.config.tie_word_embeddings = False
+            head.weight = torch.nn.Parameter(embed.detach().clone())
+        embed[first_id:] = torch.stack(starts)
+        if head is not None:
             head.weight[first_id:] = head.weight[:first_id].mean(0)
     manifest = ControlTokens(list(names), decimals, tokens, first_id, first_id, str(source))
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -134,9 +141,12 @@ def add_control_tokens(source: str | os.PathLike, dest: str | os.PathLike, names
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         try:
-            GenerationConfig.from_pretrained(source).save_pretrained(tmp)
+            generation = GenerationConfig.from_pretrained(source)
         except OSError:
-            pass  # the source has none; loaders fall back to the model config
+            generation = GenerationConfig.from_model_config(model.config)
+        # Hugging Face's generate never writes one either (vLLM gets a logit bias).
+        generation.suppress_tokens = sorted(set(generation.suppress_tokens or []) | set(range(first_id, first_id + len(tokens))))
+        generation.save_pretrained(tmp)
         write_manifest(tmp, manifest)
         os.replace(tmp, dest)
     finally:

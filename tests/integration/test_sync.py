@@ -190,3 +190,46 @@ def test_broadcast_sync_two_generators(tiny_model, ray_cluster):
     finally:
         learners.kill()
         generators.kill()
+
+
+def test_control_token_rows_reach_the_generator(tiny_model, ray_cluster, tmp_path):
+    """A tied-embedding model with control tokens: after a sync the generator reads the trained
+    rows of the tokens (the learner trains them beside the adapters), as the learner does."""
+    from moalign.control_tokens import add_control_tokens
+
+    control = add_control_tokens(tiny_model, tmp_path / "with-tokens", ["A", "B"], 1)
+    model = str(tmp_path / "with-tokens")
+    cfg = load_config(
+        None,
+        [
+            f"model.path={model}",
+            "objectives=[{name: A, source: conciseness}, {name: B, source: detail}]",
+            "conditioning.style=control_tokens",
+            "conditioning.decimals=1",
+            "rollout.prompts_per_step=2",
+            "learner.micro_batch_pairs=2",
+            "learner.lr=0.05",
+        ],
+    )
+    env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}}
+    learners = ActorGroup("learner", LearnerActor, 1, {"num_cpus": 1, "runtime_env": env}, lambda i: ((cfg, model), {}), 300)
+    generators = ActorGroup(
+        "generator", GeneratorActor, 1, {"num_cpus": 1, "runtime_env": env}, lambda i: ((model,), {"cpu_kvcache_gb": 0.25}), 300
+    )
+    first = control.first_id
+    batch = {**BATCH, "prompt_ids": [[1, 2, first + 3, first + 18], [5, 6, first + 10, first + 11]]}
+    # Log-probs of every token after the first (the control tokens' too): entries 3.. follow them.
+    probe = [[1, 2, first + 3, first + 18, 10, 11, 12], [5, 6, first + 10, first + 11, 13, 14]]
+    try:
+        for _ in range(3):
+            learners.call("train_step", batch)
+        trained = learners.call("token_logprobs", probe)[0]
+        stale = generators.call("prompt_logprobs", probe)[0]
+        make_weight_sync(cfg, learners, generators)(version=1, step=3)
+        synced = generators.call("prompt_logprobs", probe)[0]
+        for got, want, old in zip(synced, trained, stale):
+            assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3
+            assert max(abs(a - b) for a, b in zip(old[3:], want[3:])) > 1e-2, "the step must have moved what follows the tokens"
+    finally:
+        learners.kill()
+        generators.kill()

@@ -1,6 +1,8 @@
 """Control tokens: the tokens a weight vector is written as, the model folder they are added to,
 and the embedding whose rows for them train."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -94,3 +96,18 @@ def test_only_mo_odpo_takes_control_tokens():
         load_config("configs/mopo_cpu.yaml", ["conditioning.style=control_tokens"])
     with pytest.raises(ConfigError, match="1001 control tokens per objective"):
         load_config(None, ["conditioning.style=control_tokens", "conditioning.decimals=3"])
+
+
+def test_a_tied_model_comes_out_untied_with_the_tokens_suppressed(tiny_model, with_tokens):
+    import json
+
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    dest, control = with_tokens
+    assert json.loads((Path(tiny_model) / "config.json").read_text())["tie_word_embeddings"]
+    model = AutoModelForCausalLM.from_pretrained(dest)
+    assert not model.config.tie_word_embeddings
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert torch.equal(head[: control.first_id], embed[: control.first_id]), "the model is the same for every other token"
+    torch.testing.assert_close(head[control.first_id], head[: control.first_id].mean(0))
+    assert set(GenerationConfig.from_pretrained(dest).suppress_tokens) >= set(control.ids)
