@@ -392,7 +392,34 @@ def steerability_table(fronts: Sequence[tuple[str, dict[str, Any]]]) -> str:
     for _, stats in fronts:
         cells += [f"{stats['hypervolume']:.4g}", ""]
     lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *steering_verdict(*fronts[-1])])
+
+
+# What "follows its weight" means in every verdict and target: a spread well outside its standard
+# error, and the mean reward rising with the weight across the evaluated weight vectors.
+FOLLOWS_Z, FOLLOWS_SPEARMAN = 3.0, 0.8
+
+
+def steering_verdict(label: str, stats: dict[str, Any]) -> list[str]:
+    """Plain sentences on one front: which objectives follow their weights, and, where none does,
+    whether there was anything to steer on these answers."""
+    follows, lines = [], []
+    for name in stats["objectives"]:
+        o = stats["per_objective"][name]
+        z = o["spread_z"]
+        if z is not None and z >= FOLLOWS_Z and o["spearman"] >= FOLLOWS_SPEARMAN:
+            follows.append(name)
+            lines.append(f"- {name} **follows its weight** ({label}: spread z {z:+.1f}, Spearman {o['spearman']:+.2f}).")
+        else:
+            lines.append(
+                f"- {name} does not follow its weight yet ({label}: spread z {_number(z, '+.1f')}, Spearman {o['spearman']:+.2f}; "
+                f"following needs z >= {FOLLOWS_Z:g} and Spearman >= {FOLLOWS_SPEARMAN:g})."
+            )
+    if not follows:
+        conflicts = stats.get("conflicts") or []
+        if conflicts and not any(c["disagreement"] is not None and c["disagreement"] >= TRADE_OFF_FROM for c in conflicts):
+            lines.append("- No pair of these objectives trades off on these answers: there was little to steer.")
+    return lines
 
 
 def learning_curve_markdown(points: Sequence[tuple[int, dict[str, Any]]], title: str) -> str:

@@ -200,7 +200,13 @@ def test_steerability_table_compares_models_side_by_side():
     trained = front_stats(*synthetic_front(slope=0.5), NAMES3)
     table = steerability_table([("base", base), ("step 2", trained)]).splitlines()
     assert table[0] == "| objective | base Spearman | base spread ± s.e. | step 2 Spearman | step 2 spread ± s.e. |"
-    assert [row.split("|")[1].strip() for row in table[2:]] == NAMES3 + ["hypervolume"]
+    rows = [line for line in table[2:] if line.startswith("|")]
+    assert [row.split("|")[1].strip() for row in rows] == NAMES3 + ["hypervolume"]
+    # Under the table, a plain verdict on the last front, objective by objective.
+    verdict = [line for line in table if line.startswith("- ")]
+    assert len(verdict) == 3 and all("follows its weight" in line for line in verdict), verdict
+    flat = [line for line in steerability_table([("base", base)]).splitlines() if line.startswith("- ")]
+    assert all("does not follow its weight yet" in line for line in flat[:3]), flat
 
 
 def test_weights_label_is_short():
