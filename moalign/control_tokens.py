@@ -12,8 +12,9 @@ tokenizer knows them as special tokens, the embedding matrix has one row more pe
 - a sync carries the trained rows, an export writes them into the merged folder and, in PEFT's
   trainable-tokens form, into the adapter.
 
-The tokens are input only: with tied embeddings their rows also feed the output layer, which is
-why the learner and the samplers leave them out of the output distribution.
+The tokens are input only. A model with tied embeddings is untied when they are added: the head
+keeps the original rows and the tokens' output rows are the mean of the others, so training
+their input rows never changes what the policy writes (the generation config suppresses them).
 """
 
 from __future__ import annotations
