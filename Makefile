@@ -33,9 +33,9 @@ eval: install
 	@test -n "$(RUN)" || { echo 'usage: make eval RUN=<run dir> [STEP=N | ALL=1 | BASE=1] [COMPARE="dirA dirB"]'; exit 2; }
 	$(PY) evaluate.py --run $(RUN) $(ARGS) $(if $(STEP),--step $(STEP),) $(if $(ALL),--all-steps,) $(if $(BASE),--base,) $(if $(COMPARE),--compare $(COMPARE),)
 
-# The best steering recipe measured so far (25 steps, about 30 min on 2 CPU cores; see the README).
+# The steering preset (Conciseness against Detail, control tokens); what it reaches: docs/steering.md.
 train-steerable: install
-	$(PY) orchestrator.py --config configs/steerable_cpu.yaml $(ARGS)
+	$(PY) orchestrator.py --config configs/steer_length_cpu.yaml $(ARGS)
 
 # The policy of a checkpoint as a Hugging Face folder (+ PEFT adapter): `make export RUN=runs/demo [STEP=N] [OUT=dir]`.
 export: install

@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output JSON Lines file")
     p.add_argument("--prompts", type=Path, default=ROOT / "data/prompts/train.jsonl")
-    p.add_argument("--config", type=Path, default=ROOT / "configs/default.yaml", help="model, objectives and top_p come from here")
+    p.add_argument("--config", type=Path, default=ROOT / "configs/modpo_cpu.yaml", help="model, objectives and top_p come from here")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-prompts", type=int, default=32, help="prompts per generate call")
