@@ -2,7 +2,7 @@
 through `make serve` (started here as a subprocess, loopback only) once per corner, with the same
 seed per prompt at every corner, and each answer scored on the run's own objectives.
 
-    python benchmarks/serve_corners.py --run runs/steer_length [--model DIR] [--prompts 20] [--out FILE]
+    python -m benchmarks.serve_corners --run runs/steer_length [--model DIR] [--prompts 20] [--out FILE]
 
 Prints, per corner, the mean answer length in words and tokens, the share of answers that ended
 by themselves, and the mean reward of every objective; the answers and figures go to
@@ -47,14 +47,17 @@ def chat(url: str, prompt: str, weights: dict[str, float], max_tokens: int, temp
         return json.loads(r.read())
 
 
-def start_service(model: str, port: int, timeout_s: float) -> subprocess.Popen:
-    """`serve.py` as `make serve` runs it; returns once it answers."""
+def start_service(model: str, port: int, timeout_s: float, log_path: Path) -> subprocess.Popen:
+    """`serve.py` as `make serve` runs it, its output in `log_path`; returns once it answers."""
     command = [sys.executable, str(REPO / "serve.py"), "--config", str(REPO / "configs/serve/local.yaml"), "--model", model, f"port={port}"]
-    server = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as out:
+        server = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    log.info("starting the service (its log: %s)", log_path)
     started = time.perf_counter()
     while True:
         if server.poll() is not None:
-            raise SystemExit(f"the service exited with {server.returncode} before answering; run {' '.join(command)} to see why")
+            raise SystemExit(f"the service exited with {server.returncode} before answering; its log: {log_path}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
                 if r.status == 200:
@@ -63,7 +66,7 @@ def start_service(model: str, port: int, timeout_s: float) -> subprocess.Popen:
             pass
         if time.perf_counter() - started > timeout_s:
             stop_service(server)
-            raise SystemExit(f"the service did not answer within {timeout_s:.0f}s")
+            raise SystemExit(f"the service did not answer within {timeout_s:.0f}s; its log: {log_path}")
         time.sleep(2)
 
 
@@ -92,7 +95,8 @@ def main() -> int:
     corners = [{n: float(i == k) for i, n in enumerate(names)} for k in range(len(names))]
 
     port = free_port()
-    server = start_service(model, port, args.startup_timeout_s)
+    out_path = Path(args.out) if args.out else run_dir / "eval" / "serve_corners.json"
+    server = start_service(model, port, args.startup_timeout_s, out_path.with_suffix(".service.log"))
     url = f"http://127.0.0.1:{port}"
     answers: dict[str, list[dict]] = {}
     try:
@@ -132,9 +136,7 @@ def main() -> int:
         "\n".join(lines),
         max(words) / max(min(words), 1e-9),
     )
-    out = Path(args.out) if args.out else run_dir / "eval" / "serve_corners.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": model, "figures": figures, "answers": rows}, indent=1))
+    out_path.write_text(json.dumps({"model": model, "figures": figures, "answers": rows}, indent=1))
     return 0
 
 

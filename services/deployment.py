@@ -194,14 +194,17 @@ def app_builder(args: dict[str, Any]):
 
 
 def start_serving(cfg: ServeConfig, ray_address: str | None = None) -> str:
-    """Deploy `cfg` on Ray Serve (starting a local Ray if none is running); returns the base URL
-    once the first replica answers its health check."""
+    """Deploy `cfg` on Ray Serve: on the cluster at `ray_address` or $RAY_ADDRESS, else on a new
+    local Ray; returns the base URL once the first replica answers its health check."""
     import ray
 
     app = build_app(cfg)  # checks the folder before anything starts (check_servable)
     if not ray.is_initialized():
         address = ray_address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False) if address else ray.init(include_dashboard=False)
+        # Without an address, "local": a bare ray.init() joins whatever /tmp/ray names as the
+        # current cluster, and a stale entry (a head gone with a restarted machine) made it wait
+        # for that head forever without a word.
+        ray.init(address=address or "local", include_dashboard=False)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app, name="moalign", route_prefix="/", blocking=False)
     return f"http://{cfg.host}:{cfg.port}"
