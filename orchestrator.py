@@ -22,8 +22,6 @@ import sys
 import time
 from typing import Any
 
-import numpy as np
-
 from actors.calls import export_policy, save_checkpoint, score
 from actors.cluster import actor_groups
 from actors.metrics import MetricsSink, read_metrics
@@ -45,7 +43,7 @@ from loops.online_loop import (
 from loops.pareto_eval import TrainingEvaluation
 from loops.run_setup import open_run, progress_bar, setup_logging
 from moalign.checkpoint import CheckpointError, RunDirInUse, file_sha256, latest_checkpoint, read_state
-from moalign.conditioning import render_conditioned
+from moalign.conditioning import corner_weights, render_conditioned
 from moalign.config import ConfigError, RunConfig, load_config
 from moalign.data import DataError, load_fitted_prompts
 from moalign.ledger import PromptLedger
@@ -112,18 +110,18 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     #    its corner's line (hindsight labels).
                     supervised = step <= cfg.algorithm.warm_start_steps
                     if supervised:
-                        weight_sets, prompt_ids = list(np.eye(len(names))[:, None, :].repeat(len(batch), axis=1)), []
+                        lines, prompt_ids = corner_weights(len(names), len(batch)), []
+                        selection = select_corner_answers(normalized)
                     else:
-                        weight_sets = [weights] + relabel_weights(cfg, state.sampler, weights)
-                    for extra in weight_sets[0 if supervised else 1 :]:
+                        lines = relabel_weights(cfg, state.sampler, weights)
+                        selection = select_relabelled_pairs(
+                            [weights, *lines], normalized, cfg.algorithm.pair_mode, cfg.algorithm.relabel_keep
+                        )
+                    for extra in lines:
                         prompt_ids += [
                             render_conditioned(tokenizer, p.prompt, names, w, cfg.conditioning, cfg.model.max_prompt_tokens)
                             for p, w in zip(batch, extra)
                         ]
-                    if supervised:
-                        selection = select_corner_answers(normalized)
-                    else:
-                        selection = select_relabelled_pairs(weight_sets, normalized, cfg.algorithm.pair_mode, cfg.algorithm.relabel_keep)
 
                     # 6. One learner step on the conditioned prompts.
                     t = time.perf_counter()

@@ -49,6 +49,17 @@ _DS_TAG = "learner"
 _STATE_FILE = "learner_state_rank{rank}.pt"
 
 
+def optimizer_groups(model: torch.nn.Module, trainable: Sequence[torch.nn.Parameter], rows_lr: float) -> list[dict]:
+    """The optimizer's parameter groups: every trainable parameter at the configured lr, except
+    the control tokens' embedding rows, which get `rows_lr` in a group of their own."""
+    rows = [m.rows for m in model.modules() if isinstance(m, ControlEmbedding)]
+    row_ids = {id(r) for r in rows}
+    groups = [{"params": [p for p in trainable if id(p) not in row_ids]}]
+    if rows:
+        groups.append({"params": rows, "lr": rows_lr})
+    return groups
+
+
 def _skip_inference_collective() -> None:
     """Keep DeepSpeed from compiling its shared-memory all-reduce when the process group opens.
 
@@ -178,10 +189,7 @@ class Learner(WeightPublisher):
         if not trainable:
             raise ValueError("no trainable parameters: check learner.lora.target_modules against the model's module names")
         n_trainable = sum(p.numel() for p in trainable)
-        rows = [p for m in model.modules() if isinstance(m, ControlEmbedding) for p in [m.rows]]
-        groups = [{"params": [p for p in trainable if all(p is not r for r in rows)]}]
-        if rows:
-            groups.append({"params": rows, "lr": lcfg.lr * lcfg.control_token_lr_scale})
+        groups = optimizer_groups(model, trainable, lcfg.lr * lcfg.control_token_lr_scale)
         optimizer = torch.optim.AdamW(groups, lr=lcfg.lr, weight_decay=lcfg.weight_decay)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self._deepspeed_config(n_trainable))
         self.engine.train()

@@ -84,6 +84,12 @@ def neglected_corners(weights: np.ndarray, count: int) -> list[np.ndarray]:
     return [np.eye(w.shape[1])[order[:, j]] for j in range(count)]
 
 
+def corner_weights(n_objectives: int, batch: int) -> list[np.ndarray]:
+    """The K corners as K (B, K) weight sets, corner k's line for every prompt: the order in which
+    `moalign.pairs.select_corner_answers` numbers its prompts (k * B + b)."""
+    return [np.tile(corner, (batch, 1)) for corner in np.eye(n_objectives)]
+
+
 def check_weights(weights: Sequence[float] | np.ndarray, n_objectives: int, atol: float = 1e-6) -> np.ndarray:
     """Weights must be finite, >= 0, K long and sum to 1."""
     w = np.asarray(weights, dtype=float)

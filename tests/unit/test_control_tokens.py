@@ -89,6 +89,18 @@ def test_only_the_control_rows_train_and_the_start_is_kept():
         ControlEmbedding(base, first_id=10)
 
 
+def test_the_control_rows_take_their_own_learning_rate():
+    from actors.learner import optimizer_groups
+
+    model = torch.nn.Sequential(ControlEmbedding(torch.nn.Embedding(10, 4), first_id=7), torch.nn.Linear(4, 4))
+    model[0].base.weight.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    plain, rows = optimizer_groups(model, trainable, rows_lr=0.5)
+    assert rows == {"params": [model[0].rows], "lr": 0.5}
+    assert plain["params"] == [model[1].weight, model[1].bias] and "lr" not in plain
+    assert optimizer_groups(torch.nn.Linear(4, 4), trainable[1:], rows_lr=0.5) == [{"params": trainable[1:]}]
+
+
 def test_only_mo_odpo_takes_control_tokens():
     from moalign.config import ConfigError, load_config
 

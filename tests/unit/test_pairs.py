@@ -155,3 +155,8 @@ def test_corner_answers_are_each_objectives_best_under_its_own_line():
     # Corner 0's line for prompts 0, 1 is prompt index 0, 1; corner 1's is 2, 3.
     assert [(p.prompt, p.chosen, p.rejected, p.objective) for p in selection.pairs] == [(0, 1, 1, 0), (2, 0, 0, 1), (3, 1, 1, 1)]
     assert selection.dropped_ties == 1, "objective 0 scores prompt 1's answers alike"
+    # The warm start renders prompt k * B + b under corner_weights' set k, row b: corner k.
+    from moalign.conditioning import corner_weights
+
+    lines = np.concatenate(corner_weights(2, 2))
+    assert all(lines[p.prompt, p.objective] == 1 and lines[p.prompt].sum() == 1 for p in selection.pairs)
