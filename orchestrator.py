@@ -123,9 +123,12 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                             for p, w in zip(batch, extra)
                         ]
 
-                    # 6. One learner step on the conditioned prompts.
+                    # 6. One learner step on the conditioned prompts; its KL estimate is on a few samples
+                    #    under the lines they were sampled with.
                     t = time.perf_counter()
-                    learner_metrics = learn(cfg, actors.learners, prompt_ids, samples, selection.pairs, step, supervised)
+                    learner_metrics = learn(
+                        cfg, actors.learners, prompt_ids, samples, selection.pairs, step, supervised, rollout.prompt_ids
+                    )
                     timings["time/learn_s"] = time.perf_counter() - t
 
                     # 7. Weight sync; also before every checkpoint so a resumed run's generators hold

@@ -79,15 +79,17 @@ def score(names: list[str], scorers, prompts: list[str], samples: list[list[Samp
 
 def merge_rank_metrics(per_rank: list[LearnerMetrics], objective: type[Objective]) -> StepLearnerMetrics:
     """Step metrics from the data-parallel ranks' sums: the loss is sum_i w_i l_i / sum_i w_i over
-    all ranks' pairs; per-pair means (the objective's own figures, and the KL) divide the ranks'
-    sums by the total pair count."""
+    all ranks' pairs; per-pair means (the objective's own figures, the pairs' log-ratio) divide the
+    ranks' sums by the total pair count, the KL its sum by the ranks' KL samples."""
     pairs = sum(m["pairs"] for m in per_rank)
     per_pair = max(pairs, 1)
+    kl_samples = sum(m["kl_samples"] for m in per_rank)
     first = per_rank[0]
     return {
         "loss": sum(m["objective"] for m in per_rank),
         **{name: sum(m[f"{name}_sum"] for m in per_rank) / per_pair for name in objective.pair_metrics},
-        "kl": sum(m["kl_sum"] for m in per_rank) / (2 * per_pair),
+        "kl": sum(m["kl_sum"] for m in per_rank) / kl_samples if kl_samples else float("nan"),
+        "pair_logratio": sum(m["pair_logratio_sum"] for m in per_rank) / (2 * per_pair),
         "grad_norm": first["grad_norm"],
         "lr": first["lr"],
         "learner_step": first["step"],

@@ -265,23 +265,28 @@ class Learner(WeightPublisher):
                 f"batch: {n} pairs exceed this rank's capacity of {self.capacity} "
                 f"({self.grad_accum} micro-batches x {self.micro} pairs, from pairs_per_step / num_learners)"
             )
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        if ("kl_prompt_ids" in batch) != ("kl_completion_ids" in batch) or len(batch.get("kl_prompt_ids", [])) != len(
+            batch.get("kl_completion_ids", [])
+        ):
+            raise ValueError("batch: kl_prompt_ids and kl_completion_ids must come together, one completion per prompt")
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids", "kl_prompt_ids", "kl_completion_ids"):
             # Completions hold only tokens a policy may write (no control token).
-            limit = self.vocab_size if key == "prompt_ids" else self.sampled_vocab
-            for i, ids in enumerate(batch[key]):
+            limit = self.vocab_size if key.endswith("prompt_ids") else self.sampled_vocab
+            for i, ids in enumerate(batch.get(key, [])):
                 if not isinstance(ids, (list, tuple)) or len(ids) == 0:
                     raise ValueError(f"batch[{key!r}][{i}] must be a non-empty list of token ids")
                 for t in ids:
                     if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < limit:
                         raise ValueError(f"batch[{key!r}][{i}] holds {t!r}, not a token id in [0, {limit})")
         if self.max_positions:
-            for i, p in enumerate(batch["prompt_ids"]):
-                for key in ("chosen_ids", "rejected_ids"):
-                    if len(p) + len(batch[key][i]) > self.max_positions:
-                        raise ValueError(
-                            f"batch[{key!r}][{i}]: prompt + completion = {len(p) + len(batch[key][i])} tokens "
-                            f"exceeds the model's {self.max_positions} positions"
-                        )
+            for prompt_key, keys in (("prompt_ids", ("chosen_ids", "rejected_ids")), ("kl_prompt_ids", ("kl_completion_ids",))):
+                for i, p in enumerate(batch.get(prompt_key, [])):
+                    for key in keys:
+                        if len(p) + len(batch[key][i]) > self.max_positions:
+                            raise ValueError(
+                                f"batch[{key!r}][{i}]: prompt + completion = {len(p) + len(batch[key][i])} tokens "
+                                f"exceeds the model's {self.max_positions} positions"
+                            )
         self.objective.validate(batch, n)
         weights = []
         for i, w in enumerate(batch["loss_weights"]):
@@ -337,9 +342,12 @@ class Learner(WeightPublisher):
         # copy the vocabulary-wide tensor, the largest in the step (and zero-fill another in
         # backward). The last position is scored against a stand-in token and dropped from the
         # small result instead.
-        tokens = torch.cat([ids[:, start + 1 :], ids[:, :1]], dim=1)
-        logp = token_logprobs(logits, tokens)[:, :-1]
         mask = target[:, start + 1 :]
+        # Positions that are not a completion's may hold prompt tokens outside the sampled
+        # vocabulary (control tokens); they are dropped below but must still index the logits.
+        tokens = torch.cat([ids[:, start + 1 :], ids[:, :1]], dim=1)
+        tokens = torch.where(torch.cat([mask, mask[:, :1] & False], dim=1), tokens, torch.zeros_like(tokens))
+        logp = token_logprobs(logits, tokens)[:, :-1]
         return torch.where(mask, logp, torch.zeros_like(logp)), mask
 
     def _sampled(self, logits: torch.Tensor) -> torch.Tensor:
@@ -458,6 +466,24 @@ class Learner(WeightPublisher):
             lambda p, c: self._scored_in_chunks(self._base_logps, p, c),
         )
 
+    def _kl_logratios(self, batch: PairBatch, penalised: bool) -> torch.Tensor:
+        """log pi(y|x) - log pi_ref(y|x) of the batch's `kl_*` samples. They are the policy's own
+        answers under the lines they were sampled with, so their mean is the usual sampled estimate
+        of KL(pi || pi_ref); the pairs' answers are not (picked by reward, and relabelled pairs sit
+        under a line they were not sampled with). `penalised`: with gradients, for the KL penalty."""
+        prompts, completions = batch.get("kl_prompt_ids", []), batch.get("kl_completion_ids", [])
+        if not prompts:
+            return torch.zeros(0, device=self.device)
+        reference = self._scored_in_chunks(self._reference_logps, prompts, completions)
+        if penalised:
+            return self._sequence_logps(self.engine, prompts, completions).float() - reference
+
+        def policy(p, c):
+            with self._eval_mode():
+                return self._sequence_logps(self.engine.module, p, c)
+
+        return self._scored_in_chunks(policy, prompts, completions) - reference
+
     # ------------------------------------------------------------------ training
 
     def _micro_batch(self, batch: PairBatch, idx: list[int], weights: list[float]):
@@ -480,9 +506,14 @@ class Learner(WeightPublisher):
         n, weights, total_weight = self._validate(batch)
         # The objective's own per-pair figures sit between the loss and the KL, which every algorithm has.
         pair_metrics = self.objective.pair_metrics
-        sums = dict.fromkeys(("loss_sum", *(f"{m}_sum" for m in pair_metrics), "kl_sum", "unweighted_loss_sum"), 0.0)
+        sums = dict.fromkeys(("loss_sum", *(f"{m}_sum" for m in pair_metrics), "pair_logratio_sum", "unweighted_loss_sum"), 0.0)
         grad_norm = float("nan")
         skipped = total_weight == 0
+        # Before the update, on the policy that sampled (up to the rollout's staleness) the answers;
+        # with a KL penalty the same pass carries its gradient, in the first micro-batch's backward.
+        kl_coef = self.cfg.algorithm.kl_coef
+        logratios = self._kl_logratios(batch, penalised=kl_coef > 0 and not skipped)
+        kl_sum, kl_samples = float(logratios.detach().sum()), len(logratios)
         if skipped:
             # total_weight is global, so every rank skips together; stepping Adam on zero gradients
             # would still move the weights through momentum and weight decay.
@@ -506,7 +537,12 @@ class Learner(WeightPublisher):
                 policy = self._pair_logps(self.engine, prompts, chosen, rejected).float()
                 pc, pr, rc, rr = policy[:m], policy[m:], ref[:m], ref[m:]
                 losses = self.objective.pair_losses(pc, pr, rc, rr, torch.tensor(idx, dtype=torch.long), batch)
-                self.engine.backward((w * losses).sum() * scale, scale_wrt_gas=False)
+                loss = (w * losses).sum() * scale
+                if k == 0 and logratios.requires_grad:
+                    # The mean over this rank's samples; DeepSpeed's gradient average over ranks,
+                    # undone for the pairs by `scale`, makes it the mean of the ranks' means.
+                    loss = loss + kl_coef * 0.5 * logratios.pow(2).mean()
+                self.engine.backward(loss, scale_wrt_gas=False)
                 if own_norm and k == self.grad_accum - 1:
                     grad_norm = self._local_grad_norm()
                 self.engine.step()
@@ -517,7 +553,7 @@ class Learner(WeightPublisher):
                         sums["unweighted_loss_sum"] += float(losses[real].sum())
                         for name, value in self.objective.pair_metric_sums(pc[real], pr[real], rc[real], rr[real]).items():
                             sums[f"{name}_sum"] += value
-                        sums["kl_sum"] += float((pc - rc)[real].sum() + (pr - rr)[real].sum())
+                        sums["pair_logratio_sum"] += float((pc - rc)[real].sum() + (pr - rr)[real].sum())
             ds_norm = self.engine.get_global_grad_norm()
             if ds_norm is not None and not own_norm:
                 grad_norm = float(ds_norm)
@@ -542,7 +578,10 @@ class Learner(WeightPublisher):
             "objective": sums["loss_sum"] / total_weight if total_weight > 0 else 0.0,
             "loss": sums["loss_sum"] / weight_sum if weight_sum > 0 else (unweighted / n if n and not skipped else nan),
             **{m: sums[f"{m}_sum"] / n if n and not skipped else nan for m in pair_metrics},
-            "kl": sums["kl_sum"] / (2 * n) if n and not skipped else nan,
+            "kl_sum": kl_sum,
+            "kl_samples": kl_samples,
+            "kl": kl_sum / kl_samples if kl_samples else nan,
+            "pair_logratio": sums["pair_logratio_sum"] / (2 * n) if n and not skipped else nan,
             "grad_norm": grad_norm,
             "lr": float(self.engine.get_lr()[0]),
             "skipped": int(skipped),

@@ -288,16 +288,22 @@ def learn(
     pairs: list[Pair],
     step: int,
     supervised: bool = False,
+    sampled_prompt_ids: list[list[int]] | None = None,
 ) -> StepLearnerMetrics | dict:
     """One learner step on `pairs` (each learner rank a contiguous part), the ranks' metrics merged;
     {} when every candidate pair was a tie. `supervised`: each pair's chosen answer is trained
-    alone (the warm start), so its rejected side is a one-token stand-in."""
+    alone (the warm start), so its rejected side is a one-token stand-in. `sampled_prompt_ids`:
+    the prompts as the generators saw them; the first `algorithm.kl_samples_per_prompt` samples of
+    each (random draws) under them give the learner's KL estimate."""
     if not pairs:
         log.warning("step %d: every candidate pair was a tie; no learner update", step)
         return {}
     total_weight = float(sum(p.loss_weight for p in pairs))
+    per_prompt = cfg.algorithm.kl_samples_per_prompt if sampled_prompt_ids is not None else 0
+    probes = [(sampled_prompt_ids[b], s["token_ids"]) for b, group in enumerate(samples) for s in group[:per_prompt] if s["token_ids"]]
+    probe_parts = chunks(len(probes), len(learners))
     shards = []
-    for s in chunks(len(pairs), len(learners)):
+    for r, s in enumerate(chunks(len(pairs), len(learners))):
         part = pairs[s]
         batch: PairBatch = {
             "prompt_ids": [prompt_ids[p.prompt] for p in part],
@@ -309,6 +315,9 @@ def learn(
         }
         if supervised:
             batch["supervised"] = True
+        if probes:
+            batch["kl_prompt_ids"] = [p for p, _ in probes[probe_parts[r]]]
+            batch["kl_completion_ids"] = [c for _, c in probes[probe_parts[r]]]
         shards.append((batch,))
     return merge_rank_metrics(learners.call_each("train_step", shards, step=step), OBJECTIVES[cfg.algorithm.name])
 

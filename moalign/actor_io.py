@@ -40,6 +40,11 @@ class PairBatch(TypedDict):
     """MOPO: per objective, the probability that response 0 (`chosen_ids`) is preferred."""
     supervised: NotRequired[bool]
     """MO-ODPO's warm start: train each pair's chosen answer alone (its mean token NLL); `rejected_ids` is ignored."""
+    kl_prompt_ids: NotRequired[list[list[int]]]
+    """Online loops: prompts, each under the weight line its `kl_completion_ids` answer was sampled
+    with, on which the learner estimates KL(policy || reference) before its update (no gradient)."""
+    kl_completion_ids: NotRequired[list[list[int]]]
+    """The policy's own samples for those prompts, drawn at random (not picked by reward)."""
 
 
 PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "loss_weights")
@@ -60,10 +65,18 @@ class LearnerMetrics(TypedDict):
     total_weight: float
     loss_sum: float
     kl_sum: float
+    """Sum over the `kl_*` samples of log pi(y|x) - log pi_ref(y|x)."""
+    kl_samples: int
+    pair_logratio_sum: float
+    """Sum over the pairs' chosen and rejected answers of log pi - log pi_ref."""
     objective: float
     """This rank's share of the step's loss: summed over ranks it is the loss."""
     loss: float
     kl: float
+    """KL(policy || reference) in nats per answer, estimated on the `kl_*` samples; NaN without them."""
+    pair_logratio: float
+    """Mean log pi - log pi_ref over the pairs' answers. Not a KL: the answers were picked by reward,
+    and relabelled or warm-start pairs train answers under a line they were not sampled with."""
     grad_norm: float
     lr: float
     skipped: int
@@ -75,6 +88,7 @@ StepLearnerMetrics = TypedDict(
     {
         "loss": float,
         "kl": float,
+        "pair_logratio": float,
         "grad_norm": float,
         "lr": float,
         "learner_step": int,

@@ -128,6 +128,10 @@ class AlgorithmConfig(_Section):
     """MO-ODPO: the first this many steps are supervised instead of DPO: for every prompt and every corner of the weights, the answer that corner's objective scores best is trained (its mean token NLL) under that corner's weight line, so every line is taught the answers it stands for (hindsight labels); 0: DPO from step 1."""
     sft_weight: float = Field(0.0, ge=0, le=100)
     """MO-ODPO: weight of a supervised term added to each pair's loss, the chosen answer's mean token negative log-likelihood under the pair's own weight line (with relabelling, each line learns its own best answer directly); 0: DPO alone."""
+    kl_samples_per_prompt: int = Field(2, ge=0, le=1024)
+    """MO-ODPO: samples per prompt (random draws, under the weight lines they were sampled with) on which the learner estimates KL(policy || reference) each step, for `health.max_kl` and `kl_coef`; 0: no estimate."""
+    kl_coef: float = Field(0.0, ge=0, le=100)
+    """MO-ODPO: a KL penalty added to the loss, kl_coef * (log pi - log pi_ref)^2 / 2 per answer averaged over those samples (the k2 estimator, whose gradient is the KL's in expectation); 0: DPO's own beta alone holds the policy near the reference."""
     pair_mode: Literal["scalarised", "per_objective"] = "scalarised"
     """`scalarised`: chosen/rejected by sum_k w_k r_k (the paper); `per_objective`: one pair per objective, loss sum_k w_k DPO_k."""
     relabel_weights: int = Field(0, ge=0, le=16)
@@ -299,7 +303,7 @@ class HealthConfig(_Section):
     max_length_capped_share: float = Field(0.9, ge=0, le=1)
     """Warn when the share of completions cut off at rollout.max_new_tokens rises above this (1 turns it off)."""
     max_kl: float = Field(5.0, gt=0)
-    """Warn when the learner's KL estimate to the reference (nats per sequence) rises above this."""
+    """Warn when the KL to the reference (nats per answer), estimated on the policy's own samples (`algorithm.kl_samples_per_prompt`), rises above this."""
     window_steps: int = Field(5, ge=1, le=1000)
     """Bounds are judged on the median of the last this many steps (1 = every step on its own), so one noisy step does not warn."""
 
@@ -414,6 +418,10 @@ class RunConfig(_Section):
             )
         if self.algorithm.relabel_source == "neglected_corner" and self.algorithm.relabel_weights > k:
             raise ValueError(f"algorithm.relabel_weights: {self.algorithm.relabel_weights} neglected corners asked of {k} objectives")
+        if self.algorithm.kl_coef and not self.algorithm.kl_samples_per_prompt:
+            raise ValueError(
+                "algorithm.kl_coef: the penalty is taken on algorithm.kl_samples_per_prompt samples per prompt; set that above 0"
+            )
         if self.algorithm.mopo.primary >= k:
             raise ValueError(f"algorithm.mopo.primary: {self.algorithm.mopo.primary} is not an objective index (0..{k - 1})")
         if self.eval.reference_point is not None and len(self.eval.reference_point) != k:
@@ -455,6 +463,7 @@ class RunConfig(_Section):
             online_only = {"algorithm.pair_mode": a.pair_mode != "scalarised", "algorithm.relabel_weights": a.relabel_weights != 0}
             online_only |= {"algorithm.loss": a.loss != "sigmoid", "algorithm.label_smoothing": a.label_smoothing != 0}
             online_only |= {"algorithm.sft_weight": a.sft_weight != 0, "algorithm.warm_start_steps": a.warm_start_steps != 0}
+            online_only |= {"algorithm.kl_coef": a.kl_coef != 0}
             unused = [k for k, v in online_only.items() if v]
             if unused:
                 raise ValueError(f"{', '.join(unused)}: not used by {a.name}; leave at the default")

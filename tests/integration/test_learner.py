@@ -65,7 +65,7 @@ def trainable(learner: Learner) -> dict[str, torch.Tensor]:
 
 
 def assert_finite_metrics(m: dict) -> None:
-    for key in ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "kl", "grad_norm", "objective"):
+    for key in ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "pair_logratio", "grad_norm", "objective"):
         assert math.isfinite(m[key]), (key, m[key])
 
 
@@ -127,7 +127,9 @@ def test_first_step_matches_closed_form(tiny):
         assert m["step"] == 1 and m["pairs"] == 2 and m["capacity"] == 4
         assert m["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert m["objective"] == pytest.approx(total.item(), abs=1e-6)
-        assert m["chosen_reward"] == pytest.approx(0.0, abs=1e-6) and m["kl"] == pytest.approx(0.0, abs=1e-6)
+        assert m["chosen_reward"] == pytest.approx(0.0, abs=1e-6) and m["pair_logratio"] == pytest.approx(0.0, abs=1e-6)
+        # No samples of the policy came with the batch, so there is no KL estimate to report.
+        assert math.isnan(m["kl"]) and m["kl_samples"] == 0
         assert m["grad_norm"] == pytest.approx(manual_norm, rel=1e-4)
 
         after = trainable(learner)
@@ -335,7 +337,20 @@ def test_full_finetuning_keeps_reference_frozen(tiny, tiny_weights):
         for m in (m1, m2):
             assert_finite_metrics(m)
         assert m1["loss"] == pytest.approx(math.log(2), abs=1e-6)
-        assert m2["loss"] < m1["loss"] and m2["kl"] != 0.0
+        assert m2["loss"] < m1["loss"] and m2["pair_logratio"] != 0.0
+
+        # The KL estimate: the mean of log pi - log pi_ref over the given samples, before the update.
+        probes = [(list(p), list(c)) for p, c, _ in PAIRS[:3]]
+        module = learner.engine.module
+        module.eval()
+        with torch.no_grad():
+            manual = [float(_seq_logp(module, p, c) - _seq_logp(learner.ref_model, p, c)) for p, c in probes]
+        module.train()
+        with_probes = {**batch, "kl_prompt_ids": [p for p, _ in probes], "kl_completion_ids": [c for _, c in probes]}
+        m3 = learner.train_step(with_probes)
+        assert m3["kl_samples"] == 3 and m3["kl"] == pytest.approx(sum(manual) / 3, abs=1e-4) and m3["kl"] > 0
+        with pytest.raises(ValueError, match="kl_prompt_ids and kl_completion_ids"):
+            learner.train_step({**with_probes, "kl_completion_ids": with_probes["kl_completion_ids"][:2]})
         ref = dict(learner.ref_model.named_parameters())
         for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
             torch.testing.assert_close(ref[name].detach(), tiny_weights[name], rtol=0, atol=0)
@@ -473,3 +488,22 @@ def test_mopo_lags_the_reference_and_resumes_exactly(tiny, tmp_path):
     for a, b in zip(straight[2:], resumed):
         assert a["loss"] == b["loss"]
         assert {k: v for k, v in a.items() if k.startswith("mopo/")} == {k: v for k, v in b.items() if k.startswith("mopo/")}
+
+
+def test_kl_penalty_holds_the_policy_near_the_reference(tiny):
+    """DPO on the same pairs drives the chosen answers' log-ratio up; with algorithm.kl_coef the
+    penalty on those answers (as the policy's samples) holds the measured KL well below that."""
+    pairs = PAIRS[:4]
+    batch = make_batch(pairs, [1.0] * 4)
+    batch["kl_prompt_ids"] = [list(p) for p, _, _ in pairs]
+    batch["kl_completion_ids"] = [list(c) for _, c, _ in pairs]
+    kls = {}
+    for coef in (0.0, 5.0):
+        learner = new_learner(tiny, ["learner.lr=2e-2", f"algorithm.kl_coef={coef}"])
+        try:
+            kls[coef] = [learner.train_step(batch)["kl"] for _ in range(8)]
+        finally:
+            learner.close()
+    assert kls[0.0][0] == pytest.approx(0.0, abs=1e-6) and kls[5.0][0] == pytest.approx(0.0, abs=1e-6)
+    assert kls[0.0][-1] > 1.0, kls
+    assert kls[5.0][-1] < 0.5 * kls[0.0][-1], kls

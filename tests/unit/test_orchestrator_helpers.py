@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ def test_chunks_cover_range_evenly():
     assert sum(sizes) == 2 and max(sizes) - min(sizes) <= 1
 
 
-def _rank(pairs, objective, chosen, kl, seconds):
+def _rank(pairs, objective, chosen, kl, seconds, kl_samples=0, logratio=0.0):
     return {
         "pairs": pairs,
         "objective": objective,
@@ -27,6 +28,8 @@ def _rank(pairs, objective, chosen, kl, seconds):
         "margin_sum": chosen,
         "accuracy_sum": pairs,
         "kl_sum": kl,
+        "kl_samples": kl_samples,
+        "pair_logratio_sum": logratio,
         "grad_norm": 2.0,
         "lr": 0.1,
         "step": 5,
@@ -35,14 +38,17 @@ def _rank(pairs, objective, chosen, kl, seconds):
 
 
 def test_merge_rank_metrics_from_sums():
-    merged = merge_rank_metrics([_rank(3, 0.4, 3.0, 6.0, 1.0), _rank(1, 0.2, 1.0, 2.0, 2.0)], DPOObjective)
+    merged = merge_rank_metrics([_rank(3, 0.4, 3.0, 6.0, 1.0, 4, 12.0), _rank(1, 0.2, 1.0, 2.0, 2.0, 4, -4.0)], DPOObjective)
     assert merged["loss"] == pytest.approx(0.6)
     assert merged["chosen_reward"] == pytest.approx(1.0) and merged["accuracy"] == 1.0
-    assert merged["kl"] == pytest.approx(1.0)
+    # The KL over the ranks' samples (8), the pairs' log-ratio over their answers (2 x 4 pairs).
+    assert merged["kl"] == pytest.approx(1.0) and merged["pair_logratio"] == pytest.approx(1.0)
+    assert math.isnan(merge_rank_metrics([_rank(1, 0.2, 1.0, 0.0, 1.0)], DPOObjective)["kl"])
     assert merged["grad_norm"] == 2.0 and merged["time/learner_compute_s"] == 2.0
     # The order metrics.jsonl has always had: the objective's own figures between the loss and the KL.
     assert list(merged) == [
-        "loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "kl", "grad_norm", "lr", "learner_step", "time/learner_compute_s",
+        "loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "kl", "pair_logratio", "grad_norm", "lr", "learner_step",
+        "time/learner_compute_s",
     ]  # fmt: skip
 
 
