@@ -128,7 +128,7 @@ class AlgorithmConfig(_Section):
     """MO-ODPO: the first this many steps are supervised instead of DPO: for every prompt and every corner of the weights, the answer that corner's objective scores best is trained (its mean token NLL) under that corner's weight line, so every line is taught the answers it stands for (hindsight labels); 0: DPO from step 1."""
     sft_weight: float = Field(0.0, ge=0, le=100)
     """MO-ODPO: weight of a supervised term added to each pair's loss, the chosen answer's mean token negative log-likelihood under the pair's own weight line (with relabelling, each line learns its own best answer directly); 0: DPO alone."""
-    kl_samples_per_prompt: int = Field(2, ge=0, le=1024)
+    kl_samples_per_prompt: int = Field(1, ge=0, le=1024)
     """MO-ODPO: samples per prompt (random draws, under the weight lines they were sampled with) on which the learner estimates KL(policy || reference) each step, for `health.max_kl` and `kl_coef`; 0: no estimate."""
     kl_coef: float = Field(0.0, ge=0, le=100)
     """MO-ODPO: a KL penalty added to the loss, kl_coef * (log pi - log pi_ref)^2 / 2 per answer averaged over those samples (the k2 estimator, whose gradient is the KL's in expectation); 0: DPO's own beta alone holds the policy near the reference."""
