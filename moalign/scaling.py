@@ -7,6 +7,7 @@ request reaches a run on a cluster through a one-line job on the head node, wher
 driver and its run directory live (`deploy/moalign-job scale`), and locally through:
 
     python -m moalign.scaling [--wait-for-run-s S] RUN_DIR generators=2 [reward_workers=1] [from_step=5]
+    python -m moalign.scaling RUN_DIR --done      # what became of the requests handled so far
 """
 
 from __future__ import annotations
@@ -131,9 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         # directory yet: wait for it rather than refuse.
         wait_s, argv = float(argv[1]), argv[2:]
     if len(argv) < 2:
-        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+        print("\n".join(line.strip() for line in __doc__.strip().splitlines()[-2:]), file=sys.stderr)
         return 2
     run_dir = Path(argv[0])
+    if argv[1:] == ["--done"]:
+        for fields in read_done(run_dir):
+            asked = " ".join(f"{k}={fields[k]}" for k in (*ROLES, "from_step") if k in fields)
+            print(f"step {fields['handled_at_step']}: {asked or '(unreadable request)'} -> {fields['outcome']}")
+        return 0
     deadline = time.monotonic() + wait_s
     while not (run_dir / "config.yaml").is_file():
         if time.monotonic() >= deadline:

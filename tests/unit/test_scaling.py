@@ -77,3 +77,13 @@ def test_a_request_sent_before_the_run_wrote_its_directory_waits_for_it(tmp_path
     finally:
         timer.join()
     assert due_requests(run_dir, 1)[0].counts == {"generator": 2}
+
+
+def test_cli_lists_what_became_of_handled_requests(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("{}")
+    assert main([str(tmp_path), "generators=2"]) == 0 and "queued" in capsys.readouterr().out
+    assert main([str(tmp_path), "--done"]) == 0 and capsys.readouterr().out == ""
+    (request,) = due_requests(tmp_path, 1)
+    mark_done(request.path, 7, "generators 1 -> 2", applied=True)
+    assert main([str(tmp_path), "--done"]) == 0
+    assert capsys.readouterr().out.strip() == "step 7: generators=2 -> generators 1 -> 2"
