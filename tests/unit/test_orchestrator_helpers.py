@@ -6,10 +6,11 @@ import pytest
 
 from actors.calls import chunks, merge_rank_metrics
 from actors.cluster import actor_env
-from loops.online_loop import Rollout, check_same_prompts, check_supported, report, summarize
+from loops.online_loop import Rollout, check_same_prompts, check_supported, learn, report, summarize
 from moalign.config import ConfigError, check_resume_config, load_config, save_resolved
 from moalign.health import HealthMonitor
 from moalign.objectives import DPOObjective
+from moalign.pairs import Pair
 
 
 def test_chunks_cover_range_evenly():
@@ -221,3 +222,50 @@ def test_node_labels_become_a_label_selector_only_when_given():
 
     assert _placed({}) == {}
     assert _placed({"moalign-role": "generator"}) == {"label_selector": {"moalign-role": "generator"}}
+
+
+class _RecordingLearners:
+    """Stands in for a learner group: records each rank's batch and answers with neutral sums."""
+
+    def __init__(self, ranks):
+        self.ranks, self.batches = ranks, []
+
+    def __len__(self):
+        return self.ranks
+
+    def call_each(self, method, shards, step):
+        assert method == "train_step" and len(shards) == self.ranks
+        self.batches = [batch for (batch,) in shards]
+        return [
+            _rank(len(b["prompt_ids"]), 0.1, 0.0, float(len(b.get("kl_prompt_ids", []))), 1.0, len(b.get("kl_prompt_ids", [])))
+            for b in self.batches
+        ]
+
+
+def _samples(prompts, n):
+    return [[{"token_ids": [100 * b + j, 7], "text": "x", "finish_reason": "stop", "version": 0} for j in range(n)] for b in range(prompts)]
+
+
+def test_learn_builds_the_warm_start_batch_and_the_kl_samples():
+    """`learn` on two ranks: pairs split in order; the warm start's rejected side is one token;
+    the KL samples are each prompt's first draws under the prompt they were sampled with."""
+    cfg = load_config(None, ["algorithm.kl_samples_per_prompt=2"])
+    samples = _samples(3, 4)
+    sampled = [[1, b] for b in range(3)]
+    # Relabelled layout: weight set j's prompt b is j * 3 + b (the corner lines in the warm start).
+    lines = [[2, j, b] for j in range(2) for b in range(3)]
+    pairs = [Pair(prompt=p, chosen=1, rejected=2, loss_weight=1.0, objective=None) for p in (0, 4, 5, 2)]
+    learners = _RecordingLearners(2)
+    merged = learn(cfg, learners, lines, samples, pairs, 3, True, sampled)
+    first, second = learners.batches
+    assert first["prompt_ids"] == [[2, 0, 0], [2, 1, 1]] and second["prompt_ids"] == [[2, 1, 2], [2, 0, 2]]
+    assert first["chosen_ids"] == [[1, 7], [101, 7]] and first["rejected_ids"] == [[2], [102]]
+    assert first["supervised"] and first["total_weight"] == second["total_weight"] == 4.0
+    probes = [(p, c) for b in learners.batches for p, c in zip(b["kl_prompt_ids"], b["kl_completion_ids"])]
+    assert probes == [([1, b], [100 * b + j, 7]) for b in range(3) for j in range(2)]
+    assert merged["kl"] == pytest.approx(1.0)
+
+    # DPO steps keep the whole rejected answer; without sampled prompts no KL samples are sent.
+    learn(cfg, learners, lines, samples, pairs, 4)
+    assert learners.batches[0]["rejected_ids"] == [[2, 7], [102, 7]] and "supervised" not in learners.batches[0]
+    assert "kl_prompt_ids" not in learners.batches[0]
