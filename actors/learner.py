@@ -344,9 +344,8 @@ class Learner(WeightPublisher):
         # small result instead.
         mask = target[:, start + 1 :]
         # Positions that are not a completion's may hold prompt tokens outside the sampled
-        # vocabulary (control tokens); they are dropped below but must still index the logits.
-        tokens = torch.cat([ids[:, start + 1 :], ids[:, :1]], dim=1)
-        tokens = torch.where(torch.cat([mask, mask[:, :1] & False], dim=1), tokens, torch.zeros_like(tokens))
+        # vocabulary (control tokens): token 0 stands in for them, and for the last position.
+        tokens = torch.cat([ids[:, start + 1 :].masked_fill(~mask, 0), torch.zeros_like(ids[:, :1])], dim=1)
         logp = token_logprobs(logits, tokens)[:, :-1]
         return torch.where(mask, logp, torch.zeros_like(logp)), mask
 
@@ -452,16 +451,16 @@ class Learner(WeightPublisher):
         parts = [score(prompts[s : s + chunk], completions[s : s + chunk]) for s in range(0, len(prompts), chunk)]
         return torch.cat(parts).float()
 
+    def _policy_logps(self, prompts, completions) -> torch.Tensor:
+        """Summed completion log-probs under the policy, dropout and gradients off."""
+        with self._eval_mode():
+            return self._sequence_logps(self.engine.module, prompts, completions)
+
     def _prepare_objective(self, batch: PairBatch) -> None:
         """The objective's pass over the whole batch (MOPO's closed-form weights), dropout off."""
-
-        def policy(p, c):
-            with self._eval_mode():
-                return self._sequence_logps(self.engine.module, p, c)
-
         self.objective.prepare(
             batch,
-            lambda p, c: self._scored_in_chunks(policy, p, c),
+            lambda p, c: self._scored_in_chunks(self._policy_logps, p, c),
             lambda p, c: self._scored_in_chunks(self._reference_logps, p, c),
             lambda p, c: self._scored_in_chunks(self._base_logps, p, c),
         )
@@ -477,12 +476,7 @@ class Learner(WeightPublisher):
         reference = self._scored_in_chunks(self._reference_logps, prompts, completions)
         if penalised:
             return self._sequence_logps(self.engine, prompts, completions).float() - reference
-
-        def policy(p, c):
-            with self._eval_mode():
-                return self._sequence_logps(self.engine.module, p, c)
-
-        return self._scored_in_chunks(policy, prompts, completions) - reference
+        return self._scored_in_chunks(self._policy_logps, prompts, completions) - reference
 
     # ------------------------------------------------------------------ training
 
