@@ -79,6 +79,8 @@ def test_cross_field_errors():
     assert load_config(None, ["sync.backend=broadcast"]).sync.backend == "broadcast"
     with pytest.raises(ConfigError, match="callable path"):
         load_config(None, ["objectives=[{name: X, source: callable, path: nocolon}]", "learner.micro_batch_pairs=8"])
+    with pytest.raises(ConfigError, match="algorithm.kl_coef: the penalty is taken on algorithm.kl_samples_per_prompt"):
+        load_config(None, ["algorithm.kl_coef=0.02", "algorithm.kl_samples_per_prompt=0"])
 
 
 def test_health_bounds_checked():
@@ -164,6 +166,7 @@ def test_serve_config_refuses_what_cannot_run():
         (["offline.label_fields={Honesty: x}"], r"offline.label_fields: \['Honesty'\]"),
         (["algorithm.name=dpo"], "algorithm.name"),
         (["algorithm.name=mopo", "algorithm.loss=ipo"], "algorithm.loss: not used by mopo"),
+        (["algorithm.name=mopo", "algorithm.kl_coef=0.1"], "algorithm.kl_coef: not used by mopo"),
         (
             ["algorithm.name=modpo", "algorithm.modpo.sweep_divisions=2", "algorithm.relabel_weights=1"],
             "algorithm.relabel_weights: not used by modpo",
