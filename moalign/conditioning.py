@@ -18,8 +18,10 @@ from moalign.config import ConditioningConfig, ConfigError
 BEGIN = "[Begin System Instruction]"
 END = "[End System Instruction]"
 
-Style = Literal["system_prefix", "chat_system", "control_tokens"]
-STYLES = ("system_prefix", "chat_system", "control_tokens")
+Style = Literal["system_prefix", "chat_system", "control_tokens", "control_tokens_system"]
+STYLES = ("system_prefix", "chat_system", "control_tokens", "control_tokens_system")
+TOKEN_STYLES = ("control_tokens", "control_tokens_system")
+"""The styles that write the weights as added control tokens (opening the answer, or as the system message)."""
 
 
 class WeightsError(ValueError):
@@ -161,7 +163,7 @@ def format_control_tokens(names: Sequence[str], weights: Sequence[float] | np.nd
 
 def weight_signal(names: Sequence[str], weights: Sequence[float] | np.ndarray, style: str, decimals: int) -> str:
     """What a prompt carries for these weights in `style`: the text line or the control tokens."""
-    if style == "control_tokens":
+    if style in TOKEN_STYLES:
         return format_control_tokens(names, weights, decimals)
     return format_weights(names, weights, decimals)
 
@@ -189,7 +191,8 @@ def condition_chat(
     answered); a caller's own system message follows the line. `control_tokens` opens the answer
     with the control tokens (a partial assistant turn, rendered by `render_prompt_ids` so that
     the answer continues it): right before the first token they steer, with the chat template's
-    own system prompt left as it is."""
+    own system prompt left as it is. `control_tokens_system` puts the tokens where `chat_system`
+    puts the line (the answer then starts as a fresh turn, not as a continuation of them)."""
     if style not in STYLES:
         raise WeightsError(f"unknown conditioning style {style!r}; allowed: {', '.join(STYLES)}")
     line = weight_signal(names, weights, style, decimals)
@@ -198,7 +201,7 @@ def condition_chat(
         raise WeightsError("the conversation must end with a user message for the weights to apply to")
     if style == "control_tokens":
         return [*chat, {"role": "assistant", "content": line}]
-    if style == "chat_system":
+    if style in ("chat_system", "control_tokens_system"):
         if chat[0].get("role") == "system":
             chat[0]["content"] = f"{line}\n{chat[0]['content']}"
             return chat

@@ -21,7 +21,16 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from moalign.conditioning import BEGIN, END, WeightsError, check_weights, condition_chat, control_token_vocabulary, weight_signal
+from moalign.conditioning import (
+    BEGIN,
+    END,
+    TOKEN_STYLES,
+    WeightsError,
+    check_weights,
+    condition_chat,
+    control_token_vocabulary,
+    weight_signal,
+)
 
 CARD_FILE = "moalign.json"
 ADAPTER_DIR = "adapter"
@@ -39,8 +48,8 @@ class PolicyCard(BaseModel):
     """Card schema version."""
     objectives: list[str] = Field(min_length=1)
     """Objective names, in the order the weight line writes them."""
-    style: Literal["system_prefix", "chat_system", "control_tokens", "none"]
-    """How the weights reach the policy: the text line as the system message (`chat_system`) or before the user turn (`system_prefix`), or one added control token per objective opening the answer (`control_tokens`, listed in `control_tokens`); `none`: an offline policy (MODPO, MOPO) trained at fixed weights, whose prompts carry none."""
+    style: Literal["system_prefix", "chat_system", "control_tokens", "control_tokens_system", "none"]
+    """How the weights reach the policy: the text line as the system message (`chat_system`) or before the user turn (`system_prefix`), or one added control token per objective opening the answer (`control_tokens`) or as the system message (`control_tokens_system`), listed in `control_tokens`; `none`: an offline policy (MODPO, MOPO) trained at fixed weights, whose prompts carry none."""
     decimals: int = Field(ge=0, le=6)
     """Digits each written weight is rounded to."""
     instruction_begin: str = BEGIN
@@ -78,7 +87,7 @@ class PolicyCard(BaseModel):
             style="none" if offline else style,
             decimals=decimals,
             example_line="" if offline else weight_signal(names, equal, style, decimals),
-            control_tokens=control_token_vocabulary(names, decimals) if style == "control_tokens" else [],
+            control_tokens=control_token_vocabulary(names, decimals) if style in TOKEN_STYLES else [],
             default_weights=trained,
             base_model=cfg.model.path,
             algorithm=cfg.algorithm.name,

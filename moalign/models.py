@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from moalign.conditioning import TOKEN_STYLES
+
 log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
@@ -146,7 +148,7 @@ def starting_model(cfg, run_dir: str | os.PathLike) -> Path:
     from moalign.control_tokens import add_control_tokens, check_manifest, read_manifest
 
     source = resolve_model_path(cfg.model.path, cfg.model.cache_dir)
-    if cfg.conditioning.style != "control_tokens":
+    if cfg.conditioning.style not in TOKEN_STYLES:
         return source
     if read_manifest(source) is not None:
         raise ValueError(

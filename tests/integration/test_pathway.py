@@ -6,7 +6,7 @@ The policy is a tiny random Llama that writes only lowercase letters (tests/help
 the two objectives are the share of its letters in a-m and in n-z, which sum to 1: they conflict
 directly, and a policy can serve either one. After 30 steps both objectives must follow their
 weights on held-out prompts (spread z >= 3) under each weight signal, the text line and control
-tokens; the base model does not. The loop uses hindsight relabelling onto the neglected corner:
+tokens (opening the answer, or as the system message); the base model does not. The loop uses hindsight relabelling onto the neglected corner:
 the paper's loop (pairs under the sampled weights only) did not learn the mapping on this toy in
 60 steps (README, "A recipe that steers").
 
@@ -142,7 +142,7 @@ def trained(letters_model, ray_cluster, tmp_path_factory, request):
     return get
 
 
-@pytest.mark.parametrize("style", ["chat_system", "control_tokens"])
+@pytest.mark.parametrize("style", ["chat_system", "control_tokens", "control_tokens_system"])
 def test_a_trained_toy_policy_follows_its_weights(trained, style):
     run_dir = trained(style)
     base = load_front(run_dir / "eval" / "base")["per_objective"]

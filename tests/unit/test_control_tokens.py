@@ -20,6 +20,9 @@ def test_each_weight_vector_is_one_token_per_objective():
     assert len(vocabulary) == 2 * 11 and vocabulary[0] == "<|w:Conciseness=0.0|>" and vocabulary[-1] == "<|w:Detail=1.0|>"
     chat = condition_messages("Why?", NAMES, [0.7, 0.3], "control_tokens", 1)
     assert chat == [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "<|w:Conciseness=0.7|><|w:Detail=0.3|>"}]
+    # The same tokens as the system message instead: the answer is a turn of its own.
+    chat = condition_messages("Why?", NAMES, [0.7, 0.3], "control_tokens_system", 1)
+    assert chat == [{"role": "system", "content": "<|w:Conciseness=0.7|><|w:Detail=0.3|>"}, {"role": "user", "content": "Why?"}]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,14 @@ def test_the_tokens_are_added_after_the_vocabulary(tiny_model, with_tokens):
     # They open the answer: the prompt is the plain one, with the generation prompt, then them.
     plain = render_prompt_ids(base_tokenizer, [{"role": "user", "content": "Why is the sky blue?"}])
     assert ids == plain + [control.first_id + 7, control.first_id + 11 + 3]
+    # As the system message they come before the question, each one id, and the prompt ends as
+    # the plain one does (the generation prompt opens a fresh answer).
+    system = render_prompt_ids(tokenizer, condition_messages("Why is the sky blue?", NAMES, [0.7, 0.3], "control_tokens_system", 1))
+    assert [i for i in system if i >= control.first_id] == [control.first_id + 7, control.first_id + 11 + 3]
+    question = tokenizer("Why is the sky blue?", add_special_tokens=False)["input_ids"][1:]
+    after = system[system.index(control.first_id + 11 + 3) + 1 :]
+    assert any(after[i : i + len(question)] == question for i in range(len(after))), "the question follows the tokens"
+    assert system[-3:] == plain[-3:]
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(dest)
     old, new = base.get_input_embeddings().weight, model.get_input_embeddings().weight
@@ -104,8 +115,9 @@ def test_the_control_rows_take_their_own_learning_rate():
 def test_only_mo_odpo_takes_control_tokens():
     from moalign.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="control_tokens carry weights into MO-ODPO prompts"):
-        load_config("configs/mopo_cpu.yaml", ["conditioning.style=control_tokens"])
+    for style in ("control_tokens", "control_tokens_system"):
+        with pytest.raises(ConfigError, match=f"{style} carry weights into MO-ODPO prompts"):
+            load_config("configs/mopo_cpu.yaml", [f"conditioning.style={style}"])
     with pytest.raises(ConfigError, match="1001 control tokens per objective"):
         load_config(None, ["conditioning.style=control_tokens", "conditioning.decimals=3"])
 
