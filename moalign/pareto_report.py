@@ -400,6 +400,14 @@ def steerability_table(fronts: Sequence[tuple[str, dict[str, Any]]]) -> str:
 FOLLOWS_Z, FOLLOWS_SPEARMAN = 3.0, 0.8
 
 
+def spread_is_clear(o: dict[str, Any]) -> bool:
+    """An objective's spread (one entry of a front's `per_objective`) is at least FOLLOWS_Z s.e.
+    above zero. Also when every prompt moved by the same positive amount: the s.e. is 0 and z is
+    left undefined, but nothing is clearer (a toy policy that serves each corner perfectly)."""
+    z, spread, se = o["spread_z"], o["spread"], o["spread_se"]
+    return (z is not None and z >= FOLLOWS_Z) or (se == 0 and spread is not None and spread > 0)
+
+
 def steering_verdict(label: str, stats: dict[str, Any]) -> list[str]:
     """Plain sentences on one front: which objectives follow their weights, and, where none does,
     whether there was anything to steer on these answers."""
@@ -407,9 +415,10 @@ def steering_verdict(label: str, stats: dict[str, Any]) -> list[str]:
     for name in stats["objectives"]:
         o = stats["per_objective"][name]
         z = o["spread_z"]
-        if z is not None and z >= FOLLOWS_Z and o["spearman"] >= FOLLOWS_SPEARMAN:
+        if spread_is_clear(o) and o["spearman"] >= FOLLOWS_SPEARMAN:
             follows.append(name)
-            lines.append(f"- {name} **follows its weight** ({label}: spread z {z:+.1f}, Spearman {o['spearman']:+.2f}).")
+            shown = f"z {z:+.1f}" if z is not None else f"{o['spread']:+.3f} on every prompt"
+            lines.append(f"- {name} **follows its weight** ({label}: spread {shown}, Spearman {o['spearman']:+.2f}).")
         else:
             lines.append(
                 f"- {name} does not follow its weight yet ({label}: spread z {_number(z, '+.1f')}, Spearman {o['spearman']:+.2f}; "

@@ -15,6 +15,7 @@ from moalign.pareto_report import (
     front_metrics,
     front_stats,
     plot_fronts,
+    spread_is_clear,
     steerability_table,
     weights_label,
     write_front,
@@ -207,6 +208,22 @@ def test_steerability_table_compares_models_side_by_side():
     assert len(verdict) == 3 and all("follows its weight" in line for line in verdict), verdict
     flat = [line for line in steerability_table([("base", base)]).splitlines() if line.startswith("- ")]
     assert all("does not follow its weight yet" in line for line in flat[:3]), flat
+
+
+def test_a_spread_equal_on_every_prompt_follows_although_it_has_no_z():
+    # Every answer scores its weight exactly (a toy policy that serves each corner perfectly):
+    # the paired differences are all 1, their s.e. is 0 and z is undefined, yet it follows.
+    weights, _ = synthetic_front(slope=1.0)
+    exact = np.broadcast_to(weights[:, None, None, :], (len(weights), 24, 2, 3)).copy()
+    stats = front_stats(weights, exact, NAMES3)
+    first = stats["per_objective"][NAMES3[0]]
+    assert first["spread"] == pytest.approx(1.0) and first["spread_se"] == 0 and first["spread_z"] is None
+    assert spread_is_clear(first) and not spread_is_clear({**first, "spread": 0.0})
+    verdict = [line for line in steerability_table([("toy", stats)]).splitlines() if line.startswith("- ")]
+    assert verdict[0] == f"- {NAMES3[0]} **follows its weight** (toy: spread +1.000 on every prompt, Spearman +1.00).", verdict
+    # A flat objective (the same score everywhere) has s.e. 0 too, and does not follow.
+    flat = front_stats(weights, np.full_like(exact, 0.5), NAMES3)["per_objective"][NAMES3[0]]
+    assert flat["spread_se"] == 0 and not spread_is_clear(flat)
 
 
 def test_weights_label_is_short():
