@@ -38,6 +38,7 @@ from loops.online_loop import (
     restart_learners,
     start_state,
     step_metrics,
+    step_seeds,
     summarize,
 )
 from loops.pareto_eval import TrainingEvaluation
@@ -48,6 +49,7 @@ from moalign.config import ConfigError, RunConfig, load_config
 from moalign.data import DataError, load_fitted_prompts
 from moalign.ledger import PromptLedger
 from moalign.pairs import RewardError, normalized_rewards, select_corner_answers, select_relabelled_pairs
+from moalign.prefixes import with_sentence_prefixes
 
 log = logging.getLogger("moalign")
 
@@ -57,6 +59,10 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     check_supported(cfg)
     run_dir, resume_from, model_path, tokenizer = open_run(cfg, ray_address)
     prompts = load_fitted_prompts(cfg, cfg.data.train_path, tokenizer, run_dir / "data_report.json")
+    if cfg.algorithm.sentence_prefixes and tokenizer.eos_token_id is None:
+        raise ConfigError(
+            f"algorithm.sentence_prefixes: the tokenizer of {model_path} names no end-of-sequence token to close a prefix with"
+        )
     prompts_sha256 = file_sha256(cfg.data.train_path)
     saved = read_state(resume_from) if resume_from is not None else None
     if saved is not None:
@@ -98,9 +104,17 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     timings["time/generate_s"] = time.perf_counter() - t
                     timings["staleness"] = step - 1 - rollout.policy_step
 
-                    # 4. Rewards on the unconditioned prompt; per-objective normalisation.
+                    # 4. Rewards on the unconditioned prompt; per-objective normalisation. The candidate
+                    #    answers are the samples and, with `algorithm.sentence_prefixes`, some of their
+                    #    prefixes cut at a sentence end (after the samples, so indices below n are samples).
                     t = time.perf_counter()
-                    raw = score(names, scorers, [p.prompt for p in batch], samples, cfg.rollout.samples_per_prompt, step)
+                    candidates = samples
+                    if cfg.algorithm.sentence_prefixes:
+                        seeds = step_seeds(cfg, step, len(samples))
+                        candidates = with_sentence_prefixes(
+                            samples, tokenizer, cfg.algorithm.sentence_prefixes, tokenizer.eos_token_id, seeds
+                        )
+                    raw = score(names, scorers, [p.prompt for p in batch], candidates, len(candidates[0]), step)
                     normalized = normalized_rewards(raw, cfg.algorithm.reward_normalization, state.normalizer)
                     timings["time/score_s"] = time.perf_counter() - t
 
@@ -127,7 +141,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     #    under the lines they were sampled with.
                     t = time.perf_counter()
                     learner_metrics = learn(
-                        cfg, actors.learners, prompt_ids, samples, selection.pairs, step, supervised, rollout.prompt_ids
+                        cfg, actors.learners, prompt_ids, candidates, selection.pairs, step, supervised, rollout.prompt_ids
                     )
                     timings["time/learn_s"] = time.perf_counter() - t
 
@@ -158,7 +172,9 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     # 8. Metrics, progress, checkpoint.
                     state.step = step
                     timings["time/step_s"] = time.perf_counter() - t0
-                    metrics = step_metrics(names, raw, samples, selection, learner_metrics, timings, state.version)
+                    metrics = step_metrics(
+                        names, raw[:, : cfg.rollout.samples_per_prompt], samples, selection, learner_metrics, timings, state.version
+                    )
                     metrics.update(state.health.update(step, samples, selection, learner_metrics))
                     metrics.update(eval_metrics)
                     sink.log(step, metrics)

@@ -132,6 +132,8 @@ class AlgorithmConfig(_Section):
     """MO-ODPO: samples per prompt (random draws, under the weight lines they were sampled with) on which the learner estimates KL(policy || reference) each step, for `health.max_kl` and `kl_coef`; 0: no estimate."""
     kl_coef: float = Field(0.0, ge=0, le=100)
     """MO-ODPO: a KL penalty added to the loss, kl_coef * (log pi - log pi_ref)^2 / 2 per answer averaged over those samples (the k2 estimator, whose gradient is the KL's in expectation); 0: DPO's own beta alone holds the policy near the reference."""
+    sentence_prefixes: int = Field(0, ge=0, le=64)
+    """MO-ODPO: per prompt, this many prefixes of its samples, each cut at a sentence end and closed with the end-of-sequence token, join its samples as candidate answers for the pairs and the warm-start labels (drawn at random; `moalign.prefixes`). An objective that wants answers to end early then has answers that end to prefer even when most samples run to the token cap, and training on a prefix changes little but where the policy stops; 0: the samples alone."""
     pair_mode: Literal["scalarised", "per_objective"] = "scalarised"
     """`scalarised`: chosen/rejected by sum_k w_k r_k (the paper); `per_objective`: one pair per objective, loss sum_k w_k DPO_k."""
     relabel_weights: int = Field(0, ge=0, le=16)
@@ -463,7 +465,7 @@ class RunConfig(_Section):
             online_only = {"algorithm.pair_mode": a.pair_mode != "scalarised", "algorithm.relabel_weights": a.relabel_weights != 0}
             online_only |= {"algorithm.loss": a.loss != "sigmoid", "algorithm.label_smoothing": a.label_smoothing != 0}
             online_only |= {"algorithm.sft_weight": a.sft_weight != 0, "algorithm.warm_start_steps": a.warm_start_steps != 0}
-            online_only |= {"algorithm.kl_coef": a.kl_coef != 0}
+            online_only |= {"algorithm.kl_coef": a.kl_coef != 0, "algorithm.sentence_prefixes": a.sentence_prefixes != 0}
             unused = [k for k, v in online_only.items() if v]
             if unused:
                 raise ValueError(f"{', '.join(unused)}: not used by {a.name}; leave at the default")

@@ -78,7 +78,8 @@ def test_steps_checkpoints_metrics_export_and_resume(tiny_model, ray_cluster, me
         "objectives=[{name: Relevance, source: relevance}, {name: Conciseness, source: conciseness}, "
         "{name: Length, source: callable, path: 'tests.helpers.reward_fns:length_or_kill'}]"
     )
-    extra = ("checkpoint.every_steps=2", "sync.every_steps=2", "rollout.max_staleness=1", objectives)
+    # Sentence-end prefixes join the samples as candidates: seeded, so a resumed step draws the same.
+    extra = ("checkpoint.every_steps=2", "sync.every_steps=2", "rollout.max_staleness=1", "algorithm.sentence_prefixes=2", objectives)
     cfg = tiny_config(tiny_model, tmp_path / "run", "steps=4", *extra)
     summary = run(cfg)
     reference = read_metrics(tmp_path / "run")

@@ -1,0 +1,72 @@
+"""Sentence-end prefixes of a step's samples, as more candidate answers for its pairs.
+
+Each of a sample's sentences could have been its last: `sentence_ends` finds where (a token that
+ends in `.`, `!` or `?` with whitespace after it), and `with_sentence_prefixes` gives each prompt
+`count` such prefixes of its own samples, closed with the end-of-sequence token, after its
+samples. They are scored like samples and can be picked as chosen, rejected or a warm-start label.
+
+Why: a policy's samples mostly run to the token cap, so an objective that wants the answer to
+end early ties on most of them and its corner's best answer is only the sample that happened to
+end. A prefix is the policy's own text up to a sentence end; only the decision to stop there is
+not its own. Training on it moves little besides the stopping decision (the policy already wrote
+every other token), so a line can learn to stop early without drifting from what it writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from moalign.actor_io import Sample
+
+_ENDS = (".", "!", "?")
+_CLOSERS = "\"')]*"
+
+
+def sentence_ends(pieces: Sequence[str]) -> list[int]:
+    """Indices i of the token pieces (each token decoded alone) after which a sentence ends:
+    piece i ends in `.`, `!` or `?` (closing quotes, brackets or `*` allowed after it) and piece
+    i + 1 starts with whitespace. A number's point (`1.` opening a list item, `3.5`) is no end;
+    the last piece is not either (the prefix would be the whole sample)."""
+    ends = []
+    for i in range(len(pieces) - 1):
+        piece = pieces[i].rstrip(_CLOSERS)
+        if not piece.endswith(_ENDS) or not pieces[i + 1][:1].isspace():
+            continue
+        before = piece[:-1].strip()
+        if before.isdigit() or (not before and i > 0 and pieces[i - 1].strip().isdigit()):
+            continue
+        ends.append(i)
+    return ends
+
+
+def with_sentence_prefixes(
+    samples: list[list[Sample]], tokenizer: Any, count: int, eos_id: int, seeds: Sequence[int]
+) -> list[list[Sample]]:
+    """Each prompt's samples followed by `count` of their sentence-end prefixes, drawn at random
+    (`seeds`, one per prompt, so a resumed step draws the same), each closed with `eos_id` and
+    marked finished. A prompt with fewer prefixes than `count` is topped up with copies of its
+    samples, which add no pair of their own (a copy ties with its original, which ranks first)."""
+    if len(seeds) != len(samples):
+        raise ValueError(f"{len(seeds)} seeds for {len(samples)} prompts")
+    out = []
+    for group, seed in zip(samples, seeds):
+        found = []
+        for s in group:
+            ids = list(s["token_ids"])
+            if ids and ids[-1] == eos_id:
+                ids = ids[:-1]
+            pieces = [tokenizer.decode([t]) for t in ids]
+            found += [(s, ids[: i + 1]) for i in sentence_ends(pieces)]
+        rng = np.random.default_rng(seed)
+        picked = rng.choice(len(found), size=min(count, len(found)), replace=False) if found else []
+        extra: list[Sample] = []
+        for j in sorted(int(j) for j in picked):
+            s, ids = found[j]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            extra.append({"token_ids": [*ids, eos_id], "text": text, "finish_reason": "stop", "version": s["version"]})
+        extra += [dict(group[j % len(group)]) for j in range(count - len(extra))]
+        out.append([*group, *extra])
+    return out

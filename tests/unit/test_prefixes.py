@@ -1,0 +1,78 @@
+"""Sentence-end prefixes as extra candidate answers (`moalign.prefixes`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moalign.prefixes import sentence_ends, with_sentence_prefixes
+
+EOS = 0
+
+
+class PieceTokenizer:
+    """Token id i is the piece VOCAB[i]; decoding joins pieces (id 0 is the end-of-sequence token)."""
+
+    VOCAB = ["<eos>", "Hi", " there", ".", " It", " rains", "!", " More", " words", " 1", "3", "5", '."', " Yes"]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(self.VOCAB[i] for i in ids if not (skip_special_tokens and i == EOS))
+
+
+def sample(ids, finish="stop", version=3):
+    return {"token_ids": ids, "text": PieceTokenizer().decode(ids, skip_special_tokens=True), "finish_reason": finish, "version": version}
+
+
+def test_sentence_ends_are_punctuation_followed_by_whitespace():
+    pieces = ["Hi", " there", ".", " It", " rains", "!", " More"]
+    assert sentence_ends(pieces) == [2, 5]
+    # The last piece is the whole answer, not a prefix of it.
+    assert sentence_ends(["Hi", "."]) == []
+    # A number's point: no end. A closing quote after the point: an end.
+    assert sentence_ends([" Step", " 1", ".", " Then"]) == []
+    assert sentence_ends([" 3", ".", "5", " m"]) == []
+    assert sentence_ends([" 1.", " First"]) == []
+    assert sentence_ends([" said", ' "no', '."', " Then"]) == [2]
+    assert sentence_ends(["Why", "?", "\n\n", "Because"]) == [1]
+
+
+def test_prefixes_follow_the_samples_and_end_with_eos():
+    tok = PieceTokenizer()
+    groups = [
+        [sample([1, 2, 3, 4, 5, 6, 7, 8], "length"), sample([4, 5, 3, 13, 6, EOS])],
+        [sample([1, 2, 3, 4, 5, 6, EOS]), sample([7, 8], "length")],
+    ]
+    out = with_sentence_prefixes(groups, tok, 2, EOS, seeds=[1, 2])
+    assert [len(g) for g in out] == [4, 4]
+    # The samples are first and untouched: indices below n still name samples.
+    assert [g[:2] for g in out] == groups
+    first = out[0][2:]
+    # Group 0 has three sentence ends ("Hi there." and "... It rains!" in the first, "It rains." in
+    # the second; its "Yes!" is the sample's own end): two of them, without repeats.
+    possible = [[1, 2, 3, EOS], [1, 2, 3, 4, 5, 6, EOS], [4, 5, 3, EOS]]
+    assert all(s["token_ids"] in possible for s in first) and first[0]["token_ids"] != first[1]["token_ids"]
+    for s in first:
+        ids = s["token_ids"]
+        assert ids[-1] == EOS and s["finish_reason"] == "stop" and s["version"] == 3
+        assert s["text"] == tok.decode(ids, skip_special_tokens=True) and s["text"].endswith((".", "!"))
+        assert any(g["token_ids"][: len(ids) - 1] == ids[:-1] and len(g["token_ids"]) > len(ids) - 1 for g in groups[0])
+
+
+def test_too_few_prefixes_are_topped_up_with_copies_of_samples():
+    tok = PieceTokenizer()
+    groups = [[sample([1, 2, 3, 4, 5, EOS]), sample([7, 8], "length")]]
+    out = with_sentence_prefixes(groups, tok, 3, EOS, seeds=[0])
+    assert out[0][2]["token_ids"] == [1, 2, 3, EOS]
+    # Copies rank after their originals (argmax and argmin take the first of equal scores).
+    assert out[0][3:] == [groups[0][0], groups[0][1]]
+
+
+def test_the_draw_is_seeded():
+    tok = PieceTokenizer()
+    long = sample([1, 3, 4, 3, 7, 3, 13, 3, 8, 6, 2, 3, 5, 3, 4], "length")
+    groups = [[long, long]]
+    a = with_sentence_prefixes(groups, tok, 3, EOS, seeds=[7])
+    assert a == with_sentence_prefixes(groups, tok, 3, EOS, seeds=[7])
+    draws = {tuple(tuple(s["token_ids"]) for s in with_sentence_prefixes(groups, tok, 3, EOS, seeds=[seed])[0][2:]) for seed in range(20)}
+    assert len(draws) > 1
+    with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
+        with_sentence_prefixes([[long], [long]], tok, 1, EOS, seeds=[0])
