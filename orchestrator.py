@@ -58,11 +58,11 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
     """Train for cfg.steps (resuming from cfg.run_dir if it holds a checkpoint); returns a summary."""
     check_supported(cfg)
     run_dir, resume_from, model_path, tokenizer = open_run(cfg, ray_address)
-    prompts = load_fitted_prompts(cfg, cfg.data.train_path, tokenizer, run_dir / "data_report.json")
     if cfg.algorithm.sentence_prefixes and tokenizer.eos_token_id is None:
         raise ConfigError(
             f"algorithm.sentence_prefixes: the tokenizer of {model_path} names no end-of-sequence token to close a prefix with"
         )
+    prompts = load_fitted_prompts(cfg, cfg.data.train_path, tokenizer, run_dir / "data_report.json")
     prompts_sha256 = file_sha256(cfg.data.train_path)
     saved = read_state(resume_from) if resume_from is not None else None
     if saved is not None:

@@ -13,15 +13,13 @@ from typing import Any, Literal
 
 import numpy as np
 
-from moalign.config import ConditioningConfig, ConfigError
+from moalign.config import TOKEN_STYLES, ConditioningConfig, ConfigError
 
 BEGIN = "[Begin System Instruction]"
 END = "[End System Instruction]"
 
 Style = Literal["system_prefix", "chat_system", "control_tokens", "control_tokens_system"]
 STYLES = ("system_prefix", "chat_system", "control_tokens", "control_tokens_system")
-TOKEN_STYLES = ("control_tokens", "control_tokens_system")
-"""The styles that write the weights as added control tokens (opening the answer, or as the system message)."""
 
 
 class WeightsError(ValueError):

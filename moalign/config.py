@@ -64,6 +64,10 @@ class ObjectiveConfig(_Section):
         return self
 
 
+TOKEN_STYLES = ("control_tokens", "control_tokens_system")
+"""The conditioning styles that write the weights as added control tokens (opening the answer, or as the system message)."""
+
+
 class ConditioningConfig(_Section):
     style: Literal["system_prefix", "chat_system", "control_tokens", "control_tokens_system"] = "chat_system"
     """`system_prefix`: the paper's `[Begin System Instruction] … [End System Instruction]` text before the prompt; `chat_system`: the same line as the chat template's system message; `control_tokens`: one added token per objective and weight bin (`<|w:Name=0.7|>`) opening the answer, right before the first token they steer, each token's embedding trained with the adapter (MO-ODPO only; the run keeps its base model with the tokens added in RUN_DIR/base_model); `control_tokens_system`: the same tokens as the chat template's system message, so the answer starts as a turn of its own (on SmolLM2 the tokens opening the answer are continued as words, mid-sentence)."""
@@ -402,7 +406,7 @@ class RunConfig(_Section):
             if self.algorithm.relabel_weights:
                 raise ValueError("algorithm.relabel_weights: relabelling draws other weights, which fixed_weights rules out; set it to 0")
         self._check_offline(k)
-        if self.conditioning.style in ("control_tokens", "control_tokens_system"):
+        if self.conditioning.style in TOKEN_STYLES:
             if self.is_offline:
                 raise ValueError(
                     f"conditioning.style: {self.conditioning.style} carry weights into MO-ODPO prompts; {self.algorithm.name} trains without them"

@@ -269,3 +269,23 @@ def test_learn_builds_the_warm_start_batch_and_the_kl_samples():
     learn(cfg, learners, lines, samples, pairs, 4)
     assert learners.batches[0]["rejected_ids"] == [[2, 7], [102, 7]] and "supervised" not in learners.batches[0]
     assert "kl_prompt_ids" not in learners.batches[0]
+
+
+def test_sentence_prefixes_need_an_eos_token_before_any_actor_starts(monkeypatch, tmp_path):
+    """A tokenizer without an end-of-sequence token cannot close a prefix: a config error naming
+    the setting and the model, raised before the prompts are read or any actor starts."""
+    import orchestrator
+
+    class NoEos:
+        eos_token_id = None
+
+    def fail(*args, **kwargs):
+        raise AssertionError("reached past the check")
+
+    monkeypatch.setattr(orchestrator, "open_run", lambda cfg, address: (tmp_path, None, "the/model", NoEos()))
+    monkeypatch.setattr(orchestrator, "load_fitted_prompts", fail)
+    with pytest.raises(ConfigError, match="algorithm.sentence_prefixes: the tokenizer of the/model names no end-of-sequence token"):
+        orchestrator.run(load_config(None, ["algorithm.sentence_prefixes=2"]))
+    # Without prefixes the same tokenizer passes the check.
+    with pytest.raises(AssertionError, match="reached past the check"):
+        orchestrator.run(load_config(None, []))
