@@ -33,22 +33,22 @@ from loops.online_loop import (
     check_supported,
     draw_rollout,
     learn,
-    relabel_weights,
     report,
     restart_learners,
     start_state,
     step_metrics,
     step_seeds,
     summarize,
+    training_lines,
 )
 from loops.pareto_eval import TrainingEvaluation
 from loops.run_setup import open_run, progress_bar, setup_logging
 from moalign.checkpoint import CheckpointError, RunDirInUse, file_sha256, latest_checkpoint, read_state
-from moalign.conditioning import corner_weights, render_conditioned
+from moalign.conditioning import render_conditioned
 from moalign.config import ConfigError, RunConfig, load_config
 from moalign.data import DataError, load_fitted_prompts
 from moalign.ledger import PromptLedger
-from moalign.pairs import RewardError, normalized_rewards, select_corner_answers, select_relabelled_pairs
+from moalign.pairs import RewardError, normalized_rewards, select_line_answers, select_relabelled_pairs
 from moalign.prefixes import with_sentence_prefixes
 
 log = logging.getLogger("moalign")
@@ -98,7 +98,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                         state.rollouts.append(draw_rollout(cfg, state, prompts, tokenizer, generators))
                     rollout = state.rollouts.popleft()
                     batch = [prompts[i] for i in rollout.prompt_indices]
-                    weights, prompt_ids = rollout.weights, list(rollout.prompt_ids)
+                    weights = rollout.weights
                     t = time.perf_counter()
                     samples = rollout.wait()
                     timings["time/generate_s"] = time.perf_counter() - t
@@ -119,23 +119,21 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     timings["time/score_s"] = time.perf_counter() - t
 
                     # 5. Chosen / rejected by the weighted (normalised) reward, under the sampled weights
-                    #    and under `relabel_weights` extra ones (each with its own weight line). During
-                    #    the warm start instead: each objective's best answer, to be trained alone under
-                    #    its corner's line (hindsight labels).
+                    #    and under `relabel_weights` extra ones, each prompt rendered again under each
+                    #    set's weight line. During the warm start instead: each objective's best answer,
+                    #    to be trained alone under its corner's line, and with `warm_start_lines:
+                    #    drawn_and_corners` the best under each prompt's sampled weights (hindsight labels).
                     supervised = step <= cfg.algorithm.warm_start_steps
+                    lines = training_lines(cfg, state.sampler, weights, supervised)
                     if supervised:
-                        lines, prompt_ids = corner_weights(len(names), len(batch)), []
-                        selection = select_corner_answers(normalized)
+                        selection = select_line_answers(normalized, lines)
                     else:
-                        lines = relabel_weights(cfg, state.sampler, weights)
-                        selection = select_relabelled_pairs(
-                            [weights, *lines], normalized, cfg.algorithm.pair_mode, cfg.algorithm.relabel_keep
-                        )
-                    for extra in lines:
-                        prompt_ids += [
-                            render_conditioned(tokenizer, p.prompt, names, w, cfg.conditioning, cfg.model.max_prompt_tokens)
-                            for p, w in zip(batch, extra)
-                        ]
+                        selection = select_relabelled_pairs(lines, normalized, cfg.algorithm.pair_mode, cfg.algorithm.relabel_keep)
+                    prompt_ids = [
+                        render_conditioned(tokenizer, p.prompt, names, w, cfg.conditioning, cfg.model.max_prompt_tokens)
+                        for line in lines
+                        for p, w in zip(batch, line)
+                    ]
 
                     # 6. One learner step on the conditioned prompts; its KL estimate is on a few samples
                     #    under the lines they were sampled with.

@@ -20,7 +20,7 @@ from actors.ray_actors import ActorFailure
 from actors.weight_sync import make_weight_sync
 from moalign.actor_io import PairBatch, Sample, StepLearnerMetrics
 from moalign.checkpoint import latest_sound_checkpoint, read_state
-from moalign.conditioning import DirichletSampler, FixedWeights, neglected_corners, render_conditioned, round_weights
+from moalign.conditioning import DirichletSampler, FixedWeights, corner_weights, neglected_corners, render_conditioned, round_weights
 from moalign.config import ConfigError, RunConfig
 from moalign.data import DataError, PromptCursor
 from moalign.health import METRICS as HEALTH_METRICS
@@ -250,13 +250,20 @@ def check_supported(cfg: RunConfig, config_path: str | None = None) -> None:
         )
 
 
-def relabel_weights(cfg: RunConfig, sampler: DirichletSampler | FixedWeights, weights: np.ndarray) -> list[np.ndarray]:
+def training_lines(cfg: RunConfig, sampler: DirichletSampler | FixedWeights, weights: np.ndarray, supervised: bool) -> list[np.ndarray]:
+    """The weight sets a step trains, one (B, K) array each, in the order its pairs number their
+    prompts (set j's prompt b is j * B + b). DPO: the drawn weights, then `relabel_weights` more
+    (each prompt's neglected corners, or fresh draws). The warm start: the corners, after the
+    drawn weights with `warm_start_lines: drawn_and_corners`."""
+    if supervised:
+        corners = corner_weights(weights.shape[1], len(weights))
+        return [weights, *corners] if cfg.algorithm.warm_start_lines == "drawn_and_corners" else corners
     count = cfg.algorithm.relabel_weights
     if count == 0:
-        return []
+        return [weights]
     if cfg.algorithm.relabel_source == "neglected_corner":
-        return neglected_corners(weights, count)
-    return [round_weights(sampler.sample(len(weights)), cfg.conditioning.decimals) for _ in range(count)]
+        return [weights, *neglected_corners(weights, count)]
+    return [weights, *(round_weights(sampler.sample(len(weights)), cfg.conditioning.decimals) for _ in range(count))]
 
 
 def draw_rollout(cfg: RunConfig, state: LoopState, prompts, tokenizer, generators) -> Rollout:

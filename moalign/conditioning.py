@@ -86,7 +86,7 @@ def neglected_corners(weights: np.ndarray, count: int) -> list[np.ndarray]:
 
 def corner_weights(n_objectives: int, batch: int) -> list[np.ndarray]:
     """The K corners as K (B, K) weight sets, corner k's line for every prompt: the order in which
-    `moalign.pairs.select_corner_answers` numbers its prompts (k * B + b)."""
+    `moalign.pairs.select_line_answers` numbers their prompts (k * B + b)."""
     return [np.tile(corner, (batch, 1)) for corner in np.eye(n_objectives)]
 
 

@@ -132,6 +132,8 @@ class AlgorithmConfig(_Section):
     """Conservative DPO label smoothing epsilon (sigmoid loss only)."""
     warm_start_steps: int = Field(0, ge=0)
     """MO-ODPO: the first this many steps are supervised instead of DPO: for every prompt and every corner of the weights, the answer that corner's objective scores best is trained (its mean token NLL) under that corner's weight line, so every line is taught the answers it stands for (hindsight labels); 0: DPO from step 1."""
+    warm_start_lines: Literal["corners", "drawn_and_corners"] = "corners"
+    """MO-ODPO warm start: the weight lines that get hindsight labels. `corners`, each corner its objective's best answer; `drawn_and_corners`, also each prompt's drawn line the answer best under its weighted reward, so the weights between the corners are taught answers between theirs."""
     sft_weight: float = Field(0.0, ge=0, le=100)
     """MO-ODPO: weight of a supervised term added to each pair's loss, the chosen answer's mean token negative log-likelihood under the pair's own weight line (with relabelling, each line learns its own best answer directly); 0: DPO alone."""
     kl_samples_per_prompt: int = Field(1, ge=0, le=1024)
@@ -537,8 +539,9 @@ class RunConfig(_Section):
             return self.offline.pairs_per_step
         per_prompt = len(self.objectives) if self.algorithm.pair_mode == "per_objective" else 1
         pairs = self.rollout.prompts_per_step * per_prompt * (1 + self.algorithm.relabel_weights)
-        # A warm-start step trains one answer per prompt and objective.
-        return max(pairs, self.rollout.prompts_per_step * len(self.objectives)) if self.algorithm.warm_start_steps else pairs
+        # A warm-start step trains one answer per prompt and objective (and drawn line).
+        labels = len(self.objectives) + (self.algorithm.warm_start_lines == "drawn_and_corners")
+        return max(pairs, self.rollout.prompts_per_step * labels) if self.algorithm.warm_start_steps else pairs
 
 
 class ServeConfig(_Section):

@@ -206,23 +206,29 @@ def select_relabelled_pairs(
     return PairSelection(pairs, ties, zero, agreeing)
 
 
-def select_corner_answers(rewards: np.ndarray) -> PairSelection:
-    """Hindsight labels for a supervised step: for each (B, n, K) prompt and each objective k,
-    the sample objective k scores best, to be trained under corner k's weight line. A `Pair`
-    whose chosen and rejected are that sample, prompt index k * B + b (corner k's line for
-    prompt b), loss weight 1 and `objective` k; an objective that scores every sample of a prompt
-    alike labels none of them (counted as a tie)."""
+def select_line_answers(rewards: np.ndarray, lines: Sequence[np.ndarray]) -> PairSelection:
+    """Hindsight labels for a supervised step: for each (B, n, K) prompt b and each weight set j
+    of `lines` ((B, K) each), the sample with the best weighted reward under row b, to be trained
+    under that weight line. A `Pair` whose chosen and rejected are that sample, prompt index
+    j * B + b, loss weight 1, and `objective` k where the line is corner k (else None). A line
+    that scores every sample of a prompt alike labels none of them (counted as a tie). With
+    `conditioning.corner_weights` as the lines: each objective's own best answer."""
     r = np.asarray(rewards, dtype=float)
     if r.ndim != 3 or r.shape[1] < 1:
         raise RewardError(f"rewards {r.shape} must be (B, n, K)")
     batch, _, k = r.shape
     pairs: list[Pair] = []
     ties = 0
-    for j in range(k):
+    for j, line in enumerate(lines):
+        w = np.asarray(line, dtype=float)
+        if w.shape != (batch, k):
+            raise ValueError(f"weight set {j} has shape {w.shape}; the rewards need ({batch}, {k})")
+        scores = np.einsum("bnk,bk->bn", r, w)
         for b in range(batch):
-            best = int(np.argmax(r[b, :, j]))
-            if r[b, best, j] == r[b, :, j].min():
+            best = int(np.argmax(scores[b]))
+            if scores[b, best] == scores[b].min():
                 ties += 1
                 continue
-            pairs.append(Pair(j * batch + b, best, best, 1.0, j))
+            corner = np.flatnonzero(w[b] == 1)
+            pairs.append(Pair(j * batch + b, best, best, 1.0, int(corner[0]) if corner.size and w[b].sum() == 1 else None))
     return PairSelection(pairs, ties, 0)

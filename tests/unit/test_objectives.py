@@ -124,3 +124,6 @@ def test_a_supervised_batch_trains_the_chosen_answer_alone():
     losses = objective.pair_losses(pc, torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.tensor([0, 1]), batch)
     torch.testing.assert_close(losses, torch.tensor([2.0, 1.0]))
     assert load_config(None, ["algorithm.warm_start_steps=5", "rollout.prompts_per_step=4"]).pairs_per_step == 12
+    # Each prompt's drawn line gets a label too: one more per prompt.
+    drawn = ["algorithm.warm_start_steps=5", "algorithm.warm_start_lines=drawn_and_corners"]
+    assert load_config(None, [*drawn, "rollout.prompts_per_step=4"]).pairs_per_step == 16

@@ -6,7 +6,7 @@ import pytest
 
 from actors.calls import chunks, merge_rank_metrics
 from actors.cluster import actor_env
-from loops.online_loop import Rollout, check_same_prompts, check_supported, learn, report, summarize
+from loops.online_loop import Rollout, check_same_prompts, check_supported, learn, report, summarize, training_lines
 from moalign.config import ConfigError, check_resume_config, load_config, save_resolved
 from moalign.health import HealthMonitor
 from moalign.objectives import DPOObjective
@@ -289,3 +289,22 @@ def test_sentence_prefixes_need_an_eos_token_before_any_actor_starts(monkeypatch
     # Without prefixes the same tokenizer passes the check.
     with pytest.raises(AssertionError, match="reached past the check"):
         orchestrator.run(load_config(None, []))
+
+
+def test_training_lines_number_the_prompts_of_each_kind_of_step():
+    from moalign.conditioning import DirichletSampler
+
+    drawn = np.array([[0.7, 0.3], [0.2, 0.8]])
+    corners = [np.array([[1.0, 0.0], [1.0, 0.0]]), np.array([[0.0, 1.0], [0.0, 1.0]])]
+
+    def lines(supervised, *overrides):
+        cfg = load_config("configs/default.yaml", list(overrides))
+        return [line.tolist() for line in training_lines(cfg, DirichletSampler(2), drawn, supervised)]
+
+    # The demo's warm start: the corners alone; its DPO: the drawn line, then each prompt's neglected corner.
+    assert lines(True) == [c.tolist() for c in corners]
+    assert lines(False) == [drawn.tolist(), [[0.0, 1.0], [1.0, 0.0]]]
+    assert lines(True, "algorithm.warm_start_lines=drawn_and_corners") == [drawn.tolist(), *(c.tolist() for c in corners)]
+    assert lines(False, "algorithm.relabel_weights=0", "algorithm.relabel_keep=all") == [drawn.tolist()]
+    fresh = lines(False, "algorithm.relabel_source=dirichlet")
+    assert fresh[0] == drawn.tolist() and len(fresh) == 2 and np.allclose(np.sum(fresh[1], axis=1), 1)

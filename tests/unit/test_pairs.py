@@ -148,15 +148,30 @@ def test_only_prompts_whose_lines_disagree_are_kept_when_asked():
 
 
 def test_corner_answers_are_each_objectives_best_under_its_own_line():
-    from moalign.pairs import select_corner_answers
+    from moalign.conditioning import corner_weights
+    from moalign.pairs import select_line_answers
 
     rewards = np.array([[[0.1, 0.9], [0.8, 0.2], [0.5, 0.5]], [[0.0, 0.3], [0.0, 0.7], [0.0, 0.1]]])
-    selection = select_corner_answers(rewards)
+    selection = select_line_answers(rewards, corner_weights(2, 2))
     # Corner 0's line for prompts 0, 1 is prompt index 0, 1; corner 1's is 2, 3.
     assert [(p.prompt, p.chosen, p.rejected, p.objective) for p in selection.pairs] == [(0, 1, 1, 0), (2, 0, 0, 1), (3, 1, 1, 1)]
     assert selection.dropped_ties == 1, "objective 0 scores prompt 1's answers alike"
     # The warm start renders prompt k * B + b under corner_weights' set k, row b: corner k.
-    from moalign.conditioning import corner_weights
-
     lines = np.concatenate(corner_weights(2, 2))
     assert all(lines[p.prompt, p.objective] == 1 and lines[p.prompt].sum() == 1 for p in selection.pairs)
+
+
+def test_a_drawn_line_is_labelled_with_its_weighted_best():
+    from moalign.conditioning import corner_weights
+    from moalign.pairs import select_line_answers
+
+    # Prompt 0: short (C 1, D 0.2), middling (0.7, 0.6), long (0, 1). Prompt 1: every answer alike.
+    rewards = np.array([[[1.0, 0.2], [0.7, 0.6], [0.0, 1.0]], [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]])
+    drawn = np.array([[0.5, 0.5], [0.3, 0.7]])
+    selection = select_line_answers(rewards, [drawn, *corner_weights(2, 2)])
+    # The drawn line takes the middling answer, which neither corner does; the corners follow at
+    # prompt indices B + k * B + b.
+    assert [(p.prompt, p.chosen, p.objective) for p in selection.pairs] == [(0, 1, None), (2, 0, 0), (4, 2, 1)]
+    assert selection.dropped_ties == 3
+    with pytest.raises(ValueError, match=r"weight set 0 has shape \(1, 2\)"):
+        select_line_answers(rewards, [drawn[:1]])
