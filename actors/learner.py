@@ -225,7 +225,7 @@ class Learner(WeightPublisher):
         if self.control is not None:
             # Their rows train beside the adapters (without LoRA the whole embedding trains).
             base = model.get_base_model()
-            base.set_input_embeddings(ControlEmbedding(base.get_input_embeddings(), self.control.first_id, self.control.line_bins))
+            base.set_input_embeddings(ControlEmbedding(base.get_input_embeddings(), self.control.first_id))
         return model
 
     def _deepspeed_config(self, n_trainable: int) -> dict[str, Any]:
