@@ -26,7 +26,7 @@ from moalign.data import DataError, PromptCursor
 from moalign.health import METRICS as HEALTH_METRICS
 from moalign.health import HealthMonitor
 from moalign.objectives import OBJECTIVES
-from moalign.pairs import Pair, RunningNormalizer
+from moalign.pairs import Pair, RunningNormalizer, cut_past_parting
 from moalign.scaling import ScaleRequestError, due_requests, mark_done
 
 # The orchestrator's own logger: its lines read as they did when this lived in orchestrator.py.
@@ -312,11 +312,19 @@ def learn(
     shards = []
     for r, s in enumerate(chunks(len(pairs), len(learners))):
         part = pairs[s]
+        # Relabelled pairs (prompt index j * B + b) train on sample group b.
+        answers = [
+            (samples[p.prompt % len(samples)][p.chosen]["token_ids"], samples[p.prompt % len(samples)][p.rejected]["token_ids"])
+            for p in part
+        ]
+        if supervised:
+            answers = [(c, r[:1]) for c, r in answers]
+        elif cfg.algorithm.pair_tokens_past_parting:
+            answers = [cut_past_parting(c, r, cfg.algorithm.pair_tokens_past_parting) for c, r in answers]
         batch: PairBatch = {
             "prompt_ids": [prompt_ids[p.prompt] for p in part],
-            # Relabelled pairs (prompt index j * B + b) train on sample group b.
-            "chosen_ids": [samples[p.prompt % len(samples)][p.chosen]["token_ids"] for p in part],
-            "rejected_ids": [samples[p.prompt % len(samples)][p.rejected]["token_ids"][: 1 if supervised else None] for p in part],
+            "chosen_ids": [c for c, _ in answers],
+            "rejected_ids": [r for _, r in answers],
             "loss_weights": [p.loss_weight for p in part],
             "total_weight": total_weight,
         }

@@ -134,6 +134,8 @@ class AlgorithmConfig(_Section):
     """MO-ODPO warm start: the weight lines that get hindsight labels. `corners`, each corner its objective's best answer; `drawn_and_corners`, also each prompt's drawn line the answer best under its weighted reward, so the weights between the corners are taught answers between theirs."""
     sft_weight: float = Field(0.0, ge=0, le=100)
     """MO-ODPO: weight of a supervised term added to each pair's loss, the chosen answer's mean token negative log-likelihood under the pair's own weight line (with relabelling, each line learns its own best answer directly); 0: DPO alone."""
+    pair_tokens_past_parting: int = Field(0, ge=0, le=4096)
+    """MO-ODPO DPO steps: train each pair's two answers only up to this many tokens past the first token where they differ (0: whole answers). With `sentence_prefixes`, a prefix against its own longer sample then differs in the decision to stop and what follows it for a few tokens, not in the whole continuation."""
     kl_samples_per_prompt: int = Field(1, ge=0, le=1024)
     """MO-ODPO: samples per prompt (random draws, under the weight lines they were sampled with) on which the learner estimates KL(policy || reference) each step, for `health.max_kl` and `kl_coef`; 0: no estimate."""
     kl_coef: float = Field(0.0, ge=0, le=100)
@@ -471,6 +473,10 @@ class RunConfig(_Section):
             online_only = {"algorithm.pair_mode": a.pair_mode != "scalarised", "algorithm.relabel_weights": a.relabel_weights != 0}
             online_only |= {"algorithm.loss": a.loss != "sigmoid", "algorithm.label_smoothing": a.label_smoothing != 0}
             online_only |= {"algorithm.sft_weight": a.sft_weight != 0, "algorithm.warm_start_steps": a.warm_start_steps != 0}
+            online_only |= {
+                "algorithm.pair_tokens_past_parting": a.pair_tokens_past_parting != 0,
+                "algorithm.warm_start_lines": a.warm_start_lines != "corners",
+            }
             online_only |= {"algorithm.kl_coef": a.kl_coef != 0, "algorithm.sentence_prefixes": a.sentence_prefixes != 0}
             unused = [k for k, v in online_only.items() if v]
             if unused:

@@ -206,6 +206,17 @@ def select_relabelled_pairs(
     return PairSelection(pairs, ties, zero, agreeing)
 
 
+def cut_past_parting(chosen: Sequence[int], rejected: Sequence[int], keep: int) -> tuple[list[int], list[int]]:
+    """Both answers cut `keep` tokens past the first position where they differ (the tokens
+    before it are shared, and cancel in DPO's margin). A sentence-end prefix against its own
+    longer sample then differs in the stop decision and the few tokens that follow it, not in
+    the whole continuation, which is ordinary text under every weight line."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    parting = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    return list(chosen[: parting + keep]), list(rejected[: parting + keep])
+
+
 def select_line_answers(rewards: np.ndarray, lines: Sequence[np.ndarray]) -> PairSelection:
     """Hindsight labels for a supervised step: for each (B, n, K) prompt b and each weight set j
     of `lines` ((B, K) each), the sample with the best weighted reward under row b, to be trained

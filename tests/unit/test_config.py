@@ -168,6 +168,8 @@ def test_serve_config_refuses_what_cannot_run():
         (["algorithm.name=mopo", "algorithm.loss=ipo"], "algorithm.loss: not used by mopo"),
         (["algorithm.name=mopo", "algorithm.kl_coef=0.1"], "algorithm.kl_coef: not used by mopo"),
         (["algorithm.name=mopo", "algorithm.sentence_prefixes=4"], "algorithm.sentence_prefixes: not used by mopo"),
+        (["algorithm.name=mopo", "algorithm.pair_tokens_past_parting=4"], "algorithm.pair_tokens_past_parting: not used by mopo"),
+        (["algorithm.name=mopo", "algorithm.warm_start_lines=drawn_and_corners"], "algorithm.warm_start_lines: not used by mopo"),
         (
             ["algorithm.name=modpo", "algorithm.modpo.sweep_divisions=2", "algorithm.relabel_weights=1"],
             "algorithm.relabel_weights: not used by modpo",

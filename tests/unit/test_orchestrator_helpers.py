@@ -269,6 +269,13 @@ def test_learn_builds_the_warm_start_batch_and_the_kl_samples():
     learn(cfg, learners, lines, samples, pairs, 4)
     assert learners.batches[0]["rejected_ids"] == [[2, 7], [102, 7]] and "supervised" not in learners.batches[0]
     assert "kl_prompt_ids" not in learners.batches[0]
+    # With pair_tokens_past_parting both answers end that many tokens past where they differ
+    # (here their first token); the warm start's labels stay whole.
+    cut = load_config(None, ["algorithm.pair_tokens_past_parting=1"])
+    learn(cut, learners, lines, samples, pairs, 4)
+    assert learners.batches[0]["chosen_ids"] == [[1], [101]] and learners.batches[0]["rejected_ids"] == [[2], [102]]
+    learn(cut, learners, lines, samples, pairs, 3, True)
+    assert learners.batches[0]["chosen_ids"] == [[1, 7], [101, 7]] and learners.batches[0]["rejected_ids"] == [[2], [102]]
 
 
 def test_sentence_prefixes_need_an_eos_token_before_any_actor_starts(monkeypatch, tmp_path):

@@ -175,3 +175,17 @@ def test_a_drawn_line_is_labelled_with_its_weighted_best():
     assert selection.dropped_ties == 3
     with pytest.raises(ValueError, match=r"weight set 0 has shape \(1, 2\)"):
         select_line_answers(rewards, [drawn[:1]])
+
+
+def test_answers_are_cut_a_few_tokens_past_where_they_part():
+    from moalign.pairs import cut_past_parting
+
+    eos = 0
+    # A sentence-end prefix closed with EOS against its own longer sample: they part at the stop.
+    assert cut_past_parting([5, 6, 7, eos], [5, 6, 7, 8, 9, 10, 11], 2) == ([5, 6, 7, eos], [5, 6, 7, 8, 9])
+    # Two samples that differ from the first token keep their first tokens only.
+    assert cut_past_parting([1, 2, 3], [4, 5, 6], 1) == ([1], [4])
+    # One answer wholly inside the other parts where the shorter one ends.
+    assert cut_past_parting([5, 6], [5, 6, 7, 8], 1) == ([5, 6], [5, 6, 7])
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        cut_past_parting([1], [2], 0)
