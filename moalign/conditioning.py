@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from moalign.config import TOKEN_STYLES, ConditioningConfig, ConfigError
+from moalign.config import TOKEN_STYLES, ConditioningConfig, ConditioningStyle, ConfigError
 
 BEGIN = "[Begin System Instruction]"
 END = "[End System Instruction]"
 
-Style = Literal["system_prefix", "chat_system", "control_tokens", "control_tokens_system"]
-STYLES = ("system_prefix", "chat_system", "control_tokens", "control_tokens_system")
+Style = ConditioningStyle
+STYLES: tuple[str, ...] = get_args(ConditioningStyle)
 
 
 class WeightsError(ValueError):

@@ -64,12 +64,14 @@ class ObjectiveConfig(_Section):
         return self
 
 
+ConditioningStyle = Literal["system_prefix", "chat_system", "control_tokens", "control_tokens_system"]
+"""How the weights are written into a prompt; `ConditioningConfig.style` says what each does."""
 TOKEN_STYLES = ("control_tokens", "control_tokens_system")
 """The conditioning styles that write the weights as added control tokens (opening the answer, or as the system message)."""
 
 
 class ConditioningConfig(_Section):
-    style: Literal["system_prefix", "chat_system", "control_tokens", "control_tokens_system"] = "chat_system"
+    style: ConditioningStyle = "chat_system"
     """`system_prefix`: the paper's `[Begin System Instruction] … [End System Instruction]` text before the prompt; `chat_system`: the same line as the chat template's system message; `control_tokens`: one added token per objective and weight bin (`<|w:Name=0.7|>`) opening the answer, right before the first token they steer, each token's embedding trained with the adapter (MO-ODPO only; the run keeps its base model with the tokens added in RUN_DIR/base_model); `control_tokens_system`: the same tokens as the chat template's system message, so the answer starts as a turn of its own (on SmolLM2 the tokens opening the answer are continued as words, mid-sentence)."""
     decimals: int = Field(2, ge=0, le=6)
     """Digits each weight is rounded to when written into the prompt (rounded weights still sum to 1)."""

@@ -25,6 +25,7 @@ from moalign.conditioning import (
     BEGIN,
     END,
     TOKEN_STYLES,
+    Style,
     WeightsError,
     check_weights,
     condition_chat,
@@ -48,7 +49,7 @@ class PolicyCard(BaseModel):
     """Card schema version."""
     objectives: list[str] = Field(min_length=1)
     """Objective names, in the order the weight line writes them."""
-    style: Literal["system_prefix", "chat_system", "control_tokens", "control_tokens_system", "none"]
+    style: Literal[Style, "none"]
     """How the weights reach the policy: the text line as the system message (`chat_system`) or before the user turn (`system_prefix`), or one added control token per objective opening the answer (`control_tokens`) or as the system message (`control_tokens_system`), listed in `control_tokens`; `none`: an offline policy (MODPO, MOPO) trained at fixed weights, whose prompts carry none."""
     decimals: int = Field(ge=0, le=6)
     """Digits each written weight is rounded to."""

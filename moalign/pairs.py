@@ -223,7 +223,7 @@ def select_line_answers(rewards: np.ndarray, lines: Sequence[np.ndarray]) -> Pai
     under that weight line. A `Pair` whose chosen and rejected are that sample, prompt index
     j * B + b, loss weight 1, and `objective` k where the line is corner k (else None). A line
     that scores every sample of a prompt alike labels none of them (counted as a tie). With
-    `conditioning.corner_weights` as the lines: each objective's own best answer."""
+    `moalign.conditioning.corner_weights` as the lines: each objective's own best answer."""
     r = np.asarray(rewards, dtype=float)
     if r.ndim != 3 or r.shape[1] < 1:
         raise RewardError(f"rewards {r.shape} must be (B, n, K)")
