@@ -270,7 +270,7 @@ def draw_rollout(cfg: RunConfig, state: LoopState, prompts, tokenizer, generator
     """The next undrawn step's prompts and weights (rounded as written), sent to the generators."""
     step = state.step + len(state.rollouts) + 1
     drawn_from = (state.cursor.epoch, state.cursor.position)
-    indices = state.cursor.next(cfg.rollout.prompts_per_step)
+    indices = state.cursor.next(cfg.prompts_for_step(step))
     weights = round_weights(state.sampler.sample(len(indices)), cfg.conditioning.decimals)
     prompt_ids = [
         render_conditioned(tokenizer, prompts[i].prompt, cfg.objective_names, w, cfg.conditioning, cfg.model.max_prompt_tokens)

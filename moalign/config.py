@@ -189,6 +189,8 @@ class OfflineConfig(_Section):
 class RolloutConfig(_Section):
     prompts_per_step: int = Field(8, ge=1, le=65536)
     """B: prompts drawn per step, each with its own Dirichlet weights."""
+    warm_start_prompts_per_step: int = Field(0, ge=0, le=65536)
+    """Prompts drawn per step during `algorithm.warm_start_steps` (0: `prompts_per_step`). The supervised warm start moves the policy steadily on a few prompts a step, while DPO steps need more prompts for a steering signal above their noise: a small warm start with a larger DPO batch keeps the warm start fast."""
     samples_per_prompt: int = Field(2, ge=2, le=64)
     """n: completions sampled per conditioned prompt (>= 2 to form a pair)."""
     temperature: float = Field(1.0, gt=0, le=5)
@@ -450,6 +452,11 @@ class RunConfig(_Section):
                 f"health.min_completion_tokens: {self.health.min_completion_tokens} is above rollout.max_new_tokens "
                 f"({self.rollout.max_new_tokens}), so every step would warn"
             )
+        if self.rollout.warm_start_prompts_per_step and not self.algorithm.warm_start_steps:
+            raise ValueError(
+                f"rollout.warm_start_prompts_per_step: {self.rollout.warm_start_prompts_per_step} is set, but "
+                "algorithm.warm_start_steps is 0, so no step would draw that many prompts"
+            )
         pairs = self.pairs_per_step
         shard = self.actors.num_learners * self.learner.micro_batch_pairs
         if pairs % shard:
@@ -534,16 +541,28 @@ class RunConfig(_Section):
     def objective_names(self) -> list[str]:
         return [o.name for o in self.objectives]
 
+    def prompts_for_step(self, step: int) -> int:
+        """MO-ODPO: prompts drawn for `step` (1-based): the warm start's batch, then the DPO steps'."""
+        if step <= self.algorithm.warm_start_steps and self.rollout.warm_start_prompts_per_step:
+            return self.rollout.warm_start_prompts_per_step
+        return self.rollout.prompts_per_step
+
+    def pairs_in_step(self, supervised: bool) -> int:
+        """MO-ODPO: pairs a DPO step (or, `supervised`, a warm-start step) produces with no tie dropped."""
+        if supervised:
+            # A warm-start step trains one answer per prompt and objective (and drawn line).
+            labels = len(self.objectives) + (self.algorithm.warm_start_lines == "drawn_and_corners")
+            return self.prompts_for_step(1) * labels
+        per_prompt = len(self.objectives) if self.algorithm.pair_mode == "per_objective" else 1
+        return self.rollout.prompts_per_step * per_prompt * (1 + self.algorithm.relabel_weights)
+
     @property
     def pairs_per_step(self) -> int:
-        """Pairs produced per step when no pair is dropped for a tie."""
+        """Pairs the largest step produces when no pair is dropped for a tie (the learner's capacity)."""
         if self.is_offline:
             return self.offline.pairs_per_step
-        per_prompt = len(self.objectives) if self.algorithm.pair_mode == "per_objective" else 1
-        pairs = self.rollout.prompts_per_step * per_prompt * (1 + self.algorithm.relabel_weights)
-        # A warm-start step trains one answer per prompt and objective (and drawn line).
-        labels = len(self.objectives) + (self.algorithm.warm_start_lines == "drawn_and_corners")
-        return max(pairs, self.rollout.prompts_per_step * labels) if self.algorithm.warm_start_steps else pairs
+        phases = [self.pairs_in_step(False)] + ([self.pairs_in_step(True)] if self.algorithm.warm_start_steps else [])
+        return max(phases)
 
 
 class ServeConfig(_Section):

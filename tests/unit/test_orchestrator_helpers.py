@@ -315,3 +315,60 @@ def test_training_lines_number_the_prompts_of_each_kind_of_step():
     assert lines(False, "algorithm.relabel_weights=0", "algorithm.relabel_keep=all") == [drawn.tolist()]
     fresh = lines(False, "algorithm.relabel_source=dirichlet")
     assert fresh[0] == drawn.tolist() and len(fresh) == 2 and np.allclose(np.sum(fresh[1], axis=1), 1)
+
+
+class _RecordingGenerators:
+    """Stands in for the generator group: records what each step was sent."""
+
+    policy_version = 0
+
+    def __len__(self):
+        return 1
+
+    def __init__(self):
+        self.sent = []
+
+    def submit_each(self, method, args):
+        self.sent += [len(a[0]) for a in args]
+        return [None] * len(args)
+
+
+def test_the_warm_start_draws_its_own_batch_then_the_dpo_steps_theirs(tiny_model):
+    from transformers import AutoTokenizer
+
+    from loops.online_loop import LoopState, draw_rollout
+    from moalign.conditioning import DirichletSampler
+    from moalign.data import PromptCursor, PromptRecord
+    from moalign.pairs import RunningNormalizer
+
+    cfg = load_config(
+        None,
+        [
+            f"model.path={tiny_model}",
+            "conditioning.style=system_prefix",
+            "algorithm.warm_start_steps=2",
+            "rollout.warm_start_prompts_per_step=2",
+            "rollout.prompts_per_step=8",
+            "learner.micro_batch_pairs=2",
+        ],
+    )
+    k = len(cfg.objectives)
+    assert [cfg.prompts_for_step(s) for s in (1, 2, 3, 4)] == [2, 2, 8, 8]
+    # The learner's capacity is the larger phase: 8 DPO pairs against 2 prompts x k corners.
+    assert (cfg.pairs_in_step(True), cfg.pairs_in_step(False), cfg.pairs_per_step) == (2 * k, 8, max(2 * k, 8))
+    prompts = [PromptRecord(str(i), f"prompt {i}", None) for i in range(9)]
+    state = LoopState(DirichletSampler(k, 1.0, 0), PromptCursor(9, 0), RunningNormalizer(k), HealthMonitor(**cfg.health.model_dump()))
+    generators = _RecordingGenerators()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for _ in range(4):
+        state.rollouts.append(draw_rollout(cfg, state, prompts, tokenizer, generators))
+    assert generators.sent == [2, 2, 8, 8]
+    assert [len(r.prompt_indices) for r in state.rollouts] == [2, 2, 8, 8]
+    # Every prompt once before any repeats: the cursor moved on by the batch each step drew.
+    drawn = sum((r.prompt_indices for r in state.rollouts), [])
+    assert sorted(drawn[:9]) == list(range(9))
+
+
+def test_a_warm_start_batch_without_a_warm_start_is_refused():
+    with pytest.raises(ConfigError, match=r"rollout\.warm_start_prompts_per_step: 2 is set, but algorithm\.warm_start_steps is 0"):
+        load_config(None, ["rollout.warm_start_prompts_per_step=2"])
