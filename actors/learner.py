@@ -6,8 +6,9 @@ as-is on a GPU box (one process per rank). All ranks of a data-parallel group mu
 `train_step`, `save_checkpoint` and `load_checkpoint` together: they are collectives.
 
 Objective per step, over the real pairs i of *all* ranks:  L = sum_i w_i * loss_i / total_weight.
-Each rank pads its shard with zero-weight dummy pairs up to a fixed capacity, so every rank runs
-the same number of forward/backward calls and the optimizer steps exactly once per `train_step`.
+Each rank pads its shard with zero-weight dummy pairs to whole micro-batches, as many as the
+largest rank's shard fills (at most the capacity, from `pairs_per_step`), so every rank runs the
+same number of forward/backward calls and the optimizer steps exactly once per `train_step`.
 What loss_i is belongs to the algorithm (`moalign.objectives`: DPO for MO-ODPO, MODPO, MOPO);
 weight export and the broadcast endpoint live in `actors.learner_weights`.
 
@@ -494,6 +495,19 @@ class Learner(WeightPublisher):
         w = torch.tensor([weights[i] if i >= 0 else 0.0 for i in idx], dtype=torch.float32, device=self.device)
         return prompts, chosen, rejected, w
 
+    def _micro_batches(self, n: int) -> int:
+        """Micro-batches every rank runs this step: as many as the largest rank's shard fills, so a
+        step smaller than the capacity (a warm-start step beside larger DPO steps, pairs dropped
+        for ties) does not pay for dummy pairs. Ranks must agree: ZeRO reduces in each backward."""
+        need = max(1, math.ceil(n / self.micro))
+        if self.world_size > 1:
+            import deepspeed.comm as dist
+
+            count = torch.tensor([need], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            need = int(count.item())
+        return need
+
     def train_step(self, batch: PairBatch) -> LearnerMetrics:
         """One optimizer step on this rank's shard; every rank must call it with the same total_weight."""
         t0 = time.perf_counter()
@@ -516,11 +530,15 @@ class Learner(WeightPublisher):
             # DeepSpeed averages gradients over data-parallel ranks, hence the world-size factor;
             # backward(scale_wrt_gas=False) keeps it from also dividing by the accumulation steps.
             scale = self.engine.dp_world_size / total_weight
-            index = list(range(n)) + [-1] * (self.capacity - n)
+            micro_batches = self._micro_batches(n)
+            index = list(range(n)) + [-1] * (micro_batches * self.micro - n)
             own_norm = self.zero_stage == 0 and self.dtype == torch.float32
             self._prepare_objective(batch)
-            for k in range(self.grad_accum):
+            for k in range(micro_batches):
                 idx = index[k * self.micro : (k + 1) * self.micro]
+                # The boundary is set by hand: a step runs as many micro-batches as its largest
+                # shard needs, not the capacity's, so DeepSpeed's own count would step too late.
+                self.engine.set_gradient_accumulation_boundary(k == micro_batches - 1)
                 prompts, chosen, rejected, w = self._micro_batch(batch, idx, weights)
                 m = len(idx)
                 # Chosen and rejected in one pass, behind their prompt run once. The reference
@@ -537,7 +555,7 @@ class Learner(WeightPublisher):
                     # undone for the pairs by `scale`, makes it the mean of the ranks' means.
                     loss = loss + kl_coef * 0.5 * logratios.pow(2).mean()
                 self.engine.backward(loss, scale_wrt_gas=False)
-                if own_norm and k == self.grad_accum - 1:
+                if own_norm and k == micro_batches - 1:
                     grad_norm = self._local_grad_norm()
                 self.engine.step()
                 with torch.no_grad():
@@ -565,6 +583,7 @@ class Learner(WeightPublisher):
             "rank": self.rank,
             "pairs": n,
             "capacity": self.capacity,
+            "micro_batches": 0 if skipped else micro_batches,
             "weight_sum": weight_sum,
             "total_weight": total_weight,
             **sums,

@@ -61,6 +61,8 @@ class LearnerMetrics(TypedDict):
     rank: int
     pairs: int
     capacity: int
+    micro_batches: int
+    """Forward/backward passes this step ran: the largest rank's shard in whole micro-batches."""
     weight_sum: float
     total_weight: float
     loss_sum: float

@@ -200,6 +200,21 @@ def test_zero_weight_padding_changes_nothing(tiny, tmp_path):
     assert padded[0]["capacity"] == 4 and exact[0]["capacity"] == 3
     _assert_same_step(padded, exact)
 
+    # A step far below the capacity (a warm-start step beside larger DPO steps) runs only the
+    # micro-batches its pairs fill, and still steps the optimizer once, step after step.
+    def two_steps(overrides):
+        learner = new_learner(tiny, [f"learner.lr={LR}", *overrides])  # one process group at a time
+        try:
+            metrics = [learner.train_step(batch) for _ in range(2)]
+            return metrics, trainable(learner), learner.engine.global_steps
+        finally:
+            learner.close()
+
+    small, sized = two_steps(["rollout.prompts_per_step=8"]), two_steps([])
+    assert [(m["capacity"], m["micro_batches"]) for m in small[0] + sized[0]] == [(8, 2)] * 2 + [(4, 2)] * 2
+    assert small[2] == sized[2] == 2
+    _assert_same_step((small[0][1], small[1]), (sized[0][1], sized[1]))
+
     # Data parallel: rank 0 holds two pairs, rank 1 one pair and a dummy; total_weight is global.
     port = free_port()
     shards = [make_batch(PAIRS[:2], weights[:2], total=sum(weights)), make_batch(PAIRS[2:3], weights[2:], total=sum(weights))]
