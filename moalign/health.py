@@ -125,7 +125,7 @@ class HealthMonitor:
                 "max",
                 max_kl,
                 "health.max_kl",
-                "KL runaway: the policy drifted far from the reference (consider a lower learner.lr or a higher algorithm.beta)",
+                "KL runaway: the policy drifted far from the reference (consider a lower learner.lr, fewer steps, or a larger rollout.prompts_per_step)",
             ),
         )
         self._windows: dict[str, deque[float]] = {m: deque(maxlen=window_steps) for m in METRICS}
