@@ -679,6 +679,21 @@ class Learner(WeightPublisher):
                 out.extend(logp[i, : len(q) - 1].tolist() for i, q in enumerate(seqs))
         return out
 
+    def kl_logratios(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[float]:
+        """log pi(y|x) - log pi_ref(y|x) of each answer, summed over its tokens, dropout off: on the
+        policy's own samples, their mean is the KL the training health figure estimates, here for
+        answers the caller chose (an evaluation's, under each weight line apart)."""
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(f"kl_logratios: {len(prompt_ids)} prompts but {len(completion_ids)} completions")
+        for i, c in enumerate(completion_ids):
+            if not c:
+                raise ValueError(f"kl_logratios: completion_ids[{i}] is empty")
+        if not prompt_ids:
+            return []
+        policy = self._scored_in_chunks(self._policy_logps, prompt_ids, completion_ids)
+        reference = self._scored_in_chunks(self._reference_logps, prompt_ids, completion_ids)
+        return (policy - reference).cpu().tolist()
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, path: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.calls import generate, score
+from actors.calls import chunks, generate, score
 from actors.cluster import actor_groups, start_ray
 from actors.weight_sync import make_weight_sync
 from loops.offline_loop import sweep_members
@@ -34,6 +34,7 @@ from moalign.pareto_report import (
     eval_weights,
     front_metrics,
     front_stats,
+    kl_stats,
     latest_front,
     load_front,
     plot_fronts,
@@ -73,11 +74,14 @@ def evaluate_front(
     samples: int,
     *,
     step: int | None = None,
+    learners=None,
 ) -> dict[str, Any]:
     """Evaluate the policy the generators hold now on the first `n_prompts` of `prompts`;
     writes front.json, front.md and samples.jsonl into `out_dir` and returns the front's stats.
 
     `step` (the training step, None for the base model) is recorded and named in actor errors.
+    `learners` holding the same policy: each answer's KL to the reference is measured too, per
+    weight vector (`moalign.pareto_report.kl_stats`).
     """
     names = cfg.objective_names
     chosen = list(prompts[:n_prompts])
@@ -91,13 +95,18 @@ def evaluate_front(
     prompt_ids = [render_conditioned(tokenizer, chosen[p].prompt, names, weights[w], c, cfg.model.max_prompt_tokens) for w, p in requests]
 
     started = time.perf_counter()
-    scored, rows = _sample_and_score(
+    scored, rows, completions = _sample_and_score(
         cfg, generators, scorers, prompt_ids, [chosen[p] for _, p in requests], [seeds[p] for _, p in requests], samples, step_label, step
     )
     rewards = scored.reshape(len(weights), len(chosen), samples, len(names))
     rows = [{"weights": weights[requests[i // samples][0]].tolist(), **row} for i, row in enumerate(rows)]
 
     stats = front_stats(weights, rewards, names, reference_point(cfg))
+    if learners is not None:
+        logratios = _kl_logratios(cfg, learners, prompt_ids, completions, samples, step)
+        for row, value in zip(rows, logratios):
+            row["kl"] = value
+        stats["kl"] = kl_stats(np.reshape(logratios, (len(weights), len(chosen), samples)), cfg.health.max_kl)
     meta = {"step": step, "run_dir": cfg.run_dir, **eval_settings(cfg, chosen, lattice_divisions, samples)}
     out = Path(out_dir)
     write_front(out, stats, step_label, meta)
@@ -118,12 +127,14 @@ def evaluate_front(
 
 def _sample_and_score(cfg: RunConfig, generators, scorers, prompt_ids, records, seeds, samples: int, label: str, step: int | None):
     """Completions of every prompt (as token ids) scored on its record's unconditioned prompt:
-    rewards [prompts, samples, K] and one row per completion for samples.jsonl."""
+    rewards [prompts, samples, K], one row per completion for samples.jsonl, and the completions'
+    token ids in the rows' order."""
     from tqdm import tqdm
 
     names = cfg.objective_names
     rewards = np.empty((len(prompt_ids), samples, len(names)))
     rows: list[dict[str, Any]] = []
+    token_ids: list[list[int]] = []
     per_round = PROMPTS_PER_CALL * len(generators)
     progress = tqdm(
         total=len(prompt_ids), desc=f"eval {label}", unit="prompt", leave=False, disable=not cfg.logging.progress_bar, file=sys.stderr
@@ -135,6 +146,7 @@ def _sample_and_score(cfg: RunConfig, generators, scorers, prompt_ids, records, 
             rewards[part] = score(names, scorers, [r.prompt for r in records[part]], completions, samples, step)
             for record, group, group_scores in zip(records[part], completions, rewards[part]):
                 for j, (completion, reward) in enumerate(zip(group, group_scores)):
+                    token_ids.append(list(completion["token_ids"]))
                     rows.append(
                         {
                             "prompt_id": record.id,
@@ -148,7 +160,19 @@ def _sample_and_score(cfg: RunConfig, generators, scorers, prompt_ids, records, 
             progress.update(len(completions))
     finally:
         progress.close()
-    return rewards, rows
+    return rewards, rows, token_ids
+
+
+def _kl_logratios(cfg: RunConfig, learners, prompt_ids, completions, samples: int, step: int | None) -> list[float]:
+    """log pi - log pi_ref of each completion (prompt i's samples are completions[i*samples:...]),
+    on the learners. ZeRO-3 ranks gather parameters together, so each runs every forward pass;
+    otherwise the answers are split between them."""
+    prompts = [p for p in prompt_ids for _ in range(samples)]
+    if cfg.learner.zero_stage == 3:
+        return learners.call("kl_logratios", prompts, completions, step=step)[0]
+    parts = [s for s in chunks(len(prompts), len(learners)) if s.stop > s.start]
+    results = learners.call_each("kl_logratios", [(prompts[s], completions[s]) for s in parts], step=step)
+    return [value for part in results for value in part]
 
 
 def _plot(out_png: Path, fronts: list[tuple[str, dict[str, Any]]], names: list[str]) -> None:
@@ -287,7 +311,9 @@ def evaluate_run(
                 sync_weights(version, trained_step)
                 log.info("generators hold %s (policy version %d)", checkpoint, version)
                 label, out_dir = f"step {trained_step}", run_dir / "eval" / f"step_{trained_step}"
-                stats = evaluate_front(cfg, generators, scorers, tokenizer, heldout, label, out_dir, *settings, step=trained_step)
+                stats = evaluate_front(
+                    cfg, generators, scorers, tokenizer, heldout, label, out_dir, *settings, step=trained_step, learners=learners
+                )
                 trained = (label, stats)
 
     fronts: list[tuple[str, dict[str, Any]]] = [("base", base)] + ([trained] if trained else [])
@@ -345,13 +371,13 @@ def evaluate_offline(
     points, rows = [], []
     with actor_groups(members[0], model_path) as (generators, scorers, learners):
         sync_weights = make_weight_sync(cfg, learners, generators)
-        base, _ = _sample_and_score(cfg, generators, scorers, prompt_ids, heldout, seeds, e.samples_per_weight, "base", None)
+        base, _, _ = _sample_and_score(cfg, generators, scorers, prompt_ids, heldout, seeds, e.samples_per_weight, "base", None)
         for member, checkpoint in zip(members, checkpoints):
             step = int(read_state(checkpoint)["step"])
             learners.call("load_checkpoint", str(checkpoint / "learner"), True, step=step)
             sync_weights(step, step)
             label = f"{cfg.algorithm.name} {weights_label(member.offline_weights)}"
-            rewards, member_rows = _sample_and_score(
+            rewards, member_rows, _ = _sample_and_score(
                 cfg, generators, scorers, prompt_ids, heldout, seeds, e.samples_per_weight, label, step
             )
             points.append(rewards)

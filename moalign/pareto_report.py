@@ -141,6 +141,49 @@ def front_stats(weights: Any, rewards: Any, names: Sequence[str], reference_poin
     }
 
 
+def kl_stats(logratios: Any, bound: float | None = None) -> dict[str, Any]:
+    """The KL to the reference of an evaluated policy, per weight vector: `logratios` (W, P, S) are
+    log pi(y|x) - log pi_ref(y|x) of each sampled answer under its weight line, so a weight
+    vector's mean is the sampled estimate of KL(pi || pi_ref) there (nats per answer). The training
+    health figure reads the weights a step draws; this reads each weight vector apart, corners too.
+    `bound`: the run's `health.max_kl`, recorded for the report."""
+    x = np.asarray(logratios, dtype=float)
+    if x.ndim != 3 or x.shape[1] < 1 or x.shape[2] < 1:
+        raise ValueError(f"kl_stats: logratios {x.shape} must be (weight vectors, prompts, samples)")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("kl_stats: log-ratios contain NaN or infinite values")
+    per_prompt = x.mean(axis=2)
+    se = _standard_error(per_prompt, axis=1)
+    mean = per_prompt.mean(axis=1)
+    return {
+        "mean": mean.tolist(),
+        "se": se.tolist() if se is not None else [None] * len(mean),
+        "median": np.median(x.reshape(len(x), -1), axis=1).tolist(),
+        "overall_mean": float(x.mean()),
+        "largest": int(np.argmax(mean)),
+        "bound": bound,
+    }
+
+
+def kl_summary(stats: dict[str, Any]) -> str | None:
+    """One sentence on a front's KL (None when it was not measured)."""
+    kl = stats.get("kl")
+    if not kl:
+        return None
+    worst = kl["largest"]
+    bound = kl.get("bound")
+    over = [weights_label(w) for w, m in zip(stats["weights"], kl["mean"]) if bound is not None and m > bound]
+    verdict = ""
+    if bound is not None:
+        verdict = (
+            f"; above health.max_kl={bound:g} at {', '.join(over)}" if over else f"; within health.max_kl={bound:g} at every weight vector"
+        )
+    return (
+        f"KL to the reference: {kl['overall_mean']:.2f} nats per answer over the lattice, "
+        f"largest {kl['mean'][worst]:.2f} at {weights_label(stats['weights'][worst])}{verdict}."
+    )
+
+
 # Shares of answer pairs two objectives rank in opposite orders. Unrelated objectives disagree
 # on about half; a policy can then raise both at once, so it scores as well ignoring their
 # weights. Only a pair clearly above half trades off: there the weights must choose.
@@ -259,10 +302,15 @@ def front_markdown(stats: dict[str, Any], label: str, meta: dict[str, Any] | Non
         f"| weights ({'/'.join(names)}) | " + " | ".join(names) + " | non-dominated |",
         "|---" * (len(names) + 2) + "|",
     ]
+    kl = stats.get("kl")
+    if kl:
+        lines[-2] += " KL to the reference (mean ± s.e., median; nats per answer) |"
+        lines[-1] += "---|"
     front = set(stats["non_dominated"])
     for i, (w, mean, se) in enumerate(zip(stats["weights"], stats["mean"], stats["se"])):
         cells = [_mean_se(m, s) for m, s in zip(mean, se)]
-        lines.append(f"| {weights_label(w)} | " + " | ".join(cells) + f" | {'✓' if i in front else ''} |")
+        extra = f" {_mean_se(kl['mean'][i], kl['se'][i], '.3g')}, {kl['median'][i]:.3g} |" if kl else ""
+        lines.append(f"| {weights_label(w)} | " + " | ".join(cells) + f" | {'✓' if i in front else ''} |" + extra)
     lines += [
         "",
         "## Steerability",
@@ -298,6 +346,9 @@ def front_markdown(stats: dict[str, Any], label: str, meta: dict[str, Any] | Non
     below = stats.get("below_reference") or []
     note = f"; {len(below)} weight vector(s) below it add no volume" if below else ""
     lines += ["", f"Hypervolume: {stats['hypervolume']:.6g} (reference point {weights_label(stats['reference_point'])}{note})", ""]
+    summary = kl_summary(stats)
+    if summary:
+        lines += [summary, ""]
     return "\n".join(lines)
 
 
@@ -392,6 +443,11 @@ def steerability_table(fronts: Sequence[tuple[str, dict[str, Any]]]) -> str:
     for _, stats in fronts:
         cells += [f"{stats['hypervolume']:.4g}", ""]
     lines.append("| " + " | ".join(cells) + " |")
+    if any(stats.get("kl") for _, stats in fronts):
+        cells = ["KL to the reference (lattice mean)"]
+        for _, stats in fronts:
+            cells += [f"{stats['kl']['overall_mean']:.3g}" if stats.get("kl") else "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", *steering_verdict(*fronts[-1])])
 
 
@@ -424,6 +480,9 @@ def steering_verdict(label: str, stats: dict[str, Any]) -> list[str]:
                 f"- {name} does not follow its weight yet ({label}: spread z {_number(z, '+.1f')}, Spearman {o['spearman']:+.2f}; "
                 f"following needs z >= {FOLLOWS_Z:g} and Spearman >= {FOLLOWS_SPEARMAN:g})."
             )
+    summary = kl_summary(stats)
+    if summary:
+        lines.append(f"- {summary}")
     if not follows:
         conflicts = stats.get("conflicts") or []
         if conflicts and not any(c["disagreement"] is not None and c["disagreement"] >= TRADE_OFF_FROM for c in conflicts):

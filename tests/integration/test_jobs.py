@@ -187,7 +187,16 @@ def test_a_job_trains_evaluates_and_exports_its_metrics_and_the_command_evaluate
         rows, _ = samples_by_key(front_dir / "samples.jsonl")
         assert len(rows) == WEIGHTS * 3 * 2
         assert all(set(r["rewards"]) == set(NAMES) and r["finish_reason"] in ("stop", "length") for r in rows)
-    assert json.loads((run_dir / "eval" / "step_2" / "front.json").read_text())["meta"]["step"] == 2
+    step_front = json.loads((run_dir / "eval" / "step_2" / "front.json").read_text())
+    assert step_front["meta"]["step"] == 2
+    # The checkpoint's answers are scored by the learner too: KL to the reference per weight
+    # vector, one log-ratio per answer in samples.jsonl. The base model has none to measure.
+    kl = step_front["kl"]
+    assert len(kl["mean"]) == WEIGHTS and all(math.isfinite(m) for m in kl["mean"]) and kl["bound"] > 0
+    step_rows, _ = samples_by_key(run_dir / "eval" / "step_2" / "samples.jsonl")
+    assert all(math.isfinite(r["kl"]) for r in step_rows)
+    assert "kl" not in json.loads((run_dir / "eval" / "base" / "front.json").read_text())
+    assert "KL to the reference" in (run_dir / "eval" / "step_2" / "front.md").read_text()
     assert (run_dir / "eval" / "step_2" / "front.png").read_bytes()[:8] == PNG_MAGIC
 
     # Seeds depend on (eval seed, prompt, sample) only: the base model gives the same completions

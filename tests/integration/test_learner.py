@@ -522,3 +522,27 @@ def test_kl_penalty_holds_the_policy_near_the_reference(tiny):
     assert kls[0.0][0] == pytest.approx(0.0, abs=1e-6) and kls[5.0][0] == pytest.approx(0.0, abs=1e-6)
     assert kls[0.0][-1] > 1.0, kls
     assert kls[5.0][-1] < 0.5 * kls[0.0][-1], kls
+
+
+def test_kl_logratios_of_chosen_answers_match_the_training_estimate(tiny):
+    """The evaluation's per-answer log-ratios are the ones the training step's KL figure averages."""
+    pairs = PAIRS[:4]
+    batch = make_batch(pairs, [1.0] * 4)
+    prompts, completions = [list(p) for p, _, _ in pairs], [list(c) for _, c, _ in pairs]
+    learner = new_learner(tiny, ["learner.lr=2e-2"])
+    try:
+        assert learner.kl_logratios(prompts, completions) == pytest.approx([0.0] * 4, abs=1e-6)
+        for _ in range(4):
+            learner.train_step(batch)
+        ratios = learner.kl_logratios(prompts, completions)
+        # Trained up, so the chosen answers gained log-probability against the reference.
+        assert all(r > 0 for r in ratios), ratios
+        probe = {**batch, "kl_prompt_ids": prompts, "kl_completion_ids": completions}
+        # The next step reports its KL on the policy before its update: the same answers, the same figure.
+        assert learner.train_step(probe)["kl"] == pytest.approx(sum(ratios) / 4, rel=1e-4)
+        with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+            learner.kl_logratios(prompts[:2], completions[:1])
+        with pytest.raises(ValueError, match=r"completion_ids\[0\] is empty"):
+            learner.kl_logratios(prompts[:1], [[]])
+    finally:
+        learner.close()

@@ -14,6 +14,7 @@ from moalign.pareto_report import (
     eval_weights,
     front_metrics,
     front_stats,
+    kl_stats,
     plot_fronts,
     spread_is_clear,
     steerability_table,
@@ -392,3 +393,32 @@ def test_learning_curve_lists_steerability_by_optimizer_step(tmp_path):
     assert float(rows[1].split("|")[3]) > 3, "the steered policy's z for A"
     plot_learning_curve(tmp_path / "curve.png", points, "curve")
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_kl_is_reported_per_weight_vector_against_the_health_bound(tmp_path):
+    weights, rewards = synthetic_front(slope=0.5)
+    stats = front_stats(weights, rewards, NAMES3)
+    rng = np.random.default_rng(0)
+    # Log-ratios (W, P, S): the last weight vector far from the reference, the others near it.
+    logratios = rng.normal(1.0, 0.5, (len(weights), 24, 2))
+    logratios[-1] += 8.0
+    stats["kl"] = kl_stats(logratios, bound=5.0)
+    kl = stats["kl"]
+    assert np.allclose(kl["mean"], logratios.mean(axis=(1, 2)))
+    assert kl["largest"] == len(weights) - 1 and kl["overall_mean"] == pytest.approx(logratios.mean())
+    assert kl["se"][0] == pytest.approx(logratios[0].mean(axis=1).std(ddof=1) / np.sqrt(24))
+    write_front(tmp_path, stats, "step 3", {})
+    md = (tmp_path / "front.md").read_text()
+    assert "KL to the reference (mean ± s.e., median; nats per answer)" in md
+    assert f"above health.max_kl=5 at {weights_label(weights[-1])}." in md
+    table = steerability_table([("step 3", stats)])
+    assert "| KL to the reference (lattice mean) |" in table and "above health.max_kl=5" in table
+    # Within the bound everywhere, it says so; a front without the figure says nothing of it.
+    stats["kl"] = kl_stats(logratios - 8.0 * (np.arange(len(weights)) == len(weights) - 1)[:, None, None], bound=5.0)
+    assert "within health.max_kl=5 at every weight vector" in steerability_table([("step 3", stats)])
+    del stats["kl"]
+    assert "KL" not in steerability_table([("step 3", stats)])
+    with pytest.raises(ValueError, match="logratios"):
+        kl_stats(np.zeros((3, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        kl_stats(np.full((3, 4, 2), np.nan))
