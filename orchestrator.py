@@ -128,7 +128,9 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     if supervised:
                         selection = select_line_answers(normalized, lines)
                     else:
-                        selection = select_relabelled_pairs(lines, normalized, cfg.algorithm.pair_mode, cfg.algorithm.relabel_keep)
+                        selection = select_relabelled_pairs(
+                            lines, normalized, cfg.algorithm.pair_mode, cfg.algorithm.relabel_keep, cfg.algorithm.pair_weighting
+                        )
                     prompt_ids = [
                         render_conditioned(tokenizer, p.prompt, names, w, cfg.conditioning, cfg.model.max_prompt_tokens)
                         for line in lines

@@ -191,6 +191,7 @@ class Learner(WeightPublisher):
             raise ValueError("no trainable parameters: check learner.lora.target_modules against the model's module names")
         n_trainable = sum(p.numel() for p in trainable)
         groups = optimizer_groups(model, trainable, lcfg.lr * lcfg.control_token_lr_scale)
+        self._has_rows = len(groups) > 1
         optimizer = torch.optim.AdamW(groups, lr=lcfg.lr, weight_decay=lcfg.weight_decay)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self._deepspeed_config(n_trainable))
         self.engine.train()
@@ -508,10 +509,30 @@ class Learner(WeightPublisher):
             need = int(count.item())
         return need
 
+    def _set_phase(self, supervised: bool) -> None:
+        """Each step's learning rates from the config, and which control-token rows train: the DPO
+        steps may hold some (`learner.control_token_dpo_rows`). A resumed run follows its config,
+        not the rates its optimizer saved."""
+        lcfg = self.cfg.learner
+        groups = self.engine.optimizer.param_groups
+        groups[0]["lr"] = lcfg.lr
+        if not self._has_rows:
+            return
+        rows = "all" if supervised else lcfg.control_token_dpo_rows
+        # `none` by a zero rate, not a stopped gradient: Adam's momentum would carry the rows on.
+        groups[1]["lr"] = 0.0 if rows == "none" else lcfg.lr * lcfg.control_token_lr_scale
+        embedding = self.engine.module.get_base_model().get_input_embeddings()
+        if rows == "ends":
+            ends = set(self.control.end_rows)
+            embedding.hold([r for r in range(len(self.control.tokens)) if r not in ends])
+        else:
+            embedding.hold(None)
+
     def train_step(self, batch: PairBatch) -> LearnerMetrics:
         """One optimizer step on this rank's shard; every rank must call it with the same total_weight."""
         t0 = time.perf_counter()
         n, weights, total_weight = self._validate(batch)
+        self._set_phase(bool(batch.get("supervised", False)))
         # The objective's own per-pair figures sit between the loss and the KL, which every algorithm has.
         pair_metrics = self.objective.pair_metrics
         sums = dict.fromkeys(("loss_sum", *(f"{m}_sum" for m in pair_metrics), "pair_logratio_sum", "unweighted_loss_sum"), 0.0)

@@ -152,6 +152,8 @@ class AlgorithmConfig(_Section):
     """Per-objective rewards before the weighted sum: `running`, a z-score against every step so far (running mean/std); `batch`, a z-score over this step's samples; `none`, the raw scores (objectives on different scales then weigh by their units)."""
     relabel_keep: Literal["all", "contrasting"] = "all"
     """With relabelling: `all` pairs, or only the pairs of prompts whose weight lines choose different answers (`contrasting`, scalarised pairs only): where every line prefers the same answer, its pairs push the whole policy one way and teach nothing about the weights."""
+    pair_weighting: Literal["uniform", "margin"] = "uniform"
+    """MO-ODPO DPO steps: each pair's share of the loss. `uniform`, every pair alike (the paper); `margin`, in proportion to its weighted-reward gap (normalised rewards), so a pair its line barely prefers, which mostly differs in what the objectives do not score, moves the policy less than a clear one."""
     relabel_source: Literal["dirichlet", "neglected_corner"] = "dirichlet"
     """Relabelling weights: fresh Dirichlet draws, or the corners of the objectives the sampled weights favour least (the most contrasting lines)."""
     modpo: MODPOConfig = MODPOConfig()
@@ -227,6 +229,8 @@ class LearnerConfig(_Section):
     """Pairs per forward/backward on one learner."""
     control_token_lr_scale: float = Field(10.0, gt=0, le=1000)
     """conditioning.style control_tokens: the learning rate of the control tokens' embedding rows, as a multiple of `lr` (new rows start far from where they must end up; at `lr` alone they barely moved in 20 steps)."""
+    control_token_dpo_rows: Literal["all", "ends", "none"] = "all"
+    """The control tokens' rows that train in the steps that are not supervised (the DPO steps after `algorithm.warm_start_steps`): `all`; `ends`, only each objective's weight 0 and weight 1 bins (the rows of the corners, which the warm start and relabelling to a corner train every step), the bins between them keeping their ordered starting rows; `none`, the rows stay as the warm start left them. A DPO step trains only the rows of the bins its prompts drew, and Adam moves a row that rarely gets a gradient about as far on one noisy step as on many consistent ones: with `all`, the bins between the corners wander far from the reference without following their weights."""
     zero_stage: int = Field(2, ge=0, le=3)
     """DeepSpeed ZeRO stage; 3 partitions the weights themselves over the learners, and every learner then takes part in each weight sync and export."""
     lora: LoRAConfig = LoRAConfig()

@@ -53,6 +53,13 @@ class ControlTokens:
     """The folder the tokens were added to."""
 
     @property
+    def end_rows(self) -> list[int]:
+        """Rows (counted from first_id) of each objective's weight-0 and weight-1 bins: the tokens
+        of the corners of the weight simplex."""
+        bins = len(self.tokens) // len(self.objectives)
+        return [k * bins + end for k in range(len(self.objectives)) for end in (0, bins - 1)]
+
+    @property
     def ids(self) -> list[int]:
         return list(range(self.first_id, self.first_id + len(self.tokens)))
 
@@ -172,6 +179,17 @@ class ControlEmbedding(torch.nn.Module):
         self.first_id = first_id
         self.rows = torch.nn.Parameter(base.weight.detach()[first_id:].clone())
         self._starting = False
+        self._held: torch.Tensor | None = None
+
+    def hold(self, rows: Sequence[int] | None) -> None:
+        """From now on the gradient stops at these rows (None: at none): they embed as they are and
+        do not train, while the others do."""
+        if rows is None:
+            self._held = None
+            return
+        held = torch.zeros(self.rows.shape[0], dtype=torch.bool, device=self.rows.device)
+        held[list(rows)] = True
+        self._held = held
 
     @property
     def weight(self) -> torch.Tensor:
@@ -189,7 +207,8 @@ class ControlEmbedding(torch.nn.Module):
         control = ids >= self.first_id
         if not bool(control.any()):
             return out
-        trained = self.rows[(ids - self.first_id).clamp(min=0)].to(out.dtype)
+        rows = self.rows if self._held is None else torch.where(self._held.unsqueeze(-1), self.rows.detach(), self.rows)
+        trained = rows[(ids - self.first_id).clamp(min=0)].to(out.dtype)
         return torch.where(control.unsqueeze(-1), trained, out)
 
     @contextmanager

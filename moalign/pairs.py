@@ -125,12 +125,18 @@ def select_pairs(
     weights: np.ndarray,
     rewards: np.ndarray,
     mode: Literal["scalarised", "per_objective"] = "scalarised",
+    weighting: Literal["uniform", "margin"] = "uniform",
 ) -> PairSelection:
     """Chosen = argmax, rejected = argmin of the score over each prompt's n >= 2 samples.
 
     `scalarised`: score = sum_k w_k r_k (the paper's reading). `per_objective`: one pair per
     objective ranked by r_k, trained with loss weight w_k. Ties resolve to the lowest sample index
     (np.argmax/argmin order), so the selection is deterministic.
+
+    `weighting="margin"` multiplies each pair's loss weight by its score gap (chosen minus
+    rejected). A line whose objectives pull against each other scores its samples nearly alike,
+    and a pair ranked on a small gap is mostly the samples' other differences: at equal weight it
+    moves the policy as far as a pair with a clear preference, in a direction the rewards did not ask for.
     """
     w = np.asarray(weights, dtype=float)
     r = np.asarray(rewards, dtype=float)
@@ -138,6 +144,9 @@ def select_pairs(
         raise RewardError(f"weights {w.shape} and rewards {r.shape} must be (B, K) and (B, n, K)")
     if r.shape[1] < 2:
         raise RewardError(f"need at least 2 samples per prompt to form a pair, got {r.shape[1]}")
+    if weighting not in ("uniform", "margin"):
+        raise ValueError(f"unknown pair weighting {weighting!r}; allowed: uniform, margin")
+    margin = weighting == "margin"
     pairs: list[Pair] = []
     ties = zero = 0
     if mode == "scalarised":
@@ -147,7 +156,8 @@ def select_pairs(
             if scores[b, hi] == scores[b, lo]:
                 ties += 1
                 continue
-            pairs.append(Pair(b, hi, lo, 1.0, None))
+            gap = float(scores[b, hi] - scores[b, lo])
+            pairs.append(Pair(b, hi, lo, gap if margin else 1.0, None))
     elif mode == "per_objective":
         for b in range(r.shape[0]):
             for k in range(r.shape[2]):
@@ -158,7 +168,8 @@ def select_pairs(
                 if r[b, hi, k] == r[b, lo, k]:
                     ties += 1
                     continue
-                pairs.append(Pair(b, hi, lo, float(w[b, k]), k))
+                gap = float(r[b, hi, k] - r[b, lo, k])
+                pairs.append(Pair(b, hi, lo, float(w[b, k]) * (gap if margin else 1.0), k))
     else:
         raise ValueError(f"unknown pair mode {mode!r}; allowed: scalarised, per_objective")
     return PairSelection(pairs, ties, zero)
@@ -169,6 +180,7 @@ def select_relabelled_pairs(
     rewards: np.ndarray,
     mode: Literal["scalarised", "per_objective"] = "scalarised",
     keep: Literal["all", "contrasting"] = "all",
+    weighting: Literal["uniform", "margin"] = "uniform",
 ) -> PairSelection:
     """`select_pairs` under each (B, K) weight set in turn, over the same (B, n, K) samples.
 
@@ -188,7 +200,7 @@ def select_relabelled_pairs(
     if keep == "contrasting" and mode != "scalarised":
         raise ValueError("keep='contrasting' compares the answers each line chooses: scalarised pairs only")
     batch = np.asarray(rewards).shape[0]
-    selections = [select_pairs(weights, rewards, mode) for weights in weight_sets]
+    selections = [select_pairs(weights, rewards, mode, weighting) for weights in weight_sets]
     contrasting = None
     if keep == "contrasting":
         chosen = [{p.prompt: p.chosen for p in selection.pairs} for selection in selections]

@@ -546,3 +546,42 @@ def test_kl_logratios_of_chosen_answers_match_the_training_estimate(tiny):
             learner.kl_logratios(prompts[:1], [[]])
     finally:
         learner.close()
+
+
+@pytest.mark.parametrize("dpo_rows", ["none", "ends"])
+def test_dpo_steps_train_only_the_control_rows_the_config_names(tiny, tmp_path, dpo_rows):
+    """`learner.control_token_dpo_rows`: the supervised steps train every row they use; the DPO
+    steps after them train the corners' rows only (`ends`) or none, while the adapters train in both."""
+    from moalign.control_tokens import add_control_tokens
+
+    control = add_control_tokens(tiny, tmp_path / "with-tokens", ["A", "B"], 1)
+    first, ends = control.first_id, control.end_rows
+    assert ends == [0, 10, 11, 21]
+    # The warm start trains the corners' lines (rows 0 / 21 and 10 / 11); the DPO pairs are under
+    # lines between them as well: A=0.3 beside B=1.0 (a corner's row), and A=0.6 / B=0.4.
+    corners = [([1, 2, first + 0, first + 21], [10, 11], [20]), ([5, 6, first + 10, first + 11], [12], [21, 22])]
+    drawn = [([1, 2, first + 3, first + 21], [10, 11], [20]), ([5, 6, first + 6, first + 15], [12], [21, 22])]
+    between = [3, 6, 15]
+    overrides = ["conditioning.style=control_tokens", "learner.lr=1e-2", f"learner.control_token_dpo_rows={dpo_rows}"]
+    learner = new_learner(tmp_path / "with-tokens", overrides)
+    try:
+
+        def rows() -> torch.Tensor:
+            return next(p for n, p in learner.engine.module.named_parameters() if n.endswith("rows")).detach().clone()
+
+        def lora() -> torch.Tensor:
+            return torch.cat([p.detach().flatten() for n, p in learner.engine.module.named_parameters() if "lora_" in n])
+
+        start_rows, start_lora = rows(), lora()
+        learner.train_step({**make_batch(corners, [1.0, 1.0]), "supervised": True})
+        warm_rows, warm_lora = rows(), lora()
+        assert all(not torch.equal(warm_rows[r], start_rows[r]) for r in ends)
+        assert not torch.equal(warm_lora, start_lora)
+        for _ in range(2):
+            learner.train_step(make_batch(drawn, [1.0, 1.0]))
+        after = rows()
+        assert all(torch.equal(after[r], start_rows[r]) for r in between), "a DPO step moved a row between the corners"
+        assert torch.equal(after[21], warm_rows[21]) == (dpo_rows == "none")
+        assert not torch.equal(lora(), warm_lora)
+    finally:
+        learner.close()

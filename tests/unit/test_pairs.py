@@ -189,3 +189,22 @@ def test_answers_are_cut_a_few_tokens_past_where_they_part():
     assert cut_past_parting([5, 6], [5, 6, 7, 8], 1) == ([5, 6], [5, 6, 7])
     with pytest.raises(ValueError, match="keep must be >= 1"):
         cut_past_parting([1], [2], 0)
+
+
+def test_margin_weighting_scales_each_pair_by_its_score_gap():
+    # Prompt 0: a clear preference (gap 0.9); prompt 1: a slight one (gap 0.1) under the same line.
+    rewards = np.array([[[1.0, 0.0], [0.1, 0.0]], [[0.55, 0.0], [0.45, 0.0]]])
+    w = np.array([[1.0, 0.0], [1.0, 0.0]])
+    uniform = select_pairs(w, rewards)
+    margin = select_pairs(w, rewards, weighting="margin")
+    assert [p.loss_weight for p in uniform.pairs] == [1.0, 1.0]
+    assert [(p.chosen, p.rejected) for p in margin.pairs] == [(p.chosen, p.rejected) for p in uniform.pairs]
+    assert np.allclose([p.loss_weight for p in margin.pairs], [0.9, 0.1])
+    # Per objective: the objective's weight times its own gap.
+    per = select_pairs(np.array([[0.5, 0.5]]), np.array([[[1.0, 0.2], [0.0, 0.6]]]), "per_objective", "margin")
+    assert np.allclose([p.loss_weight for p in per.pairs], [0.5 * 1.0, 0.5 * 0.4])
+    # The relabelled selection passes it on to every weight line.
+    relabelled = select_relabelled_pairs([w, np.array([[0.0, 1.0], [0.0, 1.0]])], rewards, weighting="margin")
+    assert np.allclose([p.loss_weight for p in relabelled.pairs], [0.9, 0.1])
+    with pytest.raises(ValueError, match="pair weighting"):
+        select_pairs(w, rewards, weighting="gap")
