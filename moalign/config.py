@@ -428,6 +428,11 @@ class RunConfig(_Section):
                 raise ValueError(
                     f"conditioning.decimals: {self.conditioning.decimals} would add {10**self.conditioning.decimals + 1} control tokens per objective; use 1 or 2"
                 )
+        if self.learner.control_token_dpo_rows != "all" and (self.conditioning.style not in TOKEN_STYLES or not self.learner.lora.enabled):
+            raise ValueError(
+                f"learner.control_token_dpo_rows: {self.learner.control_token_dpo_rows} holds control-token rows, which train "
+                "beside LoRA adapters only: it needs conditioning.style control_tokens or control_tokens_system and learner.lora.enabled"
+            )
         if self.algorithm.relabel_keep == "contrasting" and (
             self.algorithm.relabel_weights == 0 or self.algorithm.pair_mode != "scalarised"
         ):

@@ -179,6 +179,8 @@ class ControlEmbedding(torch.nn.Module):
         self.first_id = first_id
         self.rows = torch.nn.Parameter(base.weight.detach()[first_id:].clone())
         self._starting = False
+        # Counted now: under ZeRO-3 the parameter's own shape is empty outside a forward pass.
+        self.n_rows = base.num_embeddings - first_id
         self._held: torch.Tensor | None = None
 
     def hold(self, rows: Sequence[int] | None) -> None:
@@ -187,7 +189,7 @@ class ControlEmbedding(torch.nn.Module):
         if rows is None:
             self._held = None
             return
-        held = torch.zeros(self.rows.shape[0], dtype=torch.bool, device=self.rows.device)
+        held = torch.zeros(self.n_rows, dtype=torch.bool, device=self.rows.device)
         held[list(rows)] = True
         self._held = held
 

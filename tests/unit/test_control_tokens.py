@@ -100,6 +100,23 @@ def test_only_the_control_rows_train_and_the_start_is_kept():
         ControlEmbedding(base, first_id=10)
 
 
+def test_held_rows_embed_as_they_are_and_get_no_gradient():
+    torch.manual_seed(0)
+    base = torch.nn.Embedding(10, 4)
+    base.weight.requires_grad_(False)
+    embed = ControlEmbedding(base, first_id=6)
+    ids = torch.tensor([[1, 6, 7, 8, 9]])
+    before = embed(ids).detach()
+    embed.hold([1, 2])
+    torch.testing.assert_close(embed(ids), before)
+    embed(ids).sum().backward()
+    assert embed.rows.grad[[1, 2]].abs().sum() == 0 and bool((embed.rows.grad[[0, 3]] != 0).all())
+    embed.rows.grad = None
+    embed.hold(None)
+    embed(ids).sum().backward()
+    assert bool((embed.rows.grad != 0).all())
+
+
 def test_the_control_rows_take_their_own_learning_rate():
     from actors.learner import optimizer_groups
 
@@ -120,6 +137,12 @@ def test_only_mo_odpo_takes_control_tokens():
             load_config("configs/mopo_cpu.yaml", [f"conditioning.style={style}"])
     with pytest.raises(ConfigError, match="1001 control tokens per objective"):
         load_config(None, ["conditioning.style=control_tokens", "conditioning.decimals=3"])
+    # Holding rows in the DPO steps needs rows: control tokens, trained beside LoRA.
+    with pytest.raises(ConfigError, match="control_token_dpo_rows: ends holds control-token rows"):
+        load_config(None, ["conditioning.style=chat_system", "learner.control_token_dpo_rows=ends"])
+    with pytest.raises(ConfigError, match="control_token_dpo_rows: none holds"):
+        load_config(None, ["conditioning.style=control_tokens", "learner.lora.enabled=false", "learner.control_token_dpo_rows=none"])
+    load_config(None, ["conditioning.style=control_tokens", "learner.control_token_dpo_rows=ends"])
 
 
 def test_a_tied_model_comes_out_untied_with_the_tokens_suppressed(tiny_model, with_tokens):
