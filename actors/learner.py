@@ -467,12 +467,12 @@ class Learner(WeightPublisher):
             lambda p, c: self._scored_in_chunks(self._base_logps, p, c),
         )
 
-    def _kl_logratios(self, batch: PairBatch, penalised: bool) -> torch.Tensor:
-        """log pi(y|x) - log pi_ref(y|x) of the batch's `kl_*` samples. They are the policy's own
-        answers under the lines they were sampled with, so their mean is the usual sampled estimate
-        of KL(pi || pi_ref); the pairs' answers are not (picked by reward, and relabelled pairs sit
-        under a line they were not sampled with). `penalised`: with gradients, for the KL penalty."""
-        prompts, completions = batch.get("kl_prompt_ids", []), batch.get("kl_completion_ids", [])
+    def _kl_logratios(self, prompts, completions, penalised: bool) -> torch.Tensor:
+        """log pi(y|x) - log pi_ref(y|x) of each answer. On the policy's own answers under the lines
+        they were sampled with (a step's `kl_*` samples, an evaluation's answers) their mean is the
+        usual sampled estimate of KL(pi || pi_ref); the pairs' answers are not (picked by reward,
+        and relabelled pairs sit under a line they were not sampled with). `penalised`: with
+        gradients, for the KL penalty."""
         if not prompts:
             return torch.zeros(0, device=self.device)
         reference = self._scored_in_chunks(self._reference_logps, prompts, completions)
@@ -541,7 +541,9 @@ class Learner(WeightPublisher):
         # Before the update, on the policy that sampled (up to the rollout's staleness) the answers;
         # with a KL penalty the same pass carries its gradient, in the first micro-batch's backward.
         kl_coef = self.cfg.algorithm.kl_coef
-        logratios = self._kl_logratios(batch, penalised=kl_coef > 0 and not skipped)
+        logratios = self._kl_logratios(
+            batch.get("kl_prompt_ids", []), batch.get("kl_completion_ids", []), penalised=kl_coef > 0 and not skipped
+        )
         kl_sum, kl_samples = float(logratios.detach().sum()), len(logratios)
         if skipped:
             # total_weight is global, so every rank skips together; stepping Adam on zero gradients
@@ -709,11 +711,7 @@ class Learner(WeightPublisher):
         for i, c in enumerate(completion_ids):
             if not c:
                 raise ValueError(f"kl_logratios: completion_ids[{i}] is empty")
-        if not prompt_ids:
-            return []
-        policy = self._scored_in_chunks(self._policy_logps, prompt_ids, completion_ids)
-        reference = self._scored_in_chunks(self._reference_logps, prompt_ids, completion_ids)
-        return (policy - reference).cpu().tolist()
+        return self._kl_logratios(prompt_ids, completion_ids, penalised=False).cpu().tolist()
 
     # ------------------------------------------------------------------ checkpoints
 
