@@ -227,7 +227,12 @@ class Learner(WeightPublisher):
         if self.control is not None:
             # Their rows train beside the adapters (without LoRA the whole embedding trains).
             base = model.get_base_model()
-            base.set_input_embeddings(ControlEmbedding(base.get_input_embeddings(), self.control.first_id))
+            embedding = base.get_input_embeddings()
+            # Every row but the corners' at learner.control_token_between_rate (rows past the tokens: padding).
+            between, ends = self.cfg.learner.control_token_between_rate, set(self.control.end_rows)
+            n_rows = embedding.num_embeddings - self.control.first_id
+            rates = [between if r < len(self.control.tokens) and r not in ends else 1.0 for r in range(n_rows)]
+            base.set_input_embeddings(ControlEmbedding(embedding, self.control.first_id, rates))
         return model
 
     def _deepspeed_config(self, n_trainable: int) -> dict[str, Any]:

@@ -108,7 +108,7 @@ class WeightPublisher:
                 with self._gathered([module.base.weight, module.rows]):
                     if keep:
                         out.append(
-                            (rows_name(name, module.first_id), self._export_copy(module.rows))
+                            (rows_name(name, module.first_id), self._export_copy(module.trained_rows))
                             if adapters
                             else (name, self._export_copy(module.weight))
                         )
@@ -191,7 +191,7 @@ class WeightPublisher:
                     embed = model.get_input_embeddings()
                     if isinstance(embed, ControlEmbedding):
                         module = next(name for name, m in model.named_modules() if m is embed)
-                        add_adapter_token_rows(adapter, module, embed.first_id, self._export_copy(embed.rows))
+                        add_adapter_token_rows(adapter, module, embed.first_id, self._export_copy(embed.trained_rows))
                     write_card(adapter, policy_card)
 
             started = time.perf_counter()

@@ -231,6 +231,8 @@ class LearnerConfig(_Section):
     """conditioning.style control_tokens: the learning rate of the control tokens' embedding rows, as a multiple of `lr` (new rows start far from where they must end up; at `lr` alone they barely moved in 20 steps)."""
     control_token_dpo_rows: Literal["all", "ends", "none"] = "all"
     """The control tokens' rows that train in the steps that are not supervised (the DPO steps after `algorithm.warm_start_steps`): `all`; `ends`, only each objective's weight 0 and weight 1 bins (the rows of the corners, which the warm start and relabelling to a corner train every step), the bins between them keeping their ordered starting rows; `none`, the rows stay as the warm start left them. A DPO step trains a bin's row only on the few pairs whose prompts drew it, mostly noise, and Adam steps a row by about its learning rate whatever the gradient's size: with `all`, the bins between the corners wander far from the reference without following their weights."""
+    control_token_between_rate: float = Field(1.0, gt=0, le=1)
+    """The control tokens' rows of the weight bins between the corners (every bin but each objective's weight 0 and weight 1) move at this fraction of the rows' learning rate, in every step. A DPO step trains such a row on the one or two pairs whose prompts drew its bin, and at the full rate (`control_token_lr_scale` x `lr`) those draws walked the rows far from the reference; 0.1 gives them the adapters' rate. The rate scales a row's whole move from its starting row: set it before the rows train, not on a resumed run whose rows between the corners have moved."""
     zero_stage: int = Field(2, ge=0, le=3)
     """DeepSpeed ZeRO stage; 3 partitions the weights themselves over the learners, and every learner then takes part in each weight sync and export."""
     lora: LoRAConfig = LoRAConfig()
@@ -431,6 +433,11 @@ class RunConfig(_Section):
         if self.learner.control_token_dpo_rows != "all" and (self.conditioning.style not in TOKEN_STYLES or not self.learner.lora.enabled):
             raise ValueError(
                 f"learner.control_token_dpo_rows: {self.learner.control_token_dpo_rows} holds control-token rows, which train "
+                "beside LoRA adapters only: it needs conditioning.style control_tokens or control_tokens_system and learner.lora.enabled"
+            )
+        if self.learner.control_token_between_rate != 1 and (self.conditioning.style not in TOKEN_STYLES or not self.learner.lora.enabled):
+            raise ValueError(
+                f"learner.control_token_between_rate: {self.learner.control_token_between_rate} slows control-token rows, which train "
                 "beside LoRA adapters only: it needs conditioning.style control_tokens or control_tokens_system and learner.lora.enabled"
             )
         if self.algorithm.relabel_keep == "contrasting" and (

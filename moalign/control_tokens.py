@@ -169,9 +169,15 @@ class ControlEmbedding(torch.nn.Module):
     alone and a LoRA checkpoint saves them beside the adapters. `base` is the original embedding
     (its weight still shared with a tied output layer, which keeps the starting rows). Inside
     `starting_rows()` the module embeds as the base model did: the reference policy of DPO.
+
+    `rates` (one per row, in (0, 1]; None: all 1) slows some rows down: a row embeds as its start
+    plus `rate` x (the parameter's row - its start). Adam steps each coordinate by about its
+    learning rate whatever the gradient's size, so scaling a gradient would not slow a row; this
+    parametrisation does, row by row inside one parameter and one optimizer group. Hazard: the rate
+    scales a row's whole displacement, so a run resumed under another rate moves its rows at once.
     """
 
-    def __init__(self, base: torch.nn.Embedding, first_id: int):
+    def __init__(self, base: torch.nn.Embedding, first_id: int, rates: Sequence[float] | None = None):
         super().__init__()
         if not 0 < first_id < base.num_embeddings:
             raise ValueError(f"control tokens start at id {first_id}, outside an embedding of {base.num_embeddings} rows")
@@ -182,6 +188,15 @@ class ControlEmbedding(torch.nn.Module):
         # Counted now: under ZeRO-3 the parameter's own shape is empty outside a forward pass.
         self.n_rows = base.num_embeddings - first_id
         self._held: torch.Tensor | None = None
+        # Buffers, not parameters: ZeRO-3 leaves them whole on every rank. Not saved: the config sets them.
+        self.register_buffer("_start", None, persistent=False)
+        self.register_buffer("_rates", None, persistent=False)
+        if rates is not None:
+            if len(rates) != self.n_rows or not all(0 < r <= 1 for r in rates):
+                raise ValueError(f"control-token row rates must be {self.n_rows} numbers in (0, 1], got {list(rates)}")
+            if any(r < 1 for r in rates):
+                self._start = base.weight.detach()[first_id:].clone()
+                self._rates = torch.tensor(rates, dtype=self.rows.dtype).unsqueeze(-1)
 
     def hold(self, rows: Sequence[int] | None) -> None:
         """From now on the gradient stops at these rows (None: at none): they embed as they are and
@@ -194,9 +209,17 @@ class ControlEmbedding(torch.nn.Module):
         self._held = held
 
     @property
+    def trained_rows(self) -> torch.Tensor:
+        """The control tokens' rows as the policy embeds them now (the parameter itself unless some
+        rows have a rate below 1)."""
+        if self._rates is None:
+            return self.rows
+        return self._start + self._rates * (self.rows - self._start)
+
+    @property
     def weight(self) -> torch.Tensor:
         """The embedding as the policy has it now (trained rows in place)."""
-        return torch.cat([self.base.weight[: self.first_id], self.rows.to(self.base.weight.dtype)], dim=0)
+        return torch.cat([self.base.weight[: self.first_id], self.trained_rows.to(self.base.weight.dtype)], dim=0)
 
     @property
     def num_embeddings(self) -> int:
@@ -209,7 +232,9 @@ class ControlEmbedding(torch.nn.Module):
         control = ids >= self.first_id
         if not bool(control.any()):
             return out
-        rows = self.rows if self._held is None else torch.where(self._held.unsqueeze(-1), self.rows.detach(), self.rows)
+        rows = self.trained_rows
+        if self._held is not None:
+            rows = torch.where(self._held.unsqueeze(-1), rows.detach(), rows)
         trained = rows[(ids - self.first_id).clamp(min=0)].to(out.dtype)
         return torch.where(control.unsqueeze(-1), trained, out)
 

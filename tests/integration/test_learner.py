@@ -585,3 +585,31 @@ def test_dpo_steps_train_only_the_control_rows_the_config_names(tiny, tmp_path, 
         assert not torch.equal(lora(), warm_lora)
     finally:
         learner.close()
+
+
+def test_rows_between_the_corners_move_at_their_rate_and_export_as_embedded(tiny, tmp_path):
+    """`learner.control_token_between_rate`: the rows between the corners embed as their start plus
+    the rate times the parameter's move, and the weights the generators get are those rows."""
+    from moalign.control_tokens import add_control_tokens
+
+    control = add_control_tokens(tiny, tmp_path / "with-tokens", ["A", "B"], 1)
+    first = control.first_id
+    drawn = [([1, 2, first + 3, first + 21], [10, 11], [20]), ([5, 6, first + 6, first + 15], [12], [21, 22])]
+    learner = new_learner(
+        tmp_path / "with-tokens", ["conditioning.style=control_tokens", "learner.lr=1e-2", "learner.control_token_between_rate=0.1"]
+    )
+    try:
+        embed = learner.engine.module.get_base_model().get_input_embeddings()
+        start = embed.weight.detach()[first:].clone()
+        for _ in range(2):
+            learner.train_step(make_batch(drawn, [1.0, 1.0]))
+        param = embed.rows.detach()
+        for r in (3, 6, 15):
+            assert not torch.equal(param[r], start[r])
+            torch.testing.assert_close(embed.trained_rows[r], start[r] + 0.1 * (param[r] - start[r]))
+        torch.testing.assert_close(embed.trained_rows[21], param[21])
+        exported = dict(learner._named_full_weights())
+        weight = next(t for n, t in exported.items() if n.endswith("embed_tokens.weight"))
+        torch.testing.assert_close(weight[first:], embed.trained_rows.detach().to(weight.dtype))
+    finally:
+        learner.close()

@@ -117,6 +117,36 @@ def test_held_rows_embed_as_they_are_and_get_no_gradient():
     assert bool((embed.rows.grad != 0).all())
 
 
+def test_a_row_rate_scales_how_far_adam_moves_a_row():
+    """Adam ignores a gradient's scale, so the rate must act through the parametrisation: after
+    the same steps, a row at rate 0.1 has moved a tenth as far as it would at rate 1."""
+    ids = torch.tensor([[1, 6, 7, 8, 9]])
+    moved = {}
+    for rates in (None, [1.0, 0.1, 1.0, 0.1]):
+        torch.manual_seed(0)
+        base = torch.nn.Embedding(10, 4)
+        base.weight.requires_grad_(False)
+        embed = ControlEmbedding(base, first_id=6, rates=rates)
+        torch.testing.assert_close(embed(ids), base(ids))
+        target = torch.randn(1, 5, 4)
+        optimizer = torch.optim.Adam([embed.rows], lr=0.01)
+        for _ in range(5):
+            optimizer.zero_grad()
+            ((embed(ids) - target) ** 2).sum().backward()
+            optimizer.step()
+        moved[rates is None] = (embed.trained_rows - base.weight[6:]).detach().norm(dim=-1)
+        torch.testing.assert_close(embed.weight[6:], embed.trained_rows)
+        torch.testing.assert_close(embed(ids)[0, 1:], embed.trained_rows[[0, 1, 2, 3]])
+        with embed.starting_rows():
+            torch.testing.assert_close(embed(ids), base(ids))
+    full, slowed = moved[True], moved[False]
+    torch.testing.assert_close(slowed[[0, 2]], full[[0, 2]])
+    assert bool((slowed[[1, 3]] < 0.2 * full[[1, 3]]).all()) and bool((slowed[[1, 3]] > 0.05 * full[[1, 3]]).all())
+    assert "_rates" not in embed.state_dict() and "rows" in embed.state_dict()
+    with pytest.raises(ValueError, match=r"4 numbers in \(0, 1\]"):
+        ControlEmbedding(base, first_id=6, rates=[1.0, 0.0, 1.0, 1.0])
+
+
 def test_the_control_rows_take_their_own_learning_rate():
     from actors.learner import optimizer_groups
 
@@ -143,6 +173,9 @@ def test_only_mo_odpo_takes_control_tokens():
     with pytest.raises(ConfigError, match="control_token_dpo_rows: none holds"):
         load_config(None, ["conditioning.style=control_tokens", "learner.lora.enabled=false", "learner.control_token_dpo_rows=none"])
     load_config(None, ["conditioning.style=control_tokens", "learner.control_token_dpo_rows=ends"])
+    with pytest.raises(ConfigError, match="control_token_between_rate: 0.1 slows control-token rows"):
+        load_config(None, ["conditioning.style=chat_system", "learner.control_token_between_rate=0.1"])
+    load_config(None, ["conditioning.style=control_tokens_system", "learner.control_token_between_rate=0.1"])
 
 
 def test_a_tied_model_comes_out_untied_with_the_tokens_suppressed(tiny_model, with_tokens):
