@@ -163,10 +163,11 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     timings["actor_restarts"] = generators.restarts + scorers.restarts + learner_restarts
                     timings.update({f"actors/{group.role}": len(group) for group in actors})
 
-                    # 7b. Pareto evaluation on held-out prompts, on the weights just synced. Before
-                    #     state.step moves on, so a failure here is reported as this step's; its time
-                    #     is left out of time/step_s (it is time/eval_s).
-                    eval_metrics = evaluation.evaluate(generators, scorers, step) if evaluation.due(step) else {}
+                    # 7b. Pareto evaluation on held-out prompts, on the weights just synced, with the
+                    #     KL at each weight vector. Before state.step moves on, so a failure here is
+                    #     reported as this step's; its time is left out of time/step_s (it is time/eval_s).
+                    due = evaluation.due(step)
+                    eval_metrics = evaluation.evaluate(generators, scorers, actors.learners, step) if due else {}
                     t0 += eval_metrics.get("time/eval_s", 0.0)
 
                     # 8. Metrics, progress, checkpoint.
@@ -176,6 +177,8 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                         names, raw[:, : cfg.rollout.samples_per_prompt], samples, selection, learner_metrics, timings, state.version
                     )
                     metrics.update(state.health.update(step, samples, selection, learner_metrics))
+                    if due:
+                        state.health.judge_front(step, evaluation.latest[1])
                     metrics.update(eval_metrics)
                     sink.log(step, metrics)
                     ledger.record(step, rollout.drawn_from, rollout.prompt_indices)

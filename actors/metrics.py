@@ -47,6 +47,7 @@ DESCRIPTIONS = {
     "moalign_sync_bytes": "Bytes one weight sync sent",
     "moalign_sync_bytes_fraction": "Bytes one weight sync sent, as a share of the full model",
     "moalign_eval_hypervolume": "Hypervolume of the held-out front against the reference point",
+    "moalign_eval_kl_max": "Largest KL to the reference over the held-out lattice's weight vectors (nats per answer)",
 }
 
 

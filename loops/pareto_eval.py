@@ -200,10 +200,13 @@ class TrainingEvaluation:
         e = self.cfg.eval
         return (e.every_steps > 0 and step % e.every_steps == 0) or (e.at_start_and_end and step == self.cfg.steps)
 
-    def _evaluate(self, generators, scorers, label: str, out_dir: Path, step: int | None) -> dict[str, Any]:
+    def _evaluate(self, generators, scorers, label: str, out_dir: Path, step: int | None, learners=None) -> dict[str, Any]:
         e = self.cfg.eval
         settings = (e.during_training_divisions, e.during_training_prompts, e.samples_per_weight)
-        return evaluate_front(self.cfg, generators, scorers, self.tokenizer, self.heldout, label, out_dir, *settings, step=step)
+        learners = learners if e.during_training_kl else None
+        return evaluate_front(
+            self.cfg, generators, scorers, self.tokenizer, self.heldout, label, out_dir, *settings, step=step, learners=learners
+        )
 
     def at_start(self, generators, scorers, resumed_step: int) -> None:
         """Base-model front (reused from RUN_DIR/eval/base when made with the same settings)."""
@@ -225,11 +228,12 @@ class TrainingEvaluation:
         else:
             self.base = self._evaluate(generators, scorers, "base", out, None)
 
-    def evaluate(self, generators, scorers, step: int) -> dict[str, float]:
-        """Front of the policy the generators hold after `step`; returns the step's eval/* metrics."""
+    def evaluate(self, generators, scorers, learners, step: int) -> dict[str, float]:
+        """Front of the policy the generators hold after `step` (the learners hold the same one:
+        with `eval.during_training_kl` they measure its KL); returns the step's eval/* metrics."""
         started = time.perf_counter()
         label, out = f"step {step}", self.run_dir / "eval" / f"step_{step}"
-        stats = self._evaluate(generators, scorers, label, out, step)
+        stats = self._evaluate(generators, scorers, label, out, step, learners)
         self.latest = (label, stats)
         _plot(out / "front.png", self._fronts(), self.cfg.objective_names)
         e = self.cfg.eval

@@ -347,6 +347,8 @@ class EvalConfig(_Section):
     """Held-out prompts of the evaluations during training."""
     at_start_and_end: bool = False
     """Evaluate the base model before step 1 and the policy after the last step (the during-training lattice), then log base vs trained."""
+    during_training_kl: bool = True
+    """The evaluations during training also measure the KL to the reference at each weight vector, on the learners (about 0.4 s an answer on 2 cores; 16 prompts x 3 weight vectors x 2 samples: about 40 s), and the health monitor warns when one is above health.max_kl. The training's own KL figure reads the weights the steps draw, mostly between the corners; this one reads the corners too."""
 
     @field_validator("reference_point")
     @classmethod

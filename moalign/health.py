@@ -25,11 +25,14 @@ import numpy as np
 
 from moalign.actor_io import Sample
 from moalign.pairs import PairSelection
+from moalign.pareto_report import weights_label
 
 log = logging.getLogger(__name__)
 
 METRICS = ("distinct_fraction", "tied_share", "completion_tokens_mean", "length_capped_share", "empty_share", "kl")
 """Health metric names; each is logged per step as `health/<name>`."""
+KL_BY_WEIGHT = "kl_by_weight"
+"""The bound on the KL at each evaluated weight vector (`HealthMonitor.judge_front`), judged per evaluation."""
 
 
 def step_health(samples: Sequence[Sequence[Sample]], selection: PairSelection, learn: dict[str, float]) -> dict[str, float]:
@@ -140,8 +143,46 @@ class HealthMonitor:
 
     @property
     def crossed(self) -> list[str]:
-        """Metrics whose smoothed value is beyond its bound now."""
-        return [b.metric for b in self.bounds if b.metric in self._crossed]
+        """Metrics whose smoothed value is beyond its bound now (`kl_by_weight`: the last evaluation's)."""
+        return [b.metric for b in self.bounds if b.metric in self._crossed] + [m for m in (KL_BY_WEIGHT,) if m in self._crossed]
+
+    def judge_front(self, step: int, front: dict[str, Any]) -> None:
+        """Judge an evaluation's KL to the reference at each weight vector against `health.max_kl`
+        (nothing when the front has no KL). Each weight vector's figure is already a mean over the
+        evaluated prompts, so it is judged as it comes; the bound warns once while it stays crossed."""
+        kl = front.get("kl")
+        if not kl:
+            return
+        limit = next(b.limit for b in self.bounds if b.metric == "kl")
+        over = [(weights_label(w), m) for w, m in zip(front["weights"], kl["mean"]) if m > limit]
+        if not over:
+            if KL_BY_WEIGHT in self._crossed:
+                self._crossed.discard(KL_BY_WEIGHT)
+                log.info("health: step %d: the evaluation's KL is within health.max_kl=%g at every weight vector again", step, limit)
+            return
+        if KL_BY_WEIGHT in self._crossed:
+            return
+        self._crossed.add(KL_BY_WEIGHT)
+        worst = max(m for _, m in over)
+        where = ", ".join(f"{label} ({m:.2f})" for label, m in over)
+        message = (
+            f"step {step}: the held-out evaluation's KL to the reference is above health.max_kl={limit:g} at weights {where} "
+            "(nats per answer): the policy drifted far from the reference under those weights, which the training's own KL "
+            "figure reads seldom when they are corners"
+        )
+        self.warnings.append(
+            {
+                "step": step,
+                "metric": KL_BY_WEIGHT,
+                "value": worst,
+                "bound": limit,
+                "kind": "max",
+                "setting": "health.max_kl",
+                "meaning": "KL runaway at some weights",
+                "message": message,
+            }
+        )
+        log.warning("health: %s", message)
 
     def update(self, step: int, samples: Sequence[Sequence[Sample]], selection: PairSelection, learn: dict[str, float]) -> dict[str, float]:
         """Measure one step, judge the bounds; returns the step's figures as `health/<name>` metrics."""

@@ -249,8 +249,11 @@ def conflict_summary(conflicts: Sequence[dict[str, Any]]) -> list[str]:
 
 def front_metrics(stats: dict[str, Any]) -> dict[str, float]:
     """Scalars for the metrics sink: `eval/hypervolume`, `eval/steerability/<objective>` and
-    `eval/spread_z/<objective>` (left out where undefined: one prompt, or zero spread s.e.)."""
+    `eval/spread_z/<objective>` (left out where undefined: one prompt, or zero spread s.e.), and
+    where the KL was measured `eval/kl_max`, the largest weight vector's mean."""
     metrics = {"eval/hypervolume": float(stats["hypervolume"])}
+    if stats.get("kl"):
+        metrics["eval/kl_max"] = float(max(stats["kl"]["mean"]))
     for name, o in stats["per_objective"].items():
         metrics[f"eval/steerability/{name}"] = float(o["spearman"])
         if o["spread_z"] is not None:

@@ -165,6 +165,8 @@ def test_a_job_trains_evaluates_and_exports_its_metrics_and_the_command_evaluate
     assert [h["step"] for h in history] == [1, 2]
     assert not any(k.startswith("eval/") for k in history[0])
     assert math.isfinite(history[1]["eval/hypervolume"]) and history[1]["time/eval_s"] > 0
+    # The learners measured the KL at each weight vector of the evaluation during training too.
+    assert math.isfinite(history[1]["eval/kl_max"]) and "kl" in json.loads((run_dir / "eval" / "step_2" / "front.json").read_text())
     for name in NAMES:
         assert -1 <= history[1][f"eval/steerability/{name}"] <= 1
     assert "| objective | base Spearman |" in out and "step 2 Spearman" in out

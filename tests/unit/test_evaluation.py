@@ -164,6 +164,9 @@ def test_front_metrics_names():
     metrics = front_metrics(front_stats(weights, rewards, NAMES3))
     assert set(metrics) == {"eval/hypervolume"} | {f"eval/{m}/{n}" for m in ("steerability", "spread_z") for n in NAMES3}
     assert all(isinstance(v, float) for v in metrics.values())
+    # With the KL measured: the largest weight vector's mean.
+    stats = {**front_stats(weights, rewards, NAMES3), "kl": {"mean": [0.5, 7.25, 2.0]}}
+    assert front_metrics(stats)["eval/kl_max"] == 7.25
 
 
 # ------------------------------------------------------------------------------------ files

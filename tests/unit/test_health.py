@@ -118,6 +118,31 @@ def test_state_round_trips_and_resumed_monitor_continues_the_same():
     assert resumed.warnings == straight.warnings and len(straight.warnings) == 1
 
 
+def test_an_evaluation_above_the_kl_bound_at_some_weights_warns_once_naming_them(caplog):
+    """`judge_front`: the held-out KL per weight vector, the corners too, against health.max_kl."""
+    monitor = HealthMonitor(max_kl=5.0, window_steps=3)
+    weights = [[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]
+
+    def front(*means):
+        return {"weights": weights, "kl": {"mean": list(means)}}
+
+    with caplog.at_level(logging.WARNING, logger="moalign.health"):
+        monitor.judge_front(20, front(1.0, 2.0, 4.9))
+        monitor.judge_front(40, {"weights": weights})  # KL not measured: nothing judged
+        assert monitor.crossed == [] and not caplog.records
+        monitor.judge_front(60, front(5.6, 2.0, 7.25))
+        monitor.judge_front(80, front(6.0, 2.0, 8.0))
+        assert monitor.crossed == ["kl_by_weight"]
+        [warned] = [r.getMessage() for r in caplog.records]
+        assert "step 60" in warned and "1/0 (5.60), 0/1 (7.25)" in warned and "health.max_kl=5" in warned
+        monitor.judge_front(100, front(1.0, 1.0, 1.0))
+        monitor.judge_front(120, front(1.0, 9.0, 1.0))
+    assert [(w["step"], w["metric"], w["value"]) for w in monitor.warnings] == [(60, "kl_by_weight", 7.25), (120, "kl_by_weight", 9.0)]
+    resumed = HealthMonitor(max_kl=5.0, window_steps=3)
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed.crossed == ["kl_by_weight"] and resumed.warnings == monitor.warnings
+
+
 def test_bad_window_rejected():
     with pytest.raises(ValueError, match="window_steps"):
         HealthMonitor(window_steps=0)
