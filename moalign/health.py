@@ -164,11 +164,11 @@ class HealthMonitor:
             return
         self._crossed.add(KL_BY_WEIGHT)
         worst = max(m for _, m in over)
-        where = ", ".join(f"{label} ({m:.2f})" for label, m in over)
+        where = ", ".join(f"{label} ({m:.2f} nats per answer)" for label, m in over)
         message = (
-            f"step {step}: the held-out evaluation's KL to the reference is above health.max_kl={limit:g} at weights {where} "
-            "(nats per answer): the policy drifted far from the reference under those weights, which the training's own KL "
-            "figure reads seldom when they are corners"
+            f"step {step}: the held-out evaluation's KL to the reference is above health.max_kl={limit:g} at weights {where}: "
+            "the policy drifted far from the reference under those weights, which the training's own KL figure reads "
+            "seldom when they are corners"
         )
         self.warnings.append(
             {

@@ -134,7 +134,7 @@ def test_an_evaluation_above_the_kl_bound_at_some_weights_warns_once_naming_them
         monitor.judge_front(80, front(6.0, 2.0, 8.0))
         assert monitor.crossed == ["kl_by_weight"]
         [warned] = [r.getMessage() for r in caplog.records]
-        assert "step 60" in warned and "1/0 (5.60), 0/1 (7.25)" in warned and "health.max_kl=5" in warned
+        assert "step 60" in warned and "1/0 (5.60 nats per answer), 0/1 (7.25 nats per answer)" in warned and "health.max_kl=5" in warned
         monitor.judge_front(100, front(1.0, 1.0, 1.0))
         monitor.judge_front(120, front(1.0, 9.0, 1.0))
     assert [(w["step"], w["metric"], w["value"]) for w in monitor.warnings] == [(60, "kl_by_weight", 7.25), (120, "kl_by_weight", 9.0)]
