@@ -524,8 +524,11 @@ class Learner(WeightPublisher):
         if not self._has_rows:
             return
         rows = "all" if supervised else lcfg.control_token_dpo_rows
+        scale = lcfg.control_token_lr_scale
+        if not supervised and lcfg.control_token_dpo_lr_scale is not None:
+            scale = lcfg.control_token_dpo_lr_scale
         # `none` by a zero rate, not a stopped gradient: Adam's momentum would carry the rows on.
-        groups[1]["lr"] = 0.0 if rows == "none" else lcfg.lr * lcfg.control_token_lr_scale
+        groups[1]["lr"] = 0.0 if rows == "none" else lcfg.lr * scale
         embedding = self.engine.module.get_base_model().get_input_embeddings()
         if rows == "ends":
             ends = set(self.control.end_rows)

@@ -229,6 +229,8 @@ class LearnerConfig(_Section):
     """Pairs per forward/backward on one learner."""
     control_token_lr_scale: float = Field(10.0, gt=0, le=1000)
     """conditioning.style control_tokens: the learning rate of the control tokens' embedding rows, as a multiple of `lr` (new rows start far from where they must end up; at `lr` alone they barely moved in 20 steps)."""
+    control_token_dpo_lr_scale: float | None = Field(None, gt=0, le=1000)
+    """The control tokens' rows' rate in the steps that are not supervised (the DPO steps after `algorithm.warm_start_steps`), as a multiple of `lr` (null: `control_token_lr_scale`). The warm start needs the rows fast (at 1x the LoRA, which every weight shares, makes the corners' change, and the policy drifts); in the DPO steps 1x held the KL where 10x walked the rows between the corners away (docs/steering.md, "The rows' rate")."""
     control_token_dpo_rows: Literal["all", "ends", "none"] = "all"
     """The control tokens' rows that train in the steps that are not supervised (the DPO steps after `algorithm.warm_start_steps`): `all`; `ends`, only each objective's weight 0 and weight 1 bins (the rows of the corners, which the warm start and relabelling to a corner train every step), the bins between them keeping their ordered starting rows; `none`, the rows stay as the warm start left them. A DPO step trains a bin's row only on the few pairs whose prompts drew it, mostly noise, and Adam steps a row by about its learning rate whatever the gradient's size: with `all`, the bins between the corners wander far from the reference without following their weights."""
     control_token_between_rate: float = Field(1.0, gt=0, le=1)
@@ -435,6 +437,13 @@ class RunConfig(_Section):
         if self.learner.control_token_dpo_rows != "all" and (self.conditioning.style not in TOKEN_STYLES or not self.learner.lora.enabled):
             raise ValueError(
                 f"learner.control_token_dpo_rows: {self.learner.control_token_dpo_rows} holds control-token rows, which train "
+                "beside LoRA adapters only: it needs conditioning.style control_tokens or control_tokens_system and learner.lora.enabled"
+            )
+        if self.learner.control_token_dpo_lr_scale is not None and (
+            self.conditioning.style not in TOKEN_STYLES or not self.learner.lora.enabled
+        ):
+            raise ValueError(
+                f"learner.control_token_dpo_lr_scale: {self.learner.control_token_dpo_lr_scale} sets the rate of control-token rows, which train "
                 "beside LoRA adapters only: it needs conditioning.style control_tokens or control_tokens_system and learner.lora.enabled"
             )
         if self.learner.control_token_between_rate != 1 and (self.conditioning.style not in TOKEN_STYLES or not self.learner.lora.enabled):

@@ -176,6 +176,8 @@ def test_only_mo_odpo_takes_control_tokens():
     with pytest.raises(ConfigError, match="control_token_between_rate: 0.1 slows control-token rows"):
         load_config(None, ["conditioning.style=chat_system", "learner.control_token_between_rate=0.1"])
     load_config(None, ["conditioning.style=control_tokens_system", "learner.control_token_between_rate=0.1"])
+    with pytest.raises(ConfigError, match="control_token_dpo_lr_scale: 1.0 sets the rate of control-token rows"):
+        load_config(None, ["conditioning.style=chat_system", "learner.control_token_dpo_lr_scale=1"])
 
 
 def test_a_tied_model_comes_out_untied_with_the_tokens_suppressed(tiny_model, with_tokens):
