@@ -434,23 +434,23 @@ class RunConfig(_Section):
                 raise ValueError(
                     f"conditioning.decimals: {self.conditioning.decimals} would add {10**self.conditioning.decimals + 1} control tokens per objective; use 1 or 2"
                 )
-        if self.learner.control_token_dpo_rows != "all" and (self.conditioning.style not in TOKEN_STYLES or not self.learner.lora.enabled):
-            raise ValueError(
-                f"learner.control_token_dpo_rows: {self.learner.control_token_dpo_rows} holds control-token rows, which train "
-                "beside LoRA adapters only: it needs conditioning.style control_tokens or control_tokens_system and learner.lora.enabled"
-            )
-        if self.learner.control_token_dpo_lr_scale is not None and (
-            self.conditioning.style not in TOKEN_STYLES or not self.learner.lora.enabled
-        ):
-            raise ValueError(
-                f"learner.control_token_dpo_lr_scale: {self.learner.control_token_dpo_lr_scale} sets the rate of control-token rows, which train "
-                "beside LoRA adapters only: it needs conditioning.style control_tokens or control_tokens_system and learner.lora.enabled"
-            )
-        if self.learner.control_token_between_rate != 1 and (self.conditioning.style not in TOKEN_STYLES or not self.learner.lora.enabled):
-            raise ValueError(
-                f"learner.control_token_between_rate: {self.learner.control_token_between_rate} slows control-token rows, which train "
-                "beside LoRA adapters only: it needs conditioning.style control_tokens or control_tokens_system and learner.lora.enabled"
-            )
+        # Settings of the control tokens' rows: they need rows that train, beside LoRA adapters.
+        lc = self.learner
+        row_settings = (
+            (lc.control_token_dpo_rows != "all", f"learner.control_token_dpo_rows: {lc.control_token_dpo_rows} holds"),
+            (
+                lc.control_token_dpo_lr_scale is not None,
+                f"learner.control_token_dpo_lr_scale: {lc.control_token_dpo_lr_scale} sets the rate of",
+            ),
+            (lc.control_token_between_rate != 1, f"learner.control_token_between_rate: {lc.control_token_between_rate} slows"),
+        )
+        if self.conditioning.style not in TOKEN_STYLES or not lc.lora.enabled:
+            for is_set, what in row_settings:
+                if is_set:
+                    raise ValueError(
+                        f"{what} control-token rows, which train beside LoRA adapters only: it needs "
+                        "conditioning.style control_tokens or control_tokens_system and learner.lora.enabled"
+                    )
         if self.algorithm.relabel_keep == "contrasting" and (
             self.algorithm.relabel_weights == 0 or self.algorithm.pair_mode != "scalarised"
         ):

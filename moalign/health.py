@@ -131,6 +131,15 @@ class HealthMonitor:
                 "KL runaway: the policy drifted far from the reference (consider a lower learner.lr, fewer steps, or a larger rollout.prompts_per_step)",
             ),
         )
+        # Judged per evaluation (`judge_front`), not per step: no window.
+        self._front_kl = Bound(
+            KL_BY_WEIGHT,
+            "max",
+            max_kl,
+            "health.max_kl",
+            "the policy drifted far from the reference under those weights, which the training's own KL figure reads "
+            "seldom when they are corners",
+        )
         self._windows: dict[str, deque[float]] = {m: deque(maxlen=window_steps) for m in METRICS}
         self._crossed: set[str] = set()
         self.warnings: list[dict[str, Any]] = []
@@ -144,7 +153,7 @@ class HealthMonitor:
     @property
     def crossed(self) -> list[str]:
         """Metrics whose smoothed value is beyond its bound now (`kl_by_weight`: the last evaluation's)."""
-        return [b.metric for b in self.bounds if b.metric in self._crossed] + [m for m in (KL_BY_WEIGHT,) if m in self._crossed]
+        return [b.metric for b in (*self.bounds, self._front_kl) if b.metric in self._crossed]
 
     def judge_front(self, step: int, front: dict[str, Any]) -> None:
         """Judge an evaluation's KL to the reference at each weight vector against `health.max_kl`
@@ -153,36 +162,24 @@ class HealthMonitor:
         kl = front.get("kl")
         if not kl:
             return
-        limit = next(b.limit for b in self.bounds if b.metric == "kl")
-        over = [(weights_label(w), m) for w, m in zip(front["weights"], kl["mean"]) if m > limit]
+        bound = self._front_kl
+        over = [(weights_label(w), m) for w, m in zip(front["weights"], kl["mean"]) if bound.crossed(m)]
         if not over:
-            if KL_BY_WEIGHT in self._crossed:
-                self._crossed.discard(KL_BY_WEIGHT)
-                log.info("health: step %d: the evaluation's KL is within health.max_kl=%g at every weight vector again", step, limit)
+            if bound.metric in self._crossed:
+                self._crossed.discard(bound.metric)
+                log.info(
+                    "health: step %d: the evaluation's KL is within %s=%g at every weight vector again", step, bound.setting, bound.limit
+                )
             return
-        if KL_BY_WEIGHT in self._crossed:
+        if bound.metric in self._crossed:
             return
-        self._crossed.add(KL_BY_WEIGHT)
-        worst = max(m for _, m in over)
+        self._crossed.add(bound.metric)
         where = ", ".join(f"{label} ({m:.2f} nats per answer)" for label, m in over)
         message = (
-            f"step {step}: the held-out evaluation's KL to the reference is above health.max_kl={limit:g} at weights {where}: "
-            "the policy drifted far from the reference under those weights, which the training's own KL figure reads "
-            "seldom when they are corners"
+            f"step {step}: the held-out evaluation's KL to the reference is above {bound.setting}={bound.limit:g} "
+            f"at weights {where}: {bound.meaning}"
         )
-        self.warnings.append(
-            {
-                "step": step,
-                "metric": KL_BY_WEIGHT,
-                "value": worst,
-                "bound": limit,
-                "kind": "max",
-                "setting": "health.max_kl",
-                "meaning": "KL runaway at some weights",
-                "message": message,
-            }
-        )
-        log.warning("health: %s", message)
+        self._warn(step, bound, max(m for _, m in over), message)
 
     def update(self, step: int, samples: Sequence[Sequence[Sample]], selection: PairSelection, learn: dict[str, float]) -> dict[str, float]:
         """Measure one step, judge the bounds; returns the step's figures as `health/<name>` metrics."""
@@ -207,9 +204,9 @@ class HealthMonitor:
                 log.info("health: step %d: %s recovered to %.4g (bound %s=%g)", step, bound.metric, value, bound.setting, bound.limit)
         return {f"health/{k}": float(v) for k, v in values.items()}
 
-    def _warn(self, step: int, bound: Bound, value: float) -> None:
+    def _warn(self, step: int, bound: Bound, value: float, message: str | None = None) -> None:
         side = "below" if bound.kind == "min" else "above"
-        message = (
+        message = message or (
             f"step {step}: {bound.metric} {value:.4g} (median of the last {self.window_steps} steps) is {side} "
             f"{bound.setting}={bound.limit:g}: {bound.meaning}"
         )
