@@ -488,9 +488,7 @@ class RunConfig(_Section):
         shard = self.actors.num_learners * self.learner.micro_batch_pairs
         if pairs % shard:
             raise ValueError(
-                f"batch arithmetic: {pairs} pairs per step (rollout.prompts_per_step={self.rollout.prompts_per_step}"
-                f"{f' x {k} objectives' if self.algorithm.pair_mode == 'per_objective' else ''}"
-                f"{f' x {1 + self.algorithm.relabel_weights} weight sets' if self.algorithm.relabel_weights else ''}) must divide evenly into "
+                f"batch arithmetic: {pairs} pairs per step ({self._pairs_origin(k)}) must divide evenly into "
                 f"actors.num_learners ({self.actors.num_learners}) x learner.micro_batch_pairs ({self.learner.micro_batch_pairs}) = {shard}"
             )
         return self
@@ -582,6 +580,23 @@ class RunConfig(_Section):
             return self.prompts_for_step(1) * labels
         per_prompt = len(self.objectives) if self.algorithm.pair_mode == "per_objective" else 1
         return self.rollout.prompts_per_step * per_prompt * (1 + self.algorithm.relabel_weights)
+
+    def _pairs_origin(self, k: int) -> str:
+        """The settings that make `pairs_per_step`, for the batch-arithmetic message: the offline
+        batch, the warm start's or the DPO steps' (whichever step is largest)."""
+        if self.is_offline:
+            return f"offline.pairs_per_step={self.offline.pairs_per_step}"
+        a = self.algorithm
+        if a.warm_start_steps and self.pairs_in_step(True) > self.pairs_in_step(False):
+            prompts = self.rollout.warm_start_prompts_per_step or self.rollout.prompts_per_step
+            setting = "rollout.warm_start_prompts_per_step" if self.rollout.warm_start_prompts_per_step else "rollout.prompts_per_step"
+            lines = f"{k} objectives" + (" + the drawn line" if a.warm_start_lines == "drawn_and_corners" else "")
+            return f"the warm start's: {setting}={prompts} x ({lines})"
+        return (
+            f"rollout.prompts_per_step={self.rollout.prompts_per_step}"
+            f"{f' x {k} objectives' if a.pair_mode == 'per_objective' else ''}"
+            f"{f' x {1 + a.relabel_weights} weight sets' if a.relabel_weights else ''}"
+        )
 
     @property
     def pairs_per_step(self) -> int:

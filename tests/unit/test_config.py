@@ -184,5 +184,14 @@ def test_offline_settings_that_cannot_run_are_refused(overrides, message):
 def test_offline_batch_arithmetic_uses_pairs_per_step():
     cfg = load_config(None, ["algorithm.name=mopo", "offline.pairs_per_step=12", "learner.micro_batch_pairs=4"])
     assert cfg.is_offline and cfg.pairs_per_step == 12
-    with pytest.raises(ConfigError, match="batch arithmetic: 10 pairs"):
+    with pytest.raises(ConfigError, match=r"batch arithmetic: 10 pairs per step \(offline\.pairs_per_step=10\)"):
         load_config(None, ["algorithm.name=mopo", "offline.pairs_per_step=10", "learner.micro_batch_pairs=4"])
+
+
+def test_batch_arithmetic_names_the_warm_starts_batch_when_it_is_larger():
+    # 5 warm-start prompts x 3 objectives = 15 labels against 2 DPO pairs: the warm start's batch is named.
+    overrides = ["algorithm.warm_start_steps=3", "rollout.warm_start_prompts_per_step=5", "rollout.prompts_per_step=2"]
+    with pytest.raises(
+        ConfigError, match=r"15 pairs per step \(the warm start's: rollout\.warm_start_prompts_per_step=5 x \(3 objectives\)\)"
+    ):
+        load_config(None, [*overrides, "learner.micro_batch_pairs=4"])
