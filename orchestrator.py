@@ -178,7 +178,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     )
                     metrics.update(state.health.update(step, samples, selection, learner_metrics))
                     if due:
-                        state.health.judge_front(step, evaluation.latest[1])
+                        state.health.judge_front(step, evaluation.latest_front)
                     metrics.update(eval_metrics)
                     sink.log(step, metrics)
                     ledger.record(step, rollout.drawn_from, rollout.prompt_indices)

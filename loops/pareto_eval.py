@@ -243,6 +243,11 @@ class TrainingEvaluation:
         )
         return {**front_metrics(stats), "time/eval_s": time.perf_counter() - started}
 
+    @property
+    def latest_front(self) -> dict[str, Any] | None:
+        """The last evaluation's front (its statistics per weight vector), None before the first."""
+        return self.latest[1] if self.latest else None
+
     def _fronts(self) -> list[tuple[str, dict[str, Any]]]:
         return ([("base", self.base)] if self.base is not None else []) + ([self.latest] if self.latest else [])
 

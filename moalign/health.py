@@ -155,11 +155,11 @@ class HealthMonitor:
         """Metrics whose smoothed value is beyond its bound now (`kl_by_weight`: the last evaluation's)."""
         return [b.metric for b in (*self.bounds, self._front_kl) if b.metric in self._crossed]
 
-    def judge_front(self, step: int, front: dict[str, Any]) -> None:
+    def judge_front(self, step: int, front: dict[str, Any] | None) -> None:
         """Judge an evaluation's KL to the reference at each weight vector against `health.max_kl`
-        (nothing when the front has no KL). Each weight vector's figure is already a mean over the
+        (nothing when there is no front or it has no KL). Each weight vector's figure is already a mean over the
         evaluated prompts, so it is judged as it comes; the bound warns once while it stays crossed."""
-        kl = front.get("kl")
+        kl = front.get("kl") if front else None
         if not kl:
             return
         bound = self._front_kl

@@ -129,6 +129,7 @@ def test_an_evaluation_above_the_kl_bound_at_some_weights_warns_once_naming_them
     with caplog.at_level(logging.WARNING, logger="moalign.health"):
         monitor.judge_front(20, front(1.0, 2.0, 4.9))
         monitor.judge_front(40, {"weights": weights})  # KL not measured: nothing judged
+        monitor.judge_front(40, None)  # no evaluation yet: nothing judged
         assert monitor.crossed == [] and not caplog.records
         monitor.judge_front(60, front(5.6, 2.0, 7.25))
         monitor.judge_front(80, front(6.0, 2.0, 8.0))
