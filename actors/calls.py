@@ -93,6 +93,8 @@ def merge_rank_metrics(per_rank: list[LearnerMetrics], objective: type[Objective
         "grad_norm": first["grad_norm"],
         "lr": first["lr"],
         "learner_step": first["step"],
+        # The slowest rank's passes: with uneven shards it sets the step's compute time.
+        "micro_batches": max(m["micro_batches"] for m in per_rank),
         "time/learner_compute_s": max(m["seconds"] for m in per_rank),
         # The algorithm's own figures (MOPO's multipliers) are the same on every rank.
         **({k: v for k, v in first.items() if k.startswith(objective.metrics_prefix)} if objective.metrics_prefix else {}),

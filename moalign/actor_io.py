@@ -94,6 +94,7 @@ StepLearnerMetrics = TypedDict(
         "grad_norm": float,
         "lr": float,
         "learner_step": int,
+        "micro_batches": int,
         "time/learner_compute_s": float,
     },
 )

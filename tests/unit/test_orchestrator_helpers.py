@@ -23,6 +23,7 @@ def test_chunks_cover_range_evenly():
 def _rank(pairs, objective, chosen, kl, seconds, kl_samples=0, logratio=0.0):
     return {
         "pairs": pairs,
+        "micro_batches": pairs,
         "objective": objective,
         "chosen_reward_sum": chosen,
         "rejected_reward_sum": 0.0,
@@ -45,11 +46,11 @@ def test_merge_rank_metrics_from_sums():
     # The KL over the ranks' samples (8), the pairs' log-ratio over their answers (2 x 4 pairs).
     assert merged["kl"] == pytest.approx(1.0) and merged["pair_logratio"] == pytest.approx(1.0)
     assert math.isnan(merge_rank_metrics([_rank(1, 0.2, 1.0, 0.0, 1.0)], DPOObjective)["kl"])
-    assert merged["grad_norm"] == 2.0 and merged["time/learner_compute_s"] == 2.0
+    assert merged["grad_norm"] == 2.0 and merged["time/learner_compute_s"] == 2.0 and merged["micro_batches"] == 3
     # The order metrics.jsonl has always had: the objective's own figures between the loss and the KL.
     assert list(merged) == [
         "loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "kl", "pair_logratio", "grad_norm", "lr", "learner_step",
-        "time/learner_compute_s",
+        "micro_batches", "time/learner_compute_s",
     ]  # fmt: skip
 
 
