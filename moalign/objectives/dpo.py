@@ -72,7 +72,9 @@ def implicit_reward(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: f
 
 class DPOObjective(Objective):
     """Sigmoid / IPO / hinge DPO on (chosen, rejected): MO-ODPO's loss, plus `sft_weight` times the
-    chosen answer's mean token NLL (a supervised term on what each line preferred). A step
+    chosen answer's mean token NLL (a supervised term on what each line preferred). In a
+    supervised (warm-start) batch, the chosen answer's mean token NLL alone, or with
+    `warm_start_beta` the anchored -log sigmoid(beta_s * (log pi - log pi_ref)). A step
     reports DPO's implicit rewards beta * log(pi/ref) of chosen and rejected, their margin, and
     the share of pairs whose chosen one is the larger (accuracy)."""
 
@@ -82,9 +84,14 @@ class DPOObjective(Objective):
         a = algorithm
         self.beta, self.kind, self.label_smoothing = a.beta, a.loss, a.label_smoothing
         self.sft_weight = a.sft_weight  # 0 for offline algorithms (the config refuses it there)
+        self.warm_start_beta = a.warm_start_beta
 
     def pair_losses(self, pc, pr, rc, rr, index: torch.Tensor, batch: PairBatch) -> torch.Tensor:
         supervised = batch.get("supervised", False)
+        if supervised and self.warm_start_beta is not None:
+            # The anchored label loss: its gradient fades once the label is a few / beta nats
+            # likelier than under the reference, where the NLL's never does.
+            return -torch.nn.functional.logsigmoid(self.warm_start_beta * (pc - rc))
         if supervised or self.sft_weight:
             # Padding rows (index -1) carry weight 0; their one-token stand-in keeps the division finite.
             lengths = torch.tensor([len(batch["chosen_ids"][i]) if i >= 0 else 1 for i in index.tolist()], dtype=pc.dtype, device=pc.device)

@@ -127,3 +127,29 @@ def test_a_supervised_batch_trains_the_chosen_answer_alone():
     # Each prompt's drawn line gets a label too: one more per prompt.
     drawn = ["algorithm.warm_start_steps=5", "algorithm.warm_start_lines=drawn_and_corners"]
     assert load_config(None, [*drawn, "rollout.prompts_per_step=4"]).pairs_per_step == 16
+
+
+def test_the_anchored_warm_start_loss_fades_once_a_label_is_likelier_than_under_the_reference():
+    objective = DPOObjective(load_config(None, ["algorithm.warm_start_steps=5", "algorithm.warm_start_beta=1"]).algorithm, ["A"])
+    # Label log-ratios 0, 1 and 6 nats above the reference (the policy at -6, -2 and 0).
+    pc = torch.tensor([-6.0, -2.0, 0.0], requires_grad=True)
+    rc = torch.tensor([-6.0, -3.0, -6.0])
+    batch = {"chosen_ids": [[1, 2, 3], [4, 5], [6]], "supervised": True}
+    losses = objective.pair_losses(pc, torch.zeros(3), rc, torch.zeros(3), torch.arange(3), batch)
+    torch.testing.assert_close(losses, -torch.nn.functional.logsigmoid(pc - rc).detach())
+    losses.sum().backward()
+    # d/dpc = -sigmoid(-(pc - rc)): a half at the reference, under 0.003 six nats past it.
+    torch.testing.assert_close(pc.grad, -torch.sigmoid(-torch.tensor([0.0, 1.0, 6.0])))
+    assert pc.grad[2].abs() < 0.003 < pc.grad[0].abs() / 100
+    # Outside the warm start the DPO loss is unchanged by the setting.
+    dpo = objective.pair_losses(PC, PR, RC, RR, INDEX, {"chosen_ids": [[1]] * N})
+    torch.testing.assert_close(dpo, DPOObjective(load_config(None, []).algorithm, ["A"]).pair_losses(PC, PR, RC, RR, INDEX, {}))
+
+
+def test_the_anchored_warm_start_loss_needs_a_warm_start():
+    from moalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"algorithm\.warm_start_beta: 0\.5 is set, but algorithm\.warm_start_steps is 0"):
+        load_config(None, ["algorithm.warm_start_beta=0.5"])
+    with pytest.raises(ConfigError, match=r"algorithm\.warm_start_beta: not used by mopo"):
+        load_config(None, ["algorithm.name=mopo", "algorithm.warm_start_beta=0.5"])
