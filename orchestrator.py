@@ -48,7 +48,7 @@ from moalign.conditioning import render_conditioned
 from moalign.config import ConfigError, RunConfig, load_config
 from moalign.data import DataError, load_fitted_prompts
 from moalign.ledger import PromptLedger
-from moalign.pairs import RewardError, normalized_rewards, select_line_answers, select_relabelled_pairs
+from moalign.pairs import RewardError, normalized_rewards, select_line_answers, select_relabelled_pairs, select_stop_decisions
 from moalign.prefixes import with_sentence_prefixes
 
 log = logging.getLogger("moalign")
@@ -123,9 +123,16 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     #    set's weight line. During the warm start instead: each objective's best answer,
                     #    to be trained alone under its corner's line, and with `warm_start_lines:
                     #    drawn_and_corners` the best under each prompt's sampled weights (hindsight labels).
-                    supervised = step <= cfg.algorithm.warm_start_steps
-                    lines = training_lines(cfg, state.sampler, weights, supervised)
-                    if supervised:
+                    #    With `warm_start_pairs: stop_decisions` the warm start trains DPO pairs on
+                    #    the decision to stop at the corners instead of labels.
+                    warm_start = step <= cfg.algorithm.warm_start_steps
+                    lines = training_lines(cfg, state.sampler, weights, warm_start)
+                    stop_decisions = warm_start and cfg.algorithm.warm_start_pairs == "stop_decisions"
+                    supervised = warm_start and not stop_decisions
+                    if stop_decisions:
+                        n = cfg.rollout.samples_per_prompt
+                        selection = select_stop_decisions(normalized, lines, candidates, n, tokenizer.eos_token_id)
+                    elif supervised:
                         selection = select_line_answers(normalized, lines)
                     else:
                         selection = select_relabelled_pairs(
@@ -141,7 +148,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     #    under the lines they were sampled with.
                     t = time.perf_counter()
                     learner_metrics = learn(
-                        cfg, actors.learners, prompt_ids, candidates, selection.pairs, step, supervised, rollout.prompt_ids
+                        cfg, actors.learners, prompt_ids, candidates, selection.pairs, step, supervised, rollout.prompt_ids, stop_decisions
                     )
                     timings["time/learn_s"] = time.perf_counter() - t
 

@@ -540,7 +540,7 @@ class Learner(WeightPublisher):
         """One optimizer step on this rank's shard; every rank must call it with the same total_weight."""
         t0 = time.perf_counter()
         n, weights, total_weight = self._validate(batch)
-        self._set_phase(bool(batch.get("supervised", False)))
+        self._set_phase(bool(batch.get("supervised") or batch.get("warm_start")))
         # The objective's own per-pair figures sit between the loss and the KL, which every algorithm has.
         pair_metrics = self.objective.pair_metrics
         sums = dict.fromkeys(("loss_sum", *(f"{m}_sum" for m in pair_metrics), "pair_logratio_sum", "unweighted_loss_sum"), 0.0)

@@ -296,10 +296,13 @@ def learn(
     step: int,
     supervised: bool = False,
     sampled_prompt_ids: list[list[int]] | None = None,
+    stop_decisions: bool = False,
 ) -> StepLearnerMetrics | dict:
     """One learner step on `pairs` (each learner rank a contiguous part), the ranks' metrics merged;
     {} when every candidate pair was a tie. `supervised`: each pair's chosen answer is trained
-    alone (the warm start), so its rejected side is a one-token stand-in. `sampled_prompt_ids`:
+    alone (the warm start), so its rejected side is a one-token stand-in. `stop_decisions`: a warm
+    start of DPO pairs on the decision to stop (`moalign.pairs.select_stop_decisions`), each cut
+    one token past where its answers part. `sampled_prompt_ids`:
     the prompts as the generators saw them; the first `algorithm.kl_samples_per_prompt` samples of
     each (random draws) under them give the learner's KL estimate."""
     if not pairs:
@@ -319,6 +322,8 @@ def learn(
         ]
         if supervised:
             answers = [(c, r[:1]) for c, r in answers]
+        elif stop_decisions:
+            answers = [cut_past_parting(c, r, 1) for c, r in answers]
         elif cfg.algorithm.pair_tokens_past_parting:
             answers = [cut_past_parting(c, r, cfg.algorithm.pair_tokens_past_parting) for c, r in answers]
         batch: PairBatch = {
@@ -330,6 +335,8 @@ def learn(
         }
         if supervised:
             batch["supervised"] = True
+        if stop_decisions:
+            batch["warm_start"] = True
         if probes:
             batch["kl_prompt_ids"] = [p for p, _ in probes[probe_parts[r]]]
             batch["kl_completion_ids"] = [c for _, c in probes[probe_parts[r]]]

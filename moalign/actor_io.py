@@ -40,6 +40,9 @@ class PairBatch(TypedDict):
     """MOPO: per objective, the probability that response 0 (`chosen_ids`) is preferred."""
     supervised: NotRequired[bool]
     """MO-ODPO's warm start: train each pair's chosen answer alone (its mean token NLL); `rejected_ids` is ignored."""
+    warm_start: NotRequired[bool]
+    """MO-ODPO: a warm-start step whose pairs are DPO pairs (`algorithm.warm_start_pairs: stop_decisions`):
+    the control-token rows train at the warm start's rate, the loss is DPO's."""
     kl_prompt_ids: NotRequired[list[list[int]]]
     """Online loops: prompts, each under the weight line its `kl_completion_ids` answer was sampled
     with, on which the learner estimates KL(policy || reference) before its update (no gradient)."""

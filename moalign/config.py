@@ -134,6 +134,8 @@ class AlgorithmConfig(_Section):
     """MO-ODPO: the first this many steps are supervised instead of DPO: for every prompt and every corner of the weights, the answer that corner's objective scores best is trained (its mean token NLL) under that corner's weight line, so every line is taught the answers it stands for (hindsight labels); 0: DPO from step 1."""
     warm_start_beta: float | None = Field(None, gt=0, le=100)
     """MO-ODPO warm start: the loss on each label. null: its mean token NLL, which pushes the label up without end. A number b: -log sigmoid(b * (log pi(y) - log pi_ref(y))), on the label's summed log-probs under its line against the reference's: it pushes a label until it is about 3/b nats likelier than under the reference and then hardly at all, so the warm start's move away from the reference is bounded per label (the anchored loss; with the plain NLL the demo's corners end 8-9 nats out, docs/steering.md)."""
+    warm_start_pairs: Literal["labels", "stop_decisions"] = "labels"
+    """MO-ODPO warm start: what it trains at each corner. `labels`, each corner's best answer as a label (hindsight labels; the loss is `warm_start_beta`'s). `stop_decisions`, a DPO pair per prompt and corner: a sentence-end prefix (`sentence_prefixes`) against the sample it was cut from, the one that corner's objective scores higher chosen, cut one token past the prefix's end, so only the decision to stop there is trained (the labels move everything a corner writes, which is where the demo's corners' 8-9 nats come from, docs/steering.md)."""
     warm_start_lines: Literal["corners", "drawn_and_corners"] = "corners"
     """MO-ODPO warm start: the weight lines that get hindsight labels. `corners`, each corner its objective's best answer; `drawn_and_corners`, also each prompt's drawn line the answer best under its weighted reward, so the weights between the corners are taught answers between theirs."""
     sft_weight: float = Field(0.0, ge=0, le=100)
@@ -486,6 +488,17 @@ class RunConfig(_Section):
                 f"algorithm.warm_start_beta: {self.algorithm.warm_start_beta} is set, but algorithm.warm_start_steps is 0, "
                 "so no step is supervised"
             )
+        if self.algorithm.warm_start_pairs == "stop_decisions":
+            a = self.algorithm
+            clashes = [
+                (not a.warm_start_steps, "algorithm.warm_start_steps is 0, so no step is a warm-start step"),
+                (not a.sentence_prefixes, "it pairs sentence-end prefixes with their samples; set algorithm.sentence_prefixes above 0"),
+                (a.warm_start_beta is not None, "algorithm.warm_start_beta is the labels' loss; leave it null"),
+                (a.warm_start_lines != "corners", "it trains the corners only; leave algorithm.warm_start_lines at corners"),
+            ]
+            for clash, why in clashes:
+                if clash:
+                    raise ValueError(f"algorithm.warm_start_pairs: stop_decisions: {why}")
         if self.rollout.warm_start_prompts_per_step and not self.algorithm.warm_start_steps:
             raise ValueError(
                 f"rollout.warm_start_prompts_per_step: {self.rollout.warm_start_prompts_per_step} is set, but "
@@ -518,6 +531,7 @@ class RunConfig(_Section):
                 "algorithm.pair_tokens_past_parting": a.pair_tokens_past_parting != 0,
                 "algorithm.warm_start_lines": a.warm_start_lines != "corners",
                 "algorithm.warm_start_beta": a.warm_start_beta is not None,
+                "algorithm.warm_start_pairs": a.warm_start_pairs != "labels",
             }
             online_only |= {"algorithm.kl_coef": a.kl_coef != 0, "algorithm.sentence_prefixes": a.sentence_prefixes != 0}
             unused = [k for k, v in online_only.items() if v]

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from moalign.actor_io import Sample
+
 
 class RewardError(ValueError):
     """Reward output that cannot be trained on (NaN, inf, wrong shape); names objective and sample."""
@@ -254,4 +256,60 @@ def select_line_answers(rewards: np.ndarray, lines: Sequence[np.ndarray]) -> Pai
                 continue
             corner = np.flatnonzero(w[b] == 1)
             pairs.append(Pair(j * batch + b, best, best, 1.0, int(corner[0]) if corner.size and w[b].sum() == 1 else None))
+    return PairSelection(pairs, ties, 0)
+
+
+def prefix_parents(group: Sequence[Sample], n_samples: int, eos_id: int) -> dict[int, int]:
+    """For a prompt's candidates (its `n_samples` samples, then sentence-end prefixes closed with
+    `eos_id` and any top-up copies, as `moalign.prefixes.with_sentence_prefixes` lays them out):
+    each prefix's index -> the index of the sample it was cut from. Copies have no parent."""
+    parents: dict[int, int] = {}
+    for i in range(n_samples, len(group)):
+        ids = list(group[i]["token_ids"])
+        if not ids or ids[-1] != eos_id:
+            continue
+        body = ids[:-1]
+        for p in range(n_samples):
+            own = list(group[p]["token_ids"])
+            # Strictly longer and not ending right there: the sample went on past the prefix.
+            if len(own) > len(body) and own[: len(body)] == body and own[len(body)] != eos_id:
+                parents[i] = p
+                break
+    return parents
+
+
+def select_stop_decisions(
+    rewards: np.ndarray, lines: Sequence[np.ndarray], candidates: Sequence[Sequence[Sample]], n_samples: int, eos_id: int
+) -> PairSelection:
+    """Warm-start pairs on the decision to stop: for each (B, n, K) prompt b and each weight set j
+    of `lines` (the corners), the sentence-end prefix and the sample it was cut from whose rewards
+    under row b differ most, the better one chosen. The two share every token up to the prefix's
+    end, so a DPO pair cut one token past it (`cut_past_parting(..., 1)`) trains only the end-of-
+    sequence token against the sample's next token: the Conciseness corner learns to stop at a
+    sentence end, the Detail corner to go on, and nothing else the policy writes is trained. A
+    prompt with no prefix, or whose prefixes score as their samples do, gives no pair (a tie)."""
+    r = np.asarray(rewards, dtype=float)
+    if r.ndim != 3 or r.shape[1] < 1:
+        raise RewardError(f"rewards {r.shape} must be (B, n, K)")
+    batch, _, k = r.shape
+    if len(candidates) != batch:
+        raise ValueError(f"{len(candidates)} candidate groups for {batch} prompts")
+    parents = [prefix_parents(group, n_samples, eos_id) for group in candidates]
+    pairs: list[Pair] = []
+    ties = 0
+    for j, line in enumerate(lines):
+        w = np.asarray(line, dtype=float)
+        if w.shape != (batch, k):
+            raise ValueError(f"weight set {j} has shape {w.shape}; the rewards need ({batch}, {k})")
+        scores = np.einsum("bnk,bk->bn", r, w)
+        for b in range(batch):
+            gaps = [(scores[b, i] - scores[b, p], i, p) for i, p in parents[b].items()]
+            best = max(gaps, key=lambda g: abs(g[0]), default=None)
+            if best is None or best[0] == 0:
+                ties += 1
+                continue
+            gap, prefix, parent = best
+            chosen, rejected = (prefix, parent) if gap > 0 else (parent, prefix)
+            corner = np.flatnonzero(w[b] == 1)
+            pairs.append(Pair(j * batch + b, chosen, rejected, 1.0, int(corner[0]) if corner.size and w[b].sum() == 1 else None))
     return PairSelection(pairs, ties, 0)

@@ -195,3 +195,16 @@ def test_batch_arithmetic_names_the_warm_starts_batch_when_it_is_larger():
         ConfigError, match=r"15 pairs per step \(the warm start's: rollout\.warm_start_prompts_per_step=5 x \(3 objectives\)\)"
     ):
         load_config(None, [*overrides, "learner.micro_batch_pairs=4"])
+
+
+def test_the_stop_decision_warm_start_needs_prefixes_and_a_warm_start():
+    stops = ["algorithm.warm_start_pairs=stop_decisions", "algorithm.sentence_prefixes=8"]
+    assert load_config(None, [*stops, "algorithm.warm_start_steps=5"]).algorithm.warm_start_pairs == "stop_decisions"
+    for extra, message in (
+        ([], r"warm_start_pairs: stop_decisions: algorithm\.warm_start_steps is 0"),
+        (["algorithm.warm_start_steps=5", "algorithm.sentence_prefixes=0"], r"set algorithm\.sentence_prefixes above 0"),
+        (["algorithm.warm_start_steps=5", "algorithm.warm_start_beta=1"], r"algorithm\.warm_start_beta is the labels' loss"),
+        (["algorithm.warm_start_steps=5", "algorithm.warm_start_lines=drawn_and_corners"], r"trains the corners only"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [*stops, *extra])

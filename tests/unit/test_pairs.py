@@ -1,7 +1,16 @@
 import numpy as np
 import pytest
 
-from moalign.pairs import RewardError, RunningNormalizer, check_rewards, select_pairs, select_relabelled_pairs
+from moalign.pairs import (
+    RewardError,
+    RunningNormalizer,
+    check_rewards,
+    cut_past_parting,
+    prefix_parents,
+    select_pairs,
+    select_relabelled_pairs,
+    select_stop_decisions,
+)
 
 NAMES = ["Relevance", "Conciseness"]
 
@@ -208,3 +217,26 @@ def test_margin_weighting_scales_each_pair_by_its_score_gap():
     assert np.allclose([p.loss_weight for p in relabelled.pairs], [0.9, 0.1])
     with pytest.raises(ValueError, match="pair weighting"):
         select_pairs(w, rewards, weighting="gap")
+
+
+def _sample(ids):
+    return {"token_ids": ids, "text": "", "finish_reason": "stop", "version": 0}
+
+
+def test_stop_decisions_pair_each_prefix_with_its_own_sample():
+    eos = 0
+    # Two samples (the second ended by itself), then prefixes: of sample 0 at 2 tokens, of
+    # sample 1 at 1 token, and a top-up copy of sample 0, which has no parent.
+    group = [_sample([5, 6, 7, 8]), _sample([9, 10, 0]), _sample([5, 6, 0]), _sample([9, 0]), _sample([5, 6, 7, 8])]
+    assert prefix_parents(group, 2, eos) == {2: 0, 3: 1}
+    # Objective 0 likes short answers, objective 1 long ones; candidate 2 parts from its sample most.
+    rewards = np.array([[[0.0, 1.0], [0.5, 0.6], [1.0, 0.1], [0.7, 0.4], [0.0, 1.0]]])
+    corners = [np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])]
+    selection = select_stop_decisions(rewards, corners, [group], 2, eos)
+    assert [(p.prompt, p.chosen, p.rejected, p.objective) for p in selection.pairs] == [(0, 2, 0, 0), (1, 0, 2, 1)]
+    # Cut one token past the parting, the pair is the end-of-sequence token against the sample's next one.
+    assert cut_past_parting(group[2]["token_ids"], group[0]["token_ids"], 1) == ([5, 6, 0], [5, 6, 7])
+    # Prefixes that score as their samples do, or none at all: ties, no pair.
+    flat = select_stop_decisions(np.ones((1, 5, 2)), corners, [group], 2, eos)
+    assert flat.pairs == [] and flat.dropped_ties == 2
+    assert select_stop_decisions(rewards[:, :2], corners, [group[:2]], 2, eos).dropped_ties == 2
