@@ -148,7 +148,16 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     #    under the lines they were sampled with.
                     t = time.perf_counter()
                     learner_metrics = learn(
-                        cfg, actors.learners, prompt_ids, candidates, selection.pairs, step, supervised, rollout.prompt_ids, stop_decisions
+                        cfg,
+                        actors.learners,
+                        prompt_ids,
+                        candidates,
+                        selection.pairs,
+                        step,
+                        supervised,
+                        rollout.prompt_ids,
+                        stop_decisions,
+                        tokenizer.eos_token_id,
                     )
                     timings["time/learn_s"] = time.perf_counter() - t
 

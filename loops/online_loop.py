@@ -26,7 +26,7 @@ from moalign.data import DataError, PromptCursor
 from moalign.health import METRICS as HEALTH_METRICS
 from moalign.health import HealthMonitor
 from moalign.objectives import OBJECTIVES
-from moalign.pairs import Pair, RunningNormalizer, cut_past_parting
+from moalign.pairs import Pair, RunningNormalizer, cut_past_parting, cut_to_stop_token
 from moalign.scaling import ScaleRequestError, due_requests, mark_done
 
 # The orchestrator's own logger: its lines read as they did when this lived in orchestrator.py.
@@ -297,12 +297,13 @@ def learn(
     supervised: bool = False,
     sampled_prompt_ids: list[list[int]] | None = None,
     stop_decisions: bool = False,
+    eos_id: int | None = None,
 ) -> StepLearnerMetrics | dict:
     """One learner step on `pairs` (each learner rank a contiguous part), the ranks' metrics merged;
     {} when every candidate pair was a tie. `supervised`: each pair's chosen answer is trained
     alone (the warm start), so its rejected side is a one-token stand-in. `stop_decisions`: a warm
     start of DPO pairs on the decision to stop (`moalign.pairs.select_stop_decisions`), each cut
-    one token past where its answers part. `sampled_prompt_ids`:
+    to differ by the `eos_id` token alone. `sampled_prompt_ids`:
     the prompts as the generators saw them; the first `algorithm.kl_samples_per_prompt` samples of
     each (random draws) under them give the learner's KL estimate."""
     if not pairs:
@@ -323,7 +324,7 @@ def learn(
         if supervised:
             answers = [(c, r[:1]) for c, r in answers]
         elif stop_decisions:
-            answers = [cut_past_parting(c, r, 1) for c, r in answers]
+            answers = [cut_to_stop_token(c, r, eos_id) for c, r in answers]
         elif cfg.algorithm.pair_tokens_past_parting:
             answers = [cut_past_parting(c, r, cfg.algorithm.pair_tokens_past_parting) for c, r in answers]
         batch: PairBatch = {

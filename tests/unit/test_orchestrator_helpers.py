@@ -277,13 +277,15 @@ def test_learn_builds_the_warm_start_batch_and_the_kl_samples():
     assert learners.batches[0]["chosen_ids"] == [[1], [101]] and learners.batches[0]["rejected_ids"] == [[2], [102]]
     learn(cut, learners, lines, samples, pairs, 3, True)
     assert learners.batches[0]["chosen_ids"] == [[1, 7], [101, 7]] and learners.batches[0]["rejected_ids"] == [[2], [102]]
-    # A warm start on stop decisions: DPO pairs cut one token past the parting whatever
-    # pair_tokens_past_parting says, marked as warm-start steps (the rows' rate) and not supervised.
+    # A warm start on stop decisions: DPO pairs that differ by the end-of-sequence token alone,
+    # whichever side stops, marked as warm-start steps (the rows' rate) and not supervised.
     stops = [[{"token_ids": ids, "text": "x", "finish_reason": "stop", "version": 0} for ids in ([5, 6, 7, 8], [5, 6, 0])]]
-    learn(cfg, learners, [[2, 0, 0]], stops, [Pair(prompt=0, chosen=1, rejected=0, loss_weight=1.0, objective=0)], 3, stop_decisions=True)
-    [batch] = [b for b in learners.batches if b["prompt_ids"]]
-    assert batch["chosen_ids"] == [[5, 6, 0]] and batch["rejected_ids"] == [[5, 6, 7]]
-    assert batch["warm_start"] and "supervised" not in batch
+    for chosen, rejected, want in ((1, 0, ([5, 6, 0], [5, 6])), (0, 1, ([5, 6], [5, 6, 0]))):
+        pair = Pair(prompt=0, chosen=chosen, rejected=rejected, loss_weight=1.0, objective=0)
+        learn(cfg, learners, [[2, 0, 0]], stops, [pair], 3, stop_decisions=True, eos_id=0)
+        [batch] = [b for b in learners.batches if b["prompt_ids"]]
+        assert (batch["chosen_ids"][0], batch["rejected_ids"][0]) == want
+        assert batch["warm_start"] and "supervised" not in batch
 
 
 def test_sentence_prefixes_need_an_eos_token_before_any_actor_starts(monkeypatch, tmp_path):

@@ -5,7 +5,7 @@ from moalign.pairs import (
     RewardError,
     RunningNormalizer,
     check_rewards,
-    cut_past_parting,
+    cut_to_stop_token,
     prefix_parents,
     select_pairs,
     select_relabelled_pairs,
@@ -234,8 +234,11 @@ def test_stop_decisions_pair_each_prefix_with_its_own_sample():
     corners = [np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])]
     selection = select_stop_decisions(rewards, corners, [group], 2, eos)
     assert [(p.prompt, p.chosen, p.rejected, p.objective) for p in selection.pairs] == [(0, 2, 0, 0), (1, 0, 2, 1)]
-    # Cut one token past the parting, the pair is the end-of-sequence token against the sample's next one.
-    assert cut_past_parting(group[2]["token_ids"], group[0]["token_ids"], 1) == ([5, 6, 0], [5, 6, 7])
+    # Cut to the stop token, the pair differs by the end-of-sequence token alone, either way round.
+    assert cut_to_stop_token(group[2]["token_ids"], group[0]["token_ids"], eos) == ([5, 6, 0], [5, 6])
+    assert cut_to_stop_token(group[0]["token_ids"], group[2]["token_ids"], eos) == ([5, 6], [5, 6, 0])
+    with pytest.raises(ValueError, match="not a stop decision"):
+        cut_to_stop_token([5, 6, 7], [5, 6, 8], eos)
     # Prefixes that score as their samples do, or none at all: ties, no pair.
     flat = select_stop_decisions(np.ones((1, 5, 2)), corners, [group], 2, eos)
     assert flat.pairs == [] and flat.dropped_ties == 2
