@@ -136,6 +136,8 @@ class AlgorithmConfig(_Section):
     """MO-ODPO warm start: the loss on each label. null: its mean token NLL, which pushes the label up without end. A number b: -log sigmoid(b * (log pi(y) - log pi_ref(y))), on the label's summed log-probs under its line against the reference's: it pushes a label until it is about 3/b nats likelier than under the reference and then hardly at all, so the warm start's move away from the reference is bounded per label (the anchored loss; with the plain NLL the demo's corners end 8-9 nats out, docs/steering.md)."""
     warm_start_pairs: Literal["labels", "stop_decisions"] = "labels"
     """MO-ODPO warm start: what it trains at each corner. `labels`, each corner's best answer as a label (hindsight labels; the loss is `warm_start_beta`'s). `stop_decisions`, a DPO pair per prompt and corner: a sentence-end prefix (`sentence_prefixes`) against the sample it was cut from, the one that corner's objective scores higher chosen, cut so that they differ by the end-of-sequence token alone, so only the decision to stop there is trained (the labels move everything a corner writes, which is where the demo's corners' 8-9 nats come from, docs/steering.md)."""
+    warm_start_prefix_kl: float = Field(0.0, ge=0, le=100)
+    """MO-ODPO warm start with `warm_start_pairs: stop_decisions`: c x (log pi - log pi_ref)^2 / 2 of each pair's shared prefix (the policy's own text before the stop decision, under the corner's line), added to its loss, so the text a corner writes is held at the reference while its decision to stop trains (without it the Conciseness corner's text went to word salad, docs/steering.md); 0: the EOS token's DPO loss alone."""
     warm_start_lines: Literal["corners", "drawn_and_corners"] = "corners"
     """MO-ODPO warm start: the weight lines that get hindsight labels. `corners`, each corner its objective's best answer; `drawn_and_corners`, also each prompt's drawn line the answer best under its weighted reward, so the weights between the corners are taught answers between theirs."""
     sft_weight: float = Field(0.0, ge=0, le=100)
@@ -499,6 +501,11 @@ class RunConfig(_Section):
             for clash, why in clashes:
                 if clash:
                     raise ValueError(f"algorithm.warm_start_pairs: stop_decisions: {why}")
+        elif self.algorithm.warm_start_prefix_kl:
+            raise ValueError(
+                f"algorithm.warm_start_prefix_kl: {self.algorithm.warm_start_prefix_kl} holds the prefixes of stop decisions; "
+                "it needs algorithm.warm_start_pairs: stop_decisions"
+            )
         if self.rollout.warm_start_prompts_per_step and not self.algorithm.warm_start_steps:
             raise ValueError(
                 f"rollout.warm_start_prompts_per_step: {self.rollout.warm_start_prompts_per_step} is set, but "
@@ -532,6 +539,7 @@ class RunConfig(_Section):
                 "algorithm.warm_start_lines": a.warm_start_lines != "corners",
                 "algorithm.warm_start_beta": a.warm_start_beta is not None,
                 "algorithm.warm_start_pairs": a.warm_start_pairs != "labels",
+                "algorithm.warm_start_prefix_kl": a.warm_start_prefix_kl != 0,
             }
             online_only |= {"algorithm.kl_coef": a.kl_coef != 0, "algorithm.sentence_prefixes": a.sentence_prefixes != 0}
             unused = [k for k, v in online_only.items() if v]

@@ -85,6 +85,7 @@ class DPOObjective(Objective):
         self.beta, self.kind, self.label_smoothing = a.beta, a.loss, a.label_smoothing
         self.sft_weight = a.sft_weight  # 0 for offline algorithms (the config refuses it there)
         self.warm_start_beta = a.warm_start_beta
+        self.warm_start_prefix_kl = a.warm_start_prefix_kl
 
     def pair_losses(self, pc, pr, rc, rr, index: torch.Tensor, batch: PairBatch) -> torch.Tensor:
         supervised = batch.get("supervised", False)
@@ -99,6 +100,14 @@ class DPOObjective(Objective):
         if supervised:
             return nll
         loss = dpo_loss(pc, pr, rc, rr, self.beta, self.kind, self.label_smoothing)
+        if batch.get("warm_start") and self.warm_start_prefix_kl:
+            # A stop decision: the side without the EOS is the shared prefix alone, and its
+            # log-ratio is how far the corner's own text has moved from the reference.
+            shorter = torch.tensor(
+                [i >= 0 and len(batch["chosen_ids"][i]) < len(batch["rejected_ids"][i]) for i in index.tolist()], device=pc.device
+            )
+            prefix = torch.where(shorter, pc - rc, pr - rr)
+            loss = loss + self.warm_start_prefix_kl * 0.5 * prefix.pow(2)
         return loss + self.sft_weight * nll if self.sft_weight else loss
 
     def pair_metric_sums(self, pc, pr, rc, rr) -> dict[str, float]:

@@ -153,3 +153,22 @@ def test_the_anchored_warm_start_loss_needs_a_warm_start():
         load_config(None, ["algorithm.warm_start_beta=0.5"])
     with pytest.raises(ConfigError, match=r"algorithm\.warm_start_beta: not used by mopo"):
         load_config(None, ["algorithm.name=mopo", "algorithm.warm_start_beta=0.5"])
+
+
+def test_a_stop_decision_holds_its_shared_prefix_at_the_reference():
+    cfg = ["algorithm.warm_start_steps=5", "algorithm.sentence_prefixes=8", "algorithm.warm_start_pairs=stop_decisions"]
+    plain = DPOObjective(load_config(None, cfg).algorithm, ["A"])
+    held = DPOObjective(load_config(None, [*cfg, "algorithm.warm_start_prefix_kl=0.5"]).algorithm, ["A"])
+    # Pair 0 stops (chosen = prefix + EOS, rejected = the prefix alone), pair 1 goes on.
+    batch = {"chosen_ids": [[5, 6, 0], [5]], "rejected_ids": [[5, 6], [5, 0]], "warm_start": True}
+    pc, pr = torch.tensor([-4.0, -1.0]), torch.tensor([-5.0, -3.0])
+    rc, rr = torch.tensor([-6.0, -3.0]), torch.tensor([-3.0, -2.0])
+    base = plain.pair_losses(pc, pr, rc, rr, torch.arange(2), batch)
+    # The prefix's log-ratio: pair 0's rejected side (-5 - -3 = -2), pair 1's chosen side (-1 - -3 = 2).
+    torch.testing.assert_close(held.pair_losses(pc, pr, rc, rr, torch.arange(2), batch), base + 0.25 * torch.tensor([4.0, 4.0]))
+    # Not a warm-start batch: DPO alone.
+    torch.testing.assert_close(held.pair_losses(pc, pr, rc, rr, torch.arange(2), {**batch, "warm_start": False}), base)
+    from moalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"warm_start_prefix_kl: 0\.5 holds the prefixes of stop decisions"):
+        load_config(None, ["algorithm.warm_start_prefix_kl=0.5"])
