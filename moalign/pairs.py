@@ -248,6 +248,28 @@ def cut_to_stop_token(chosen: Sequence[int], rejected: Sequence[int], eos_id: in
     return stops[0], stops[1]
 
 
+def _scored_lines(rewards: np.ndarray, lines: Sequence[np.ndarray]) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
+    """The prompt count B of (B, n, K) `rewards` and, per weight set of `lines` ((B, K) each),
+    the set and its weighted rewards (B, n)."""
+    r = np.asarray(rewards, dtype=float)
+    if r.ndim != 3 or r.shape[1] < 1:
+        raise RewardError(f"rewards {r.shape} must be (B, n, K)")
+    batch, _, k = r.shape
+    scored = []
+    for j, line in enumerate(lines):
+        w = np.asarray(line, dtype=float)
+        if w.shape != (batch, k):
+            raise ValueError(f"weight set {j} has shape {w.shape}; the rewards need ({batch}, {k})")
+        scored.append((w, np.einsum("bnk,bk->bn", r, w)))
+    return batch, scored
+
+
+def _corner_of(w: np.ndarray) -> int | None:
+    """The objective k whose corner the weights `w` are (w_k = 1), else None."""
+    corner = np.flatnonzero(w == 1)
+    return int(corner[0]) if corner.size and w.sum() == 1 else None
+
+
 def select_line_answers(rewards: np.ndarray, lines: Sequence[np.ndarray]) -> PairSelection:
     """Hindsight labels for a supervised step: for each (B, n, K) prompt b and each weight set j
     of `lines` ((B, K) each), the sample with the best weighted reward under row b, to be trained
@@ -255,24 +277,16 @@ def select_line_answers(rewards: np.ndarray, lines: Sequence[np.ndarray]) -> Pai
     j * B + b, loss weight 1, and `objective` k where the line is corner k (else None). A line
     that scores every sample of a prompt alike labels none of them (counted as a tie). With
     `moalign.conditioning.corner_weights` as the lines: each objective's own best answer."""
-    r = np.asarray(rewards, dtype=float)
-    if r.ndim != 3 or r.shape[1] < 1:
-        raise RewardError(f"rewards {r.shape} must be (B, n, K)")
-    batch, _, k = r.shape
+    batch, scored = _scored_lines(rewards, lines)
     pairs: list[Pair] = []
     ties = 0
-    for j, line in enumerate(lines):
-        w = np.asarray(line, dtype=float)
-        if w.shape != (batch, k):
-            raise ValueError(f"weight set {j} has shape {w.shape}; the rewards need ({batch}, {k})")
-        scores = np.einsum("bnk,bk->bn", r, w)
+    for j, (w, scores) in enumerate(scored):
         for b in range(batch):
             best = int(np.argmax(scores[b]))
             if scores[b, best] == scores[b].min():
                 ties += 1
                 continue
-            corner = np.flatnonzero(w[b] == 1)
-            pairs.append(Pair(j * batch + b, best, best, 1.0, int(corner[0]) if corner.size and w[b].sum() == 1 else None))
+            pairs.append(Pair(j * batch + b, best, best, 1.0, _corner_of(w[b])))
     return PairSelection(pairs, ties, 0)
 
 
@@ -304,20 +318,13 @@ def select_stop_decisions(
     end, so cut by `cut_to_stop_token` a pair trains only the end-of-sequence token there: up
     under the Conciseness corner, down under the Detail corner. A
     prompt with no prefix, or whose prefixes score as their samples do, gives no pair (a tie)."""
-    r = np.asarray(rewards, dtype=float)
-    if r.ndim != 3 or r.shape[1] < 1:
-        raise RewardError(f"rewards {r.shape} must be (B, n, K)")
-    batch, _, k = r.shape
+    batch, scored = _scored_lines(rewards, lines)
     if len(candidates) != batch:
         raise ValueError(f"{len(candidates)} candidate groups for {batch} prompts")
     parents = [prefix_parents(group, n_samples, eos_id) for group in candidates]
     pairs: list[Pair] = []
     ties = 0
-    for j, line in enumerate(lines):
-        w = np.asarray(line, dtype=float)
-        if w.shape != (batch, k):
-            raise ValueError(f"weight set {j} has shape {w.shape}; the rewards need ({batch}, {k})")
-        scores = np.einsum("bnk,bk->bn", r, w)
+    for j, (w, scores) in enumerate(scored):
         for b in range(batch):
             gaps = [(scores[b, i] - scores[b, p], i, p) for i, p in parents[b].items()]
             best = max(gaps, key=lambda g: abs(g[0]), default=None)
@@ -326,6 +333,5 @@ def select_stop_decisions(
                 continue
             gap, prefix, parent = best
             chosen, rejected = (prefix, parent) if gap > 0 else (parent, prefix)
-            corner = np.flatnonzero(w[b] == 1)
-            pairs.append(Pair(j * batch + b, chosen, rejected, 1.0, int(corner[0]) if corner.size and w[b].sum() == 1 else None))
+            pairs.append(Pair(j * batch + b, chosen, rejected, 1.0, _corner_of(w[b])))
     return PairSelection(pairs, ties, 0)
