@@ -131,7 +131,7 @@ class AlgorithmConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     """Conservative DPO label smoothing epsilon (sigmoid loss only)."""
     warm_start_steps: int = Field(0, ge=0)
-    """MO-ODPO: the first this many steps are supervised instead of DPO: for every prompt and every corner of the weights, the answer that corner's objective scores best is trained (its mean token NLL) under that corner's weight line, so every line is taught the answers it stands for (hindsight labels); 0: DPO from step 1."""
+    """MO-ODPO: the first this many steps are supervised instead of DPO: for every prompt and every corner of the weights, the answer that corner's objective scores best is trained (its mean token NLL, or `warm_start_beta`'s loss) under that corner's weight line, so every line is taught the answers it stands for (hindsight labels); with `warm_start_pairs: stop_decisions`, DPO pairs on the decision to stop instead; 0: DPO from step 1."""
     warm_start_beta: float | None = Field(None, gt=0, le=100)
     """MO-ODPO warm start: the loss on each label. null: its mean token NLL, which pushes the label up without end. A number b: -log sigmoid(b * (log pi(y) - log pi_ref(y))), on the label's summed log-probs under its line against the reference's: it pushes a label until it is about 3/b nats likelier than under the reference and then hardly at all, so the warm start's move away from the reference is bounded per label (the anchored loss; with the plain NLL the demo's corners end 8-9 nats out, docs/steering.md)."""
     warm_start_pairs: Literal["labels", "stop_decisions"] = "labels"
