@@ -130,8 +130,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     stop_decisions = warm_start and cfg.algorithm.warm_start_pairs == "stop_decisions"
                     supervised = warm_start and not stop_decisions
                     if stop_decisions:
-                        n = cfg.rollout.samples_per_prompt
-                        selection = select_stop_decisions(normalized, lines, candidates, n, tokenizer.eos_token_id)
+                        selection = select_stop_decisions(normalized, lines, candidates)
                     elif supervised:
                         selection = select_line_answers(normalized, lines)
                     else:

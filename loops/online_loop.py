@@ -306,6 +306,8 @@ def learn(
     to differ by the `eos_id` token alone. `sampled_prompt_ids`:
     the prompts as the generators saw them; the first `algorithm.kl_samples_per_prompt` samples of
     each (random draws) under them give the learner's KL estimate."""
+    if stop_decisions and eos_id is None:
+        raise ValueError("learn: stop_decisions cuts each pair at the end-of-sequence token; pass eos_id")
     if not pairs:
         log.warning("step %d: every candidate pair was a tie; no learner update", step)
         return {}

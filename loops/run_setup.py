@@ -12,6 +12,8 @@ from actors.cluster import start_ray
 from moalign.checkpoint import latest_sound_checkpoint, own_run_dir
 from moalign.config import RunConfig, check_resume_config, save_resolved
 
+log = logging.getLogger(__name__)
+
 
 def open_run(cfg: RunConfig, ray_address: str | None) -> tuple[Path, Path | None, str, Any]:
     """The run directory (with the resolved config saved, after checking that a resumed run trains
@@ -27,6 +29,13 @@ def open_run(cfg: RunConfig, ray_address: str | None) -> tuple[Path, Path | None
     if resume_from is not None:
         check_resume_config(cfg, run_dir / "config.yaml")
     save_resolved(cfg, run_dir / "config.yaml")
+    if cfg.algorithm.warm_start_steps >= cfg.steps:
+        # Allowed (a warm start measured on its own), but easy to do by mistake when shortening a run.
+        log.warning(
+            "steps: %d is not above algorithm.warm_start_steps (%d): every step is a warm-start step, none is a DPO step",
+            cfg.steps,
+            cfg.algorithm.warm_start_steps,
+        )
     start_ray(cfg.actors, ray_address)
     model_path = str(starting_model(cfg, run_dir))
     return run_dir, resume_from, model_path, AutoTokenizer.from_pretrained(model_path)

@@ -19,6 +19,9 @@ class Sample(TypedDict):
     """vLLM's: "stop" for EOS or a stop string, "length" when max_new_tokens cut the answer off."""
     version: int
     """The policy version the generator held when it sampled this (0: the starting model)."""
+    prefix_of: NotRequired[int]
+    """Only on a sentence-end prefix (`moalign.prefixes.with_sentence_prefixes`): the index, among
+    its prompt's candidates, of the sample it was cut from, which went on past it."""
 
 
 class PairBatch(TypedDict):

@@ -485,11 +485,17 @@ class RunConfig(_Section):
                 f"health.min_completion_tokens: {self.health.min_completion_tokens} is above rollout.max_new_tokens "
                 f"({self.rollout.max_new_tokens}), so every step would warn"
             )
-        if self.algorithm.warm_start_beta is not None and not self.algorithm.warm_start_steps:
-            raise ValueError(
-                f"algorithm.warm_start_beta: {self.algorithm.warm_start_beta} is set, but algorithm.warm_start_steps is 0, "
-                "so no step is supervised"
-            )
+        if not self.algorithm.warm_start_steps:
+            # Settings that shape only the warm start: set without one, they would do nothing.
+            a = self.algorithm
+            warm_start_only = {
+                "algorithm.warm_start_beta": a.warm_start_beta,
+                "algorithm.warm_start_lines": None if a.warm_start_lines == "corners" else a.warm_start_lines,
+                "rollout.warm_start_prompts_per_step": self.rollout.warm_start_prompts_per_step or None,
+            }
+            for name, value in warm_start_only.items():
+                if value is not None:
+                    raise ValueError(f"{name}: {value} is set, but algorithm.warm_start_steps is 0, so no step is a warm-start step")
         if self.algorithm.warm_start_pairs == "stop_decisions":
             a = self.algorithm
             clashes = [
@@ -505,11 +511,6 @@ class RunConfig(_Section):
             raise ValueError(
                 f"algorithm.warm_start_prefix_kl: {self.algorithm.warm_start_prefix_kl} holds the prefixes of stop decisions; "
                 "it needs algorithm.warm_start_pairs: stop_decisions"
-            )
-        if self.rollout.warm_start_prompts_per_step and not self.algorithm.warm_start_steps:
-            raise ValueError(
-                f"rollout.warm_start_prompts_per_step: {self.rollout.warm_start_prompts_per_step} is set, but "
-                "algorithm.warm_start_steps is 0, so no step would draw that many prompts"
             )
         pairs = self.pairs_per_step
         shard = self.actors.num_learners * self.learner.micro_batch_pairs

@@ -290,28 +290,7 @@ def select_line_answers(rewards: np.ndarray, lines: Sequence[np.ndarray]) -> Pai
     return PairSelection(pairs, ties, 0)
 
 
-def prefix_parents(group: Sequence[Sample], n_samples: int, eos_id: int) -> dict[int, int]:
-    """For a prompt's candidates (its `n_samples` samples, then sentence-end prefixes closed with
-    `eos_id` and any top-up copies, as `moalign.prefixes.with_sentence_prefixes` lays them out):
-    each prefix's index -> the index of the sample it was cut from. Copies have no parent."""
-    parents: dict[int, int] = {}
-    for i in range(n_samples, len(group)):
-        ids = list(group[i]["token_ids"])
-        if not ids or ids[-1] != eos_id:
-            continue
-        body = ids[:-1]
-        for p in range(n_samples):
-            own = list(group[p]["token_ids"])
-            # Strictly longer and not ending right there: the sample went on past the prefix.
-            if len(own) > len(body) and own[: len(body)] == body and own[len(body)] != eos_id:
-                parents[i] = p
-                break
-    return parents
-
-
-def select_stop_decisions(
-    rewards: np.ndarray, lines: Sequence[np.ndarray], candidates: Sequence[Sequence[Sample]], n_samples: int, eos_id: int
-) -> PairSelection:
+def select_stop_decisions(rewards: np.ndarray, lines: Sequence[np.ndarray], candidates: Sequence[Sequence[Sample]]) -> PairSelection:
     """Warm-start pairs on the decision to stop: for each (B, n, K) prompt b and each weight set j
     of `lines` (the corners), the sentence-end prefix and the sample it was cut from whose rewards
     under row b differ most, the better one chosen. The two share every token up to the prefix's
@@ -321,7 +300,7 @@ def select_stop_decisions(
     batch, scored = _scored_lines(rewards, lines)
     if len(candidates) != batch:
         raise ValueError(f"{len(candidates)} candidate groups for {batch} prompts")
-    parents = [prefix_parents(group, n_samples, eos_id) for group in candidates]
+    parents = [{i: c["prefix_of"] for i, c in enumerate(group) if "prefix_of" in c} for group in candidates]
     pairs: list[Pair] = []
     ties = 0
     for j, (w, scores) in enumerate(scored):

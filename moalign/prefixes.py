@@ -54,19 +54,20 @@ def with_sentence_prefixes(
     out = []
     for group, seed in zip(samples, seeds):
         found = []
-        for s in group:
+        for k, s in enumerate(group):
             ids = list(s["token_ids"])
             if ids and ids[-1] == eos_id:
                 ids = ids[:-1]
             pieces = [tokenizer.decode([t]) for t in ids]
-            found += [(s, ids[: i + 1]) for i in sentence_ends(pieces)]
+            # sentence_ends leaves out the last piece, so every prefix's sample went on past it.
+            found += [(k, s, ids[: i + 1]) for i in sentence_ends(pieces)]
         rng = np.random.default_rng(seed)
         picked = rng.choice(len(found), size=min(count, len(found)), replace=False) if found else []
         extra: list[Sample] = []
         for j in sorted(int(j) for j in picked):
-            s, ids = found[j]
+            k, s, ids = found[j]
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            extra.append({"token_ids": [*ids, eos_id], "text": text, "finish_reason": "stop", "version": s["version"]})
+            extra.append({"token_ids": [*ids, eos_id], "text": text, "finish_reason": "stop", "version": s["version"], "prefix_of": k})
         extra += [dict(group[j % len(group)]) for j in range(count - len(extra))]
         out.append([*group, *extra])
     return out

@@ -197,6 +197,17 @@ def test_batch_arithmetic_names_the_warm_starts_batch_when_it_is_larger():
         load_config(None, [*overrides, "learner.micro_batch_pairs=4"])
 
 
+@pytest.mark.parametrize(
+    "setting",
+    ["algorithm.warm_start_beta=0.5", "algorithm.warm_start_lines=drawn_and_corners", "rollout.warm_start_prompts_per_step=2"],
+)
+def test_warm_start_settings_without_a_warm_start_are_refused(setting):
+    name, value = setting.split("=")
+    with pytest.raises(ConfigError, match=rf"{name}: {value} is set, but algorithm\.warm_start_steps is 0"):
+        load_config(None, [setting])
+    assert load_config(None, [setting, "algorithm.warm_start_steps=3"])
+
+
 def test_the_stop_decision_warm_start_needs_prefixes_and_a_warm_start():
     stops = ["algorithm.warm_start_pairs=stop_decisions", "algorithm.sentence_prefixes=8"]
     assert load_config(None, [*stops, "algorithm.warm_start_steps=5"]).algorithm.warm_start_pairs == "stop_decisions"

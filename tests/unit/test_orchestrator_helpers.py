@@ -286,6 +286,8 @@ def test_learn_builds_the_warm_start_batch_and_the_kl_samples():
         [batch] = [b for b in learners.batches if b["prompt_ids"]]
         assert (batch["chosen_ids"][0], batch["rejected_ids"][0]) == want
         assert batch["warm_start"] and "supervised" not in batch
+    with pytest.raises(ValueError, match="stop_decisions cuts each pair at the end-of-sequence token; pass eos_id"):
+        learn(cfg, learners, [[2, 0, 0]], stops, [pair], 3, stop_decisions=True)
 
 
 def test_sentence_prefixes_need_an_eos_token_before_any_actor_starts(monkeypatch, tmp_path):
@@ -377,8 +379,3 @@ def test_the_warm_start_draws_its_own_batch_then_the_dpo_steps_theirs(tiny_model
     # Every prompt once before any repeats: the cursor moved on by the batch each step drew.
     drawn = sum((r.prompt_indices for r in state.rollouts), [])
     assert sorted(drawn[:9]) == list(range(9))
-
-
-def test_a_warm_start_batch_without_a_warm_start_is_refused():
-    with pytest.raises(ConfigError, match=r"rollout\.warm_start_prompts_per_step: 2 is set, but algorithm\.warm_start_steps is 0"):
-        load_config(None, ["rollout.warm_start_prompts_per_step=2"])

@@ -6,7 +6,6 @@ from moalign.pairs import (
     RunningNormalizer,
     check_rewards,
     cut_to_stop_token,
-    prefix_parents,
     select_pairs,
     select_relabelled_pairs,
     select_stop_decisions,
@@ -219,20 +218,20 @@ def test_margin_weighting_scales_each_pair_by_its_score_gap():
         select_pairs(w, rewards, weighting="gap")
 
 
-def _sample(ids):
-    return {"token_ids": ids, "text": "", "finish_reason": "stop", "version": 0}
+def _sample(ids, prefix_of=None):
+    sample = {"token_ids": ids, "text": "", "finish_reason": "stop", "version": 0}
+    return sample if prefix_of is None else {**sample, "prefix_of": prefix_of}
 
 
 def test_stop_decisions_pair_each_prefix_with_its_own_sample():
     eos = 0
     # Two samples (the second ended by itself), then prefixes: of sample 0 at 2 tokens, of
     # sample 1 at 1 token, and a top-up copy of sample 0, which has no parent.
-    group = [_sample([5, 6, 7, 8]), _sample([9, 10, 0]), _sample([5, 6, 0]), _sample([9, 0]), _sample([5, 6, 7, 8])]
-    assert prefix_parents(group, 2, eos) == {2: 0, 3: 1}
+    group = [_sample([5, 6, 7, 8]), _sample([9, 10, 0]), _sample([5, 6, 0], 0), _sample([9, 0], 1), _sample([5, 6, 7, 8])]
     # Objective 0 likes short answers, objective 1 long ones; candidate 2 parts from its sample most.
     rewards = np.array([[[0.0, 1.0], [0.5, 0.6], [1.0, 0.1], [0.7, 0.4], [0.0, 1.0]]])
     corners = [np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])]
-    selection = select_stop_decisions(rewards, corners, [group], 2, eos)
+    selection = select_stop_decisions(rewards, corners, [group])
     assert [(p.prompt, p.chosen, p.rejected, p.objective) for p in selection.pairs] == [(0, 2, 0, 0), (1, 0, 2, 1)]
     # Cut to the stop token, the pair differs by the end-of-sequence token alone, either way round.
     assert cut_to_stop_token(group[2]["token_ids"], group[0]["token_ids"], eos) == ([5, 6, 0], [5, 6])
@@ -240,6 +239,6 @@ def test_stop_decisions_pair_each_prefix_with_its_own_sample():
     with pytest.raises(ValueError, match="not a stop decision"):
         cut_to_stop_token([5, 6, 7], [5, 6, 8], eos)
     # Prefixes that score as their samples do, or none at all: ties, no pair.
-    flat = select_stop_decisions(np.ones((1, 5, 2)), corners, [group], 2, eos)
+    flat = select_stop_decisions(np.ones((1, 5, 2)), corners, [group])
     assert flat.pairs == [] and flat.dropped_ties == 2
-    assert select_stop_decisions(rewards[:, :2], corners, [group[:2]], 2, eos).dropped_ties == 2
+    assert select_stop_decisions(rewards[:, :2], corners, [group[:2]]).dropped_ties == 2

@@ -54,16 +54,20 @@ def test_prefixes_follow_the_samples_and_end_with_eos():
         ids = s["token_ids"]
         assert ids[-1] == EOS and s["finish_reason"] == "stop" and s["version"] == 3
         assert s["text"] == tok.decode(ids, skip_special_tokens=True) and s["text"].endswith((".", "!"))
-        assert any(g["token_ids"][: len(ids) - 1] == ids[:-1] and len(g["token_ids"]) > len(ids) - 1 for g in groups[0])
+        # Each names the sample it was cut from, which went on past it.
+        parent = groups[0][s["prefix_of"]]["token_ids"]
+        assert parent[: len(ids) - 1] == ids[:-1] and parent[len(ids) - 1] != EOS
 
 
 def test_too_few_prefixes_are_topped_up_with_copies_of_samples():
     tok = PieceTokenizer()
     groups = [[sample([1, 2, 3, 4, 5, EOS]), sample([7, 8], "length")]]
     out = with_sentence_prefixes(groups, tok, 3, EOS, seeds=[0])
-    assert out[0][2]["token_ids"] == [1, 2, 3, EOS]
-    # Copies rank after their originals (argmax and argmin take the first of equal scores).
+    assert out[0][2]["token_ids"] == [1, 2, 3, EOS] and out[0][2]["prefix_of"] == 0
+    # Copies rank after their originals (argmax and argmin take the first of equal scores), and
+    # are no prefix of anything.
     assert out[0][3:] == [groups[0][0], groups[0][1]]
+    assert all("prefix_of" not in s for s in out[0][3:])
 
 
 def test_the_draw_is_seeded():
