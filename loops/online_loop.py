@@ -20,7 +20,15 @@ from actors.ray_actors import ActorFailure
 from actors.weight_sync import make_weight_sync
 from moalign.actor_io import PairBatch, Sample, StepLearnerMetrics
 from moalign.checkpoint import latest_sound_checkpoint, read_state
-from moalign.conditioning import DirichletSampler, FixedWeights, corner_weights, neglected_corners, render_conditioned, round_weights
+from moalign.conditioning import (
+    DirichletSampler,
+    FixedWeights,
+    corner_weights,
+    cycled_corners,
+    neglected_corners,
+    render_conditioned,
+    round_weights,
+)
 from moalign.config import ConfigError, RunConfig
 from moalign.data import DataError, PromptCursor
 from moalign.health import METRICS as HEALTH_METRICS
@@ -267,11 +275,15 @@ def training_lines(cfg: RunConfig, sampler: DirichletSampler | FixedWeights, wei
 
 
 def draw_rollout(cfg: RunConfig, state: LoopState, prompts, tokenizer, generators) -> Rollout:
-    """The next undrawn step's prompts and weights (rounded as written), sent to the generators."""
+    """The next undrawn step's prompts and weights (rounded as written; in the warm start, with
+    `conditioning.warm_start_weights: corners`, the corners), sent to the generators."""
     step = state.step + len(state.rollouts) + 1
     drawn_from = (state.cursor.epoch, state.cursor.position)
     indices = state.cursor.next(cfg.prompts_for_step(step))
     weights = round_weights(state.sampler.sample(len(indices)), cfg.conditioning.decimals)
+    if step <= cfg.algorithm.warm_start_steps and cfg.conditioning.warm_start_weights == "corners":
+        # Drawn all the same, so the DPO steps draw what they would have without this setting.
+        weights = cycled_corners(len(cfg.objective_names), len(indices))
     prompt_ids = [
         render_conditioned(tokenizer, prompts[i].prompt, cfg.objective_names, w, cfg.conditioning, cfg.model.max_prompt_tokens)
         for i, w in zip(indices, weights)

@@ -90,6 +90,11 @@ def corner_weights(n_objectives: int, batch: int) -> list[np.ndarray]:
     return [np.tile(corner, (batch, 1)) for corner in np.eye(n_objectives)]
 
 
+def cycled_corners(n_objectives: int, batch: int) -> np.ndarray:
+    """(B, K) weights, prompt b under corner b mod K: every corner samples about B / K prompts."""
+    return np.eye(n_objectives)[np.arange(batch) % n_objectives]
+
+
 def check_weights(weights: Sequence[float] | np.ndarray, n_objectives: int, atol: float = 1e-6) -> np.ndarray:
     """Weights must be finite, >= 0, K long and sum to 1."""
     w = np.asarray(weights, dtype=float)

@@ -79,6 +79,8 @@ class ConditioningConfig(_Section):
     """Dirichlet concentration: one value for all objectives or one per objective (each > 0)."""
     fixed_weights: list[float] | None = None
     """Train every prompt under these weights instead of Dirichlet draws (e.g. `[1, 0, 0]`: a single-objective specialist baseline)."""
+    warm_start_weights: Literal["drawn", "corners"] = "drawn"
+    """The weights the prompts of `algorithm.warm_start_steps` are sampled under: `drawn`, as the DPO steps' (Dirichlet draws or `fixed_weights`); `corners`, a step's prompt b under corner b mod K, so the warm start, which trains the corners, learns from text the corners' own lines wrote, and its KL terms (`algorithm.warm_start_prefix_kl`, `algorithm.kl_coef`) hold each corner's own answers. With `drawn`, a corner can drift far on answers it writes while those terms read text other lines wrote (docs/steering.md)."""
 
     @field_validator("alpha")
     @classmethod
@@ -492,6 +494,7 @@ class RunConfig(_Section):
                 "algorithm.warm_start_beta": a.warm_start_beta,
                 "algorithm.warm_start_lines": None if a.warm_start_lines == "corners" else a.warm_start_lines,
                 "rollout.warm_start_prompts_per_step": self.rollout.warm_start_prompts_per_step or None,
+                "conditioning.warm_start_weights": None if self.conditioning.warm_start_weights == "drawn" else "corners",
             }
             for name, value in warm_start_only.items():
                 if value is not None:

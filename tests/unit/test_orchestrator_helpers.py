@@ -379,3 +379,29 @@ def test_the_warm_start_draws_its_own_batch_then_the_dpo_steps_theirs(tiny_model
     # Every prompt once before any repeats: the cursor moved on by the batch each step drew.
     drawn = sum((r.prompt_indices for r in state.rollouts), [])
     assert sorted(drawn[:9]) == list(range(9))
+
+
+def test_the_warm_start_can_sample_under_the_corners(tiny_model):
+    from transformers import AutoTokenizer
+
+    from loops.online_loop import LoopState, draw_rollout
+    from moalign.conditioning import DirichletSampler
+    from moalign.data import PromptCursor, PromptRecord
+    from moalign.pairs import RunningNormalizer
+
+    base = [f"model.path={tiny_model}", "conditioning.style=system_prefix", "algorithm.warm_start_steps=1", "learner.micro_batch_pairs=1"]
+    prompts = [PromptRecord(str(i), f"prompt {i}", None) for i in range(9)]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    runs = {}
+    for setting in ("drawn", "corners"):
+        cfg = load_config(None, [*base, f"conditioning.warm_start_weights={setting}"])
+        k = len(cfg.objectives)
+        state = LoopState(DirichletSampler(k, 1.0, 0), PromptCursor(9, 0), RunningNormalizer(k), HealthMonitor(**cfg.health.model_dump()))
+        for _ in range(2):
+            state.rollouts.append(draw_rollout(cfg, state, prompts, tokenizer, _RecordingGenerators()))
+        runs[setting] = list(state.rollouts)
+    batch = cfg.rollout.prompts_per_step
+    # Step 1 (the warm start): prompt b under corner b mod K; step 2 (DPO) draws what it would have.
+    np.testing.assert_array_equal(runs["corners"][0].weights, np.eye(k)[np.arange(batch) % k])
+    assert not np.array_equal(runs["drawn"][0].weights, runs["corners"][0].weights)
+    np.testing.assert_array_equal(runs["drawn"][1].weights, runs["corners"][1].weights)
