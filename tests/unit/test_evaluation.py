@@ -425,3 +425,36 @@ def test_kl_is_reported_per_weight_vector_against_the_health_bound(tmp_path):
         kl_stats(np.zeros((3, 4)))
     with pytest.raises(ValueError, match="NaN"):
         kl_stats(np.full((3, 4, 2), np.nan))
+
+
+class _RecordingLearners:
+    """Each rank's kl_logratios answers the completions' first token ids, so the order shows."""
+
+    def __init__(self, ranks):
+        self.ranks, self.calls = ranks, []
+
+    def __len__(self):
+        return self.ranks
+
+    def call_each(self, method, args, step=None):
+        self.calls.append([len(c) for _, c in args])
+        return [[float(ids[0]) for ids in c] for _, c in args]
+
+    def call(self, method, prompts, completions, step=None):
+        self.calls.append([len(completions)])
+        return [[float(ids[0]) for ids in completions]] * self.ranks
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_the_kl_of_an_evaluation_is_scored_in_calls_of_bounded_size(zero_stage):
+    from loops.pareto_eval import KL_ANSWERS_PER_CALL, _kl_logratios
+
+    cfg = load_config(None, [f"learner.zero_stage={zero_stage}", "logging.progress_bar=false"])
+    samples, prompts = 2, 100
+    completions = [[i] for i in range(prompts * samples)]
+    learners = _RecordingLearners(2)
+    values = _kl_logratios(cfg, learners, [[7]] * prompts, completions, samples, 5, "step 5")
+    # Every answer once, in order, whatever the calls.
+    assert values == [float(i) for i in range(prompts * samples)]
+    assert sum(map(sum, learners.calls)) == prompts * samples
+    assert max(max(c) for c in learners.calls) <= KL_ANSWERS_PER_CALL and len(learners.calls) > 1
