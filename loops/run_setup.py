@@ -29,6 +29,13 @@ def open_run(cfg: RunConfig, ray_address: str | None) -> tuple[Path, Path | None
     if resume_from is not None:
         check_resume_config(cfg, run_dir / "config.yaml")
     save_resolved(cfg, run_dir / "config.yaml")
+    warn_if_only_warm_start(cfg)
+    start_ray(cfg.actors, ray_address)
+    model_path = str(starting_model(cfg, run_dir))
+    return run_dir, resume_from, model_path, AutoTokenizer.from_pretrained(model_path)
+
+
+def warn_if_only_warm_start(cfg: RunConfig) -> None:
     if cfg.algorithm.warm_start_steps >= cfg.steps:
         # Allowed (a warm start measured on its own), but easy to do by mistake when shortening a run.
         log.warning(
@@ -36,9 +43,6 @@ def open_run(cfg: RunConfig, ray_address: str | None) -> tuple[Path, Path | None
             cfg.steps,
             cfg.algorithm.warm_start_steps,
         )
-    start_ray(cfg.actors, ray_address)
-    model_path = str(starting_model(cfg, run_dir))
-    return run_dir, resume_from, model_path, AutoTokenizer.from_pretrained(model_path)
 
 
 def setup_logging(cfg: RunConfig) -> None:

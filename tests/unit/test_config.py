@@ -219,3 +219,14 @@ def test_the_stop_decision_warm_start_needs_prefixes_and_a_warm_start():
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [*stops, *extra])
+
+
+def test_a_run_of_only_warm_start_steps_is_warned_about(caplog):
+    from loops.run_setup import warn_if_only_warm_start
+
+    with caplog.at_level("WARNING", logger="loops.run_setup"):
+        warn_if_only_warm_start(load_config(None, ["steps=20", "algorithm.warm_start_steps=20"]))
+        assert "every step is a warm-start step" in caplog.text
+        caplog.clear()
+        warn_if_only_warm_start(load_config(None, ["steps=21", "algorithm.warm_start_steps=20"]))
+        assert caplog.text == ""
