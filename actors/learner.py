@@ -515,12 +515,14 @@ class Learner(WeightPublisher):
         return need
 
     def _set_phase(self, supervised: bool) -> None:
-        """Each step's learning rates from the config, and which control-token rows train: the DPO
+        """Each step's learning rates from the config (`supervised`: a warm-start step, at
+        `learner.warm_start_lr` where set), and which control-token rows train: the DPO
         steps may hold some (`learner.control_token_dpo_rows`). A resumed run follows its config,
         not the rates its optimizer saved."""
         lcfg = self.cfg.learner
         groups = self.engine.optimizer.param_groups
-        groups[0]["lr"] = lcfg.lr
+        lr = lcfg.warm_start_lr if supervised and lcfg.warm_start_lr is not None else lcfg.lr
+        groups[0]["lr"] = lr
         if not self._has_rows:
             return
         rows = "all" if supervised else lcfg.control_token_dpo_rows
@@ -528,7 +530,7 @@ class Learner(WeightPublisher):
         if not supervised and lcfg.control_token_dpo_lr_scale is not None:
             scale = lcfg.control_token_dpo_lr_scale
         # `none` by a zero rate, not a stopped gradient: Adam's momentum would carry the rows on.
-        groups[1]["lr"] = 0.0 if rows == "none" else lcfg.lr * scale
+        groups[1]["lr"] = 0.0 if rows == "none" else lr * scale
         embedding = self.engine.module.get_base_model().get_input_embeddings()
         if rows == "ends":
             ends = set(self.control.end_rows)

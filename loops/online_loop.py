@@ -24,6 +24,7 @@ from moalign.conditioning import (
     DirichletSampler,
     FixedWeights,
     corner_weights,
+    corners_among_draws,
     cycled_corners,
     neglected_corners,
     render_conditioned,
@@ -58,6 +59,9 @@ class Rollout:
     """The prompt cursor's (epoch, position) before these prompts were drawn, for the ledger."""
     generation: Generation | None = None
     samples: list[list[Sample]] | None = None
+    drawn_weights: np.ndarray | None = None
+    """The Dirichlet draw, where the warm start samples under the corners instead
+    (`conditioning.warm_start_weights: corners`); None: `weights` are the draw."""
 
     def wait(self) -> list[list[Sample]]:
         if self.samples is None:
@@ -80,12 +84,21 @@ class Rollout:
             "policy_step": self.policy_step,
             "drawn_from": self.drawn_from,
             "samples": self.samples,
+            "drawn_weights": None if self.drawn_weights is None else self.drawn_weights.tolist(),
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Rollout:
         drawn_from = tuple(state["drawn_from"]) if state.get("drawn_from") is not None else None
-        return cls(**{**state, "weights": np.asarray(state["weights"]), "drawn_from": drawn_from})
+        drawn = state.get("drawn_weights")
+        return cls(
+            **{
+                **state,
+                "weights": np.asarray(state["weights"]),
+                "drawn_from": drawn_from,
+                "drawn_weights": None if drawn is None else np.asarray(drawn),
+            }
+        )
 
 
 @dataclass
@@ -258,14 +271,25 @@ def check_supported(cfg: RunConfig, config_path: str | None = None) -> None:
         )
 
 
-def training_lines(cfg: RunConfig, sampler: DirichletSampler | FixedWeights, weights: np.ndarray, supervised: bool) -> list[np.ndarray]:
+def training_lines(
+    cfg: RunConfig,
+    sampler: DirichletSampler | FixedWeights,
+    weights: np.ndarray,
+    supervised: bool,
+    drawn: np.ndarray | None = None,
+) -> list[np.ndarray]:
     """The weight sets a step trains, one (B, K) array each, in the order its pairs number their
     prompts (set j's prompt b is j * B + b). DPO: the drawn weights, then `relabel_weights` more
     (each prompt's neglected corners, or fresh draws). The warm start: the corners, after the
-    drawn weights with `warm_start_lines: drawn_and_corners`."""
+    drawn weights with `warm_start_lines: drawn_and_corners` (`drawn`, the draw, where the
+    samples were taken under the corners instead); with `sampled`, the weights sampled under alone."""
     if supervised:
+        if cfg.algorithm.warm_start_lines == "sampled":
+            return [weights]
         corners = corner_weights(weights.shape[1], len(weights))
-        return [weights, *corners] if cfg.algorithm.warm_start_lines == "drawn_and_corners" else corners
+        if cfg.algorithm.warm_start_lines == "drawn_and_corners":
+            return [weights if drawn is None else drawn, *corners]
+        return corners
     count = cfg.algorithm.relabel_weights
     if count == 0:
         return [weights]
@@ -280,17 +304,30 @@ def draw_rollout(cfg: RunConfig, state: LoopState, prompts, tokenizer, generator
     step = state.step + len(state.rollouts) + 1
     drawn_from = (state.cursor.epoch, state.cursor.position)
     indices = state.cursor.next(cfg.prompts_for_step(step))
-    weights = round_weights(state.sampler.sample(len(indices)), cfg.conditioning.decimals)
+    weights = drawn = round_weights(state.sampler.sample(len(indices)), cfg.conditioning.decimals)
+    # Drawn all the same, so the DPO steps draw what they would have without these settings;
+    # `warm_start_lines: drawn_and_corners` trains the draw on the corners' samples.
     if step <= cfg.algorithm.warm_start_steps and cfg.conditioning.warm_start_weights == "corners":
-        # Drawn all the same, so the DPO steps draw what they would have without this setting.
         weights = cycled_corners(len(cfg.objective_names), len(indices))
+    elif step <= cfg.algorithm.warm_start_steps and cfg.conditioning.warm_start_weights == "corners_and_drawn":
+        weights = corners_among_draws(drawn)
     prompt_ids = [
         render_conditioned(tokenizer, prompts[i].prompt, cfg.objective_names, w, cfg.conditioning, cfg.model.max_prompt_tokens)
         for i, w in zip(indices, weights)
     ]
     seeds = step_seeds(cfg, step, len(prompt_ids))
     generation = Generation(cfg.rollout, generators, prompt_ids, seeds, cfg.rollout.samples_per_prompt, step)
-    return Rollout(step, list(indices), weights, prompt_ids, state.version, state.synced_step, drawn_from, generation)
+    return Rollout(
+        step,
+        list(indices),
+        weights,
+        prompt_ids,
+        state.version,
+        state.synced_step,
+        drawn_from,
+        generation,
+        drawn_weights=None if drawn is weights else drawn,
+    )
 
 
 def step_seeds(cfg: RunConfig, step: int, count: int) -> list[int]:

@@ -95,6 +95,15 @@ def cycled_corners(n_objectives: int, batch: int) -> np.ndarray:
     return np.eye(n_objectives)[np.arange(batch) % n_objectives]
 
 
+def corners_among_draws(drawn: np.ndarray) -> np.ndarray:
+    """(B, K) weights: prompt b under corner b mod K where b mod 2K < K, under its row of `drawn`
+    otherwise, so half the prompts sample the corners and half the weights between them."""
+    drawn = np.asarray(drawn, dtype=float)
+    batch, k = drawn.shape
+    on_corner = (np.arange(batch) % (2 * k) < k)[:, None]
+    return np.where(on_corner, cycled_corners(k, batch), drawn)
+
+
 def check_weights(weights: Sequence[float] | np.ndarray, n_objectives: int, atol: float = 1e-6) -> np.ndarray:
     """Weights must be finite, >= 0, K long and sum to 1."""
     w = np.asarray(weights, dtype=float)

@@ -79,8 +79,8 @@ class ConditioningConfig(_Section):
     """Dirichlet concentration: one value for all objectives or one per objective (each > 0)."""
     fixed_weights: list[float] | None = None
     """Train every prompt under these weights instead of Dirichlet draws (e.g. `[1, 0, 0]`: a single-objective specialist baseline)."""
-    warm_start_weights: Literal["drawn", "corners"] = "drawn"
-    """The weights the prompts of `algorithm.warm_start_steps` are sampled under: `drawn`, as the DPO steps' (Dirichlet draws or `fixed_weights`); `corners`, a step's prompt b under corner b mod K, so the warm start, which trains the corners, learns from text the corners' own lines wrote, and its KL terms (`algorithm.warm_start_prefix_kl`, `algorithm.kl_coef`) hold each corner's own answers. With `drawn`, a corner can drift far on answers it writes while those terms read text other lines wrote (docs/steering.md)."""
+    warm_start_weights: Literal["drawn", "corners", "corners_and_drawn"] = "drawn"
+    """The weights the prompts of `algorithm.warm_start_steps` are sampled under: `drawn`, as the DPO steps' (Dirichlet draws or `fixed_weights`); `corners`, a step's prompt b under corner b mod K, so the warm start, which trains the corners, learns from text the corners' own lines wrote, and its KL terms (`algorithm.warm_start_prefix_kl`, `algorithm.kl_coef`) hold each corner's own answers. With `drawn`, a corner can drift far on answers it writes while those terms read text other lines wrote (docs/steering.md). `corners_and_drawn`, prompt b under corner b mod K where b mod 2K < K and under its draw otherwise, so that with `algorithm.warm_start_lines: sampled` the weights between the corners are taught too, each line on its own samples."""
 
     @field_validator("alpha")
     @classmethod
@@ -137,11 +137,11 @@ class AlgorithmConfig(_Section):
     warm_start_beta: float | None = Field(None, gt=0, le=100)
     """MO-ODPO warm start: the loss on each label. null: its mean token NLL, which pushes the label up without end. A number b: -log sigmoid(b * (log pi(y) - log pi_ref(y))), on the label's summed log-probs under its line against the reference's: it pushes a label until it is about 3/b nats likelier than under the reference and then hardly at all, so the warm start's move away from the reference is bounded per label (the anchored loss; with the plain NLL the demo's corners end 8-9 nats out, docs/steering.md)."""
     warm_start_pairs: Literal["labels", "stop_decisions"] = "labels"
-    """MO-ODPO warm start: what it trains at each corner. `labels`, each corner's best answer as a label (hindsight labels; the loss is `warm_start_beta`'s). `stop_decisions`, a DPO pair per prompt and corner: a sentence-end prefix (`sentence_prefixes`) against the sample it was cut from, the one that corner's objective scores higher chosen, cut so that they differ by the end-of-sequence token alone, so only the decision to stop there is trained (the labels move everything a corner writes, which is where the demo's corners' 8-9 nats come from, docs/steering.md)."""
+    """MO-ODPO warm start: what it trains at each corner. `labels`, each corner's best answer as a label (hindsight labels; the loss is `warm_start_beta`'s). `stop_decisions`, a DPO pair per prompt and line (`warm_start_lines`): a sentence-end prefix (`sentence_prefixes`) against the sample it was cut from, the one that line's weighted reward scores higher chosen, cut so that they differ by the end-of-sequence token alone, so only the decision to stop there is trained (the labels move everything a corner writes, which is where the demo's corners' 8-9 nats come from, docs/steering.md)."""
     warm_start_prefix_kl: float = Field(0.0, ge=0, le=100)
     """MO-ODPO warm start with `warm_start_pairs: stop_decisions`: c x (log pi - log pi_ref)^2 / 2 of each pair's shared prefix (the policy's own text before the stop decision, under the corner's line), added to its loss, so the text a corner writes is held at the reference while its decision to stop trains (without it the Conciseness corner's text went to word salad, docs/steering.md); 0: the EOS token's DPO loss alone."""
-    warm_start_lines: Literal["corners", "drawn_and_corners"] = "corners"
-    """MO-ODPO warm start: the weight lines that get hindsight labels. `corners`, each corner its objective's best answer; `drawn_and_corners`, also each prompt's drawn line the answer best under its weighted reward, so the weights between the corners are taught answers between theirs."""
+    warm_start_lines: Literal["corners", "drawn_and_corners", "sampled"] = "corners"
+    """MO-ODPO warm start: the weight lines that get hindsight labels. `corners`, each corner its objective's best answer; `drawn_and_corners`, also each prompt's drawn line the answer best under its weighted reward, so the weights between the corners are taught answers between theirs (with `warm_start_pairs: stop_decisions`, its decision to stop; with `conditioning.warm_start_weights: corners`, the line is still the Dirichlet draw, trained on the corner's samples, which drifted far, docs/steering.md); `sampled`, each prompt only under the weights it was sampled with (`conditioning.warm_start_weights`), so every line learns from text it wrote."""
     sft_weight: float = Field(0.0, ge=0, le=100)
     """MO-ODPO: weight of a supervised term added to each pair's loss, the chosen answer's mean token negative log-likelihood under the pair's own weight line (with relabelling, each line learns its own best answer directly); 0: DPO alone."""
     pair_tokens_past_parting: int = Field(0, ge=0, le=4096)
@@ -229,6 +229,8 @@ class LoRAConfig(_Section):
 class LearnerConfig(_Section):
     lr: float = Field(5e-5, gt=0, le=1)
     """AdamW learning rate."""
+    warm_start_lr: float | None = Field(None, gt=0, le=1)
+    """The learning rate of the `algorithm.warm_start_steps` steps (the rows' rate scales it as it scales `lr`); null: `lr`. The stop-decision warm start split the corners at 2e-4, where the DPO steps after it held the KL at 5e-5 (docs/steering.md)."""
     weight_decay: float = Field(0.0, ge=0, le=1)
     """AdamW weight decay."""
     grad_clip: float = Field(1.0, gt=0)
@@ -494,7 +496,10 @@ class RunConfig(_Section):
                 "algorithm.warm_start_beta": a.warm_start_beta,
                 "algorithm.warm_start_lines": None if a.warm_start_lines == "corners" else a.warm_start_lines,
                 "rollout.warm_start_prompts_per_step": self.rollout.warm_start_prompts_per_step or None,
-                "conditioning.warm_start_weights": None if self.conditioning.warm_start_weights == "drawn" else "corners",
+                "learner.warm_start_lr": self.learner.warm_start_lr,
+                "conditioning.warm_start_weights": None
+                if self.conditioning.warm_start_weights == "drawn"
+                else self.conditioning.warm_start_weights,
             }
             for name, value in warm_start_only.items():
                 if value is not None:
@@ -505,7 +510,6 @@ class RunConfig(_Section):
                 (not a.warm_start_steps, "algorithm.warm_start_steps is 0, so no step is a warm-start step"),
                 (not a.sentence_prefixes, "it pairs sentence-end prefixes with their samples; set algorithm.sentence_prefixes above 0"),
                 (a.warm_start_beta is not None, "algorithm.warm_start_beta is the labels' loss; leave it null"),
-                (a.warm_start_lines != "corners", "it trains the corners only; leave algorithm.warm_start_lines at corners"),
             ]
             for clash, why in clashes:
                 if clash:
@@ -610,7 +614,8 @@ class RunConfig(_Section):
         """MO-ODPO: pairs a DPO step (or, `supervised`, a warm-start step) produces with no tie dropped."""
         if supervised:
             # A warm-start step trains one answer per prompt and objective (and drawn line).
-            labels = len(self.objectives) + (self.algorithm.warm_start_lines == "drawn_and_corners")
+            lines = self.algorithm.warm_start_lines
+            labels = 1 if lines == "sampled" else len(self.objectives) + (lines == "drawn_and_corners")
             return self.prompts_for_step(1) * labels
         per_prompt = len(self.objectives) if self.algorithm.pair_mode == "per_objective" else 1
         return self.rollout.prompts_per_step * per_prompt * (1 + self.algorithm.relabel_weights)
@@ -624,7 +629,9 @@ class RunConfig(_Section):
         if a.warm_start_steps and self.pairs_in_step(True) > self.pairs_in_step(False):
             prompts = self.rollout.warm_start_prompts_per_step or self.rollout.prompts_per_step
             setting = "rollout.warm_start_prompts_per_step" if self.rollout.warm_start_prompts_per_step else "rollout.prompts_per_step"
-            lines = f"{k} objectives" + (" + the drawn line" if a.warm_start_lines == "drawn_and_corners" else "")
+            lines = {"corners": f"{k} objectives", "drawn_and_corners": f"{k} objectives + the drawn line", "sampled": "1 line"}[
+                a.warm_start_lines
+            ]
             return f"the warm start's: {setting}={prompts} x ({lines})"
         return (
             f"rollout.prompts_per_step={self.rollout.prompts_per_step}"

@@ -563,7 +563,8 @@ def test_dpo_steps_train_only_the_control_rows_the_config_names(tiny, tmp_path, 
     drawn = [([1, 2, first + 3, first + 21], [10, 11], [20]), ([5, 6, first + 6, first + 15], [12], [21, 22])]
     between = [3, 6, 15]
     overrides = ["conditioning.style=control_tokens", "learner.lr=1e-2", f"learner.control_token_dpo_rows={dpo_rows}"]
-    learner = new_learner(tmp_path / "with-tokens", [*overrides, "learner.control_token_dpo_lr_scale=2"])
+    phases = ["learner.control_token_dpo_lr_scale=2", "algorithm.warm_start_steps=1", "learner.warm_start_lr=2e-2"]
+    learner = new_learner(tmp_path / "with-tokens", [*overrides, *phases])
     try:
 
         def rows() -> torch.Tensor:
@@ -584,9 +585,12 @@ def test_dpo_steps_train_only_the_control_rows_the_config_names(tiny, tmp_path, 
         assert torch.equal(after[21], warm_rows[21]) == (dpo_rows == "none")
         assert not torch.equal(lora(), warm_lora)
         # learner.control_token_dpo_lr_scale: the rows' own rate in the DPO steps (10x lr before).
-        assert learner.engine.optimizer.param_groups[1]["lr"] == (0.0 if dpo_rows == "none" else pytest.approx(1e-2 * 2))
+        groups = learner.engine.optimizer.param_groups
+        assert groups[1]["lr"] == (0.0 if dpo_rows == "none" else pytest.approx(1e-2 * 2))
+        assert groups[0]["lr"] == pytest.approx(1e-2)
+        # learner.warm_start_lr: the warm start's own rate, which the rows' scale multiplies.
         learner.train_step({**make_batch(corners, [1.0, 1.0]), "supervised": True})
-        assert learner.engine.optimizer.param_groups[1]["lr"] == pytest.approx(1e-2 * 10)
+        assert (groups[0]["lr"], groups[1]["lr"]) == (pytest.approx(2e-2), pytest.approx(2e-2 * 10))
     finally:
         learner.close()
 

@@ -199,7 +199,12 @@ def test_batch_arithmetic_names_the_warm_starts_batch_when_it_is_larger():
 
 @pytest.mark.parametrize(
     "setting",
-    ["algorithm.warm_start_beta=0.5", "algorithm.warm_start_lines=drawn_and_corners", "rollout.warm_start_prompts_per_step=2"],
+    [
+        "algorithm.warm_start_beta=0.5",
+        "algorithm.warm_start_lines=drawn_and_corners",
+        "rollout.warm_start_prompts_per_step=2",
+        "learner.warm_start_lr=0.0002",
+    ],
 )
 def test_warm_start_settings_without_a_warm_start_are_refused(setting):
     name, value = setting.split("=")
@@ -211,11 +216,14 @@ def test_warm_start_settings_without_a_warm_start_are_refused(setting):
 def test_the_stop_decision_warm_start_needs_prefixes_and_a_warm_start():
     stops = ["algorithm.warm_start_pairs=stop_decisions", "algorithm.sentence_prefixes=8"]
     assert load_config(None, [*stops, "algorithm.warm_start_steps=5"]).algorithm.warm_start_pairs == "stop_decisions"
+    between = load_config(None, [*stops, "algorithm.warm_start_steps=5", "algorithm.warm_start_lines=drawn_and_corners"])
+    assert between.pairs_in_step(True) == between.rollout.prompts_per_step * (len(between.objectives) + 1)
+    own = load_config(None, [*stops, "algorithm.warm_start_steps=5", "algorithm.warm_start_lines=sampled"])
+    assert own.pairs_in_step(True) == own.rollout.prompts_per_step
     for extra, message in (
         ([], r"warm_start_pairs: stop_decisions: algorithm\.warm_start_steps is 0"),
         (["algorithm.warm_start_steps=5", "algorithm.sentence_prefixes=0"], r"set algorithm\.sentence_prefixes above 0"),
         (["algorithm.warm_start_steps=5", "algorithm.warm_start_beta=1"], r"algorithm\.warm_start_beta is the labels' loss"),
-        (["algorithm.warm_start_steps=5", "algorithm.warm_start_lines=drawn_and_corners"], r"trains the corners only"),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [*stops, *extra])

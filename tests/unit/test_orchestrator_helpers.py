@@ -173,6 +173,10 @@ def test_rollout_round_trips_through_a_checkpoint_once_generated():
     assert (again.step, again.prompt_indices, again.prompt_ids, again.version, again.policy_step) == (3, [4], [[7, 8, 9]], 2, 1)
     assert again.drawn_from == (0, 8)
     np.testing.assert_array_equal(again.weights, rollout.weights)
+    assert again.drawn_weights is None
+    rollout.drawn_weights = np.array([[0.6, 0.4]])
+    again = Rollout.from_state(json.loads(json.dumps(rollout.state_dict())))
+    np.testing.assert_array_equal(again.drawn_weights, rollout.drawn_weights)
 
 
 def test_rollout_from_another_policy_version_is_refused():
@@ -316,14 +320,21 @@ def test_training_lines_number_the_prompts_of_each_kind_of_step():
     drawn = np.array([[0.7, 0.3], [0.2, 0.8]])
     corners = [np.array([[1.0, 0.0], [1.0, 0.0]]), np.array([[0.0, 1.0], [0.0, 1.0]])]
 
-    def lines(supervised, *overrides):
+    def lines(supervised, *overrides, sampled_under=None):
         cfg = load_config("configs/default.yaml", list(overrides))
-        return [line.tolist() for line in training_lines(cfg, DirichletSampler(2), drawn, supervised)]
+        weights = drawn if sampled_under is None else sampled_under
+        return [line.tolist() for line in training_lines(cfg, DirichletSampler(2), weights, supervised, drawn)]
 
     # The demo's warm start: the corners alone; its DPO: the drawn line, then each prompt's neglected corner.
     assert lines(True) == [c.tolist() for c in corners]
     assert lines(False) == [drawn.tolist(), [[0.0, 1.0], [1.0, 0.0]]]
     assert lines(True, "algorithm.warm_start_lines=drawn_and_corners") == [drawn.tolist(), *(c.tolist() for c in corners)]
+    # Sampled under the corners, the drawn line is still the draw, not the corner it was sampled under.
+    cycled = np.eye(2)
+    both = lines(True, "algorithm.warm_start_lines=drawn_and_corners", sampled_under=cycled)
+    assert both == [drawn.tolist(), *(c.tolist() for c in corners)]
+    # `sampled`: each prompt under the weights it was sampled with, alone.
+    assert lines(True, "algorithm.warm_start_lines=sampled", sampled_under=cycled) == [cycled.tolist()]
     assert lines(False, "algorithm.relabel_weights=0", "algorithm.relabel_keep=all") == [drawn.tolist()]
     fresh = lines(False, "algorithm.relabel_source=dirichlet")
     assert fresh[0] == drawn.tolist() and len(fresh) == 2 and np.allclose(np.sum(fresh[1], axis=1), 1)
@@ -393,7 +404,7 @@ def test_the_warm_start_can_sample_under_the_corners(tiny_model):
     prompts = [PromptRecord(str(i), f"prompt {i}", None) for i in range(9)]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     runs = {}
-    for setting in ("drawn", "corners"):
+    for setting in ("drawn", "corners", "corners_and_drawn"):
         cfg = load_config(None, [*base, f"conditioning.warm_start_weights={setting}"])
         k = len(cfg.objectives)
         state = LoopState(DirichletSampler(k, 1.0, 0), PromptCursor(9, 0), RunningNormalizer(k), HealthMonitor(**cfg.health.model_dump()))
@@ -405,3 +416,11 @@ def test_the_warm_start_can_sample_under_the_corners(tiny_model):
     np.testing.assert_array_equal(runs["corners"][0].weights, np.eye(k)[np.arange(batch) % k])
     assert not np.array_equal(runs["drawn"][0].weights, runs["corners"][0].weights)
     np.testing.assert_array_equal(runs["drawn"][1].weights, runs["corners"][1].weights)
+    # The draw the corners replaced is kept for `warm_start_lines: drawn_and_corners`, and only then.
+    np.testing.assert_array_equal(runs["corners"][0].drawn_weights, runs["drawn"][0].weights)
+    assert runs["drawn"][0].drawn_weights is None and runs["corners"][1].drawn_weights is None
+    # Half the prompts under the corners, half under their draws.
+    mixed = runs["corners_and_drawn"][0].weights
+    on_corner = np.arange(batch) % (2 * k) < k
+    np.testing.assert_array_equal(mixed[on_corner], np.eye(k)[np.arange(batch) % k][on_corner])
+    np.testing.assert_array_equal(mixed[~on_corner], runs["drawn"][0].weights[~on_corner])
