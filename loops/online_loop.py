@@ -24,11 +24,10 @@ from moalign.conditioning import (
     DirichletSampler,
     FixedWeights,
     corner_weights,
-    corners_among_draws,
-    cycled_corners,
     neglected_corners,
     render_conditioned,
     round_weights,
+    warm_start_sampling_weights,
 )
 from moalign.config import ConfigError, RunConfig
 from moalign.data import DataError, PromptCursor
@@ -305,12 +304,10 @@ def draw_rollout(cfg: RunConfig, state: LoopState, prompts, tokenizer, generator
     drawn_from = (state.cursor.epoch, state.cursor.position)
     indices = state.cursor.next(cfg.prompts_for_step(step))
     weights = drawn = round_weights(state.sampler.sample(len(indices)), cfg.conditioning.decimals)
-    # Drawn all the same, so the DPO steps draw what they would have without these settings;
-    # `warm_start_lines: drawn_and_corners` trains the draw on the corners' samples.
-    if step <= cfg.algorithm.warm_start_steps and cfg.conditioning.warm_start_weights == "corners":
-        weights = cycled_corners(len(cfg.objective_names), len(indices))
-    elif step <= cfg.algorithm.warm_start_steps and cfg.conditioning.warm_start_weights == "corners_and_drawn":
-        weights = corners_among_draws(drawn)
+    if step <= cfg.algorithm.warm_start_steps:
+        # Drawn all the same, so the DPO steps draw what they would have without these settings;
+        # `warm_start_lines: drawn_and_corners` trains the draw on the corners' samples.
+        weights = warm_start_sampling_weights(cfg.conditioning.warm_start_weights, drawn)
     prompt_ids = [
         render_conditioned(tokenizer, prompts[i].prompt, cfg.objective_names, w, cfg.conditioning, cfg.model.max_prompt_tokens)
         for i, w in zip(indices, weights)

@@ -95,13 +95,20 @@ def cycled_corners(n_objectives: int, batch: int) -> np.ndarray:
     return np.eye(n_objectives)[np.arange(batch) % n_objectives]
 
 
-def corners_among_draws(drawn: np.ndarray) -> np.ndarray:
-    """(B, K) weights: prompt b under corner b mod K where b mod 2K < K, under its row of `drawn`
+def warm_start_sampling_weights(setting: str, drawn: np.ndarray) -> np.ndarray:
+    """The (B, K) weights a warm-start step samples its prompts under, for
+    `conditioning.warm_start_weights` `setting`: `drawn`, the (B, K) draw itself; `corners`,
+    prompt b under corner b mod K; `corners_and_drawn`, that where b mod 2K < K and the draw
     otherwise, so half the prompts sample the corners and half the weights between them."""
-    drawn = np.asarray(drawn, dtype=float)
-    batch, k = drawn.shape
-    on_corner = (np.arange(batch) % (2 * k) < k)[:, None]
-    return np.where(on_corner, cycled_corners(k, batch), drawn)
+    if setting == "drawn":
+        return drawn
+    batch, k = np.shape(drawn)
+    corners = cycled_corners(k, batch)
+    if setting == "corners":
+        return corners
+    if setting == "corners_and_drawn":
+        return np.where((np.arange(batch) % (2 * k) < k)[:, None], corners, drawn)
+    raise ValueError(f"conditioning.warm_start_weights: unknown setting {setting!r}")
 
 
 def check_weights(weights: Sequence[float] | np.ndarray, n_objectives: int, atol: float = 1e-6) -> np.ndarray:

@@ -250,3 +250,17 @@ def test_a_run_counts_the_prompts_it_left_out_in_its_data_report(tmp_path):
         load_config(None, [names, "model.max_prompt_tokens=16", "data.too_long=truncate"]), str(tmp_path / "prompts.jsonl"), WordTokenizer()
     )
     assert [r.id for r in cut] == ["short", "long"] and cut[1].prompt == "tell me more tell me more"
+
+
+def test_warm_start_sampling_weights_by_setting():
+    from moalign.conditioning import warm_start_sampling_weights
+
+    drawn = np.array([[0.7, 0.3], [0.2, 0.8], [0.4, 0.6], [0.9, 0.1], [0.5, 0.5]])
+    assert warm_start_sampling_weights("drawn", drawn) is drawn
+    corners = np.eye(2)[[0, 1, 0, 1, 0]]
+    np.testing.assert_array_equal(warm_start_sampling_weights("corners", drawn), corners)
+    # Prompts 0, 1 and 4 under the corners (b mod 4 < 2), 2 and 3 under their draws.
+    mixed = warm_start_sampling_weights("corners_and_drawn", drawn)
+    np.testing.assert_array_equal(mixed, [[1, 0], [0, 1], [0.4, 0.6], [0.9, 0.1], [1, 0]])
+    with pytest.raises(ValueError, match="conditioning.warm_start_weights: unknown setting 'edges'"):
+        warm_start_sampling_weights("edges", drawn)
