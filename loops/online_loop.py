@@ -34,7 +34,7 @@ from moalign.data import DataError, PromptCursor
 from moalign.health import METRICS as HEALTH_METRICS
 from moalign.health import HealthMonitor
 from moalign.objectives import OBJECTIVES
-from moalign.pairs import Pair, RunningNormalizer, cut_past_parting, cut_to_stop_token
+from moalign.pairs import Pair, RunningNormalizer, chosen_probability, cut_past_parting, cut_to_stop_token
 from moalign.scaling import ScaleRequestError, due_requests, mark_done
 
 # The orchestrator's own logger: its lines read as they did when this lived in orchestrator.py.
@@ -382,6 +382,9 @@ def learn(
             "loss_weights": [p.loss_weight for p in part],
             "total_weight": total_weight,
         }
+        scale = cfg.algorithm.preference_label_scale
+        if scale is not None and not supervised:
+            batch["chosen_probability"] = [chosen_probability(p.gap, scale) for p in part]
         if supervised:
             batch["supervised"] = True
         if stop_decisions:

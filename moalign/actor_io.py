@@ -41,6 +41,9 @@ class PairBatch(TypedDict):
     """MODPO: the same of the rejected response."""
     labels: NotRequired[list[list[float]]]
     """MOPO: per objective, the probability that response 0 (`chosen_ids`) is preferred."""
+    chosen_probability: NotRequired[list[float]]
+    """MO-ODPO with `algorithm.preference_label_scale`: each pair's soft label, the probability
+    that its chosen answer is preferred (the sigmoid loss's target); without it, 1."""
     supervised: NotRequired[bool]
     """MO-ODPO's warm start: train each pair's chosen answer alone (its mean token NLL); `rejected_ids` is ignored."""
     warm_start: NotRequired[bool]

@@ -162,6 +162,8 @@ class AlgorithmConfig(_Section):
     """With relabelling: `all` pairs, or only the pairs of prompts whose weight lines choose different answers (`contrasting`, scalarised pairs only): where every line prefers the same answer, its pairs push the whole policy one way and teach nothing about the weights."""
     pair_weighting: Literal["uniform", "margin"] = "uniform"
     """MO-ODPO DPO steps: each pair's share of the loss. `uniform`, every pair alike (the paper); `margin`, in proportion to its weighted-reward gap (normalised rewards), so a pair its line barely prefers, which mostly differs in what the objectives do not score, moves the policy less than a clear one."""
+    preference_label_scale: float | None = Field(None, gt=0, le=100)
+    """MO-ODPO DPO pairs and the warm start's stop decisions: each pair's label. null: the chosen answer is preferred outright (DPO's hard label), so a line that barely prefers it pushes the pair as hard, and as far, as the corner that prefers it most. A number s: the chosen answer is preferred with probability sigmoid(s * gap), gap its weighted-reward lead (normalised rewards), and the sigmoid loss is the cross-entropy to that label. Its optimum is beta * (log-ratio margin) = s * gap, the policy that maximises E[weighted reward] - (beta / s) * KL: each line moves as far as its rewards separate its answers and then stops (sigmoid loss, no `label_smoothing`)."""
     relabel_source: Literal["dirichlet", "neglected_corner"] = "dirichlet"
     """Relabelling weights: fresh Dirichlet draws, or the corners of the objectives the sampled weights favour least (the most contrasting lines)."""
     modpo: MODPOConfig = MODPOConfig()
@@ -469,6 +471,12 @@ class RunConfig(_Section):
             )
         if self.algorithm.relabel_source == "neglected_corner" and self.algorithm.relabel_weights > k:
             raise ValueError(f"algorithm.relabel_weights: {self.algorithm.relabel_weights} neglected corners asked of {k} objectives")
+        a = self.algorithm
+        if a.preference_label_scale is not None and (a.loss != "sigmoid" or a.label_smoothing):
+            raise ValueError(
+                f"algorithm.preference_label_scale: {a.preference_label_scale} labels each pair for the sigmoid loss; "
+                f"it needs algorithm.loss sigmoid (got {a.loss}) and label_smoothing 0 (got {a.label_smoothing}), which it replaces"
+            )
         if self.algorithm.kl_coef and not self.algorithm.kl_samples_per_prompt:
             raise ValueError(
                 "algorithm.kl_coef: the penalty is taken on algorithm.kl_samples_per_prompt samples per prompt; set that above 0"
@@ -550,6 +558,7 @@ class RunConfig(_Section):
                 "algorithm.warm_start_prefix_kl": a.warm_start_prefix_kl != 0,
             }
             online_only |= {"algorithm.kl_coef": a.kl_coef != 0, "algorithm.sentence_prefixes": a.sentence_prefixes != 0}
+            online_only |= {"algorithm.preference_label_scale": a.preference_label_scale is not None}
             unused = [k for k, v in online_only.items() if v]
             if unused:
                 raise ValueError(f"{', '.join(unused)}: not used by {a.name}; leave at the default")

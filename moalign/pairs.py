@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -110,6 +111,10 @@ class Pair:
     """1 for scalarised pairs; w_k for the per-objective reading."""
     objective: int | None
     """The objective that ranked the pair (per-objective reading), else None."""
+    gap: float = 0.0
+    """How much better the chosen answer scored than the rejected one on what ranked them (the
+    line's weighted normalised reward, or objective k's): > 0 for DPO pairs, 0 for labels.
+    `algorithm.preference_label_scale` turns it into the pair's label."""
 
 
 @dataclass
@@ -159,7 +164,7 @@ def select_pairs(
                 ties += 1
                 continue
             gap = float(scores[b, hi] - scores[b, lo])
-            pairs.append(Pair(b, hi, lo, gap if margin else 1.0, None))
+            pairs.append(Pair(b, hi, lo, gap if margin else 1.0, None, gap))
     elif mode == "per_objective":
         for b in range(r.shape[0]):
             for k in range(r.shape[2]):
@@ -171,7 +176,7 @@ def select_pairs(
                     ties += 1
                     continue
                 gap = float(r[b, hi, k] - r[b, lo, k])
-                pairs.append(Pair(b, hi, lo, float(w[b, k]) * (gap if margin else 1.0), k))
+                pairs.append(Pair(b, hi, lo, float(w[b, k]) * (gap if margin else 1.0), k, gap))
     else:
         raise ValueError(f"unknown pair mode {mode!r}; allowed: scalarised, per_objective")
     return PairSelection(pairs, ties, zero)
@@ -218,6 +223,14 @@ def select_relabelled_pairs(
         ties += selection.dropped_ties
         zero += selection.dropped_zero_weight
     return PairSelection(pairs, ties, zero, agreeing)
+
+
+def chosen_probability(gap: float, scale: float) -> float:
+    """A pair's soft label (`algorithm.preference_label_scale`): the probability that its chosen
+    answer is preferred, sigmoid(scale * gap), the Bradley-Terry model on its reward gap."""
+    if not math.isfinite(gap) or gap < 0:
+        raise ValueError(f"a pair's reward gap must be finite and >= 0, got {gap}")
+    return 1.0 / (1.0 + math.exp(-scale * gap))
 
 
 def cut_past_parting(chosen: Sequence[int], rejected: Sequence[int], keep: int) -> tuple[list[int], list[int]]:
@@ -312,5 +325,5 @@ def select_stop_decisions(rewards: np.ndarray, lines: Sequence[np.ndarray], cand
                 continue
             gap, prefix, parent = best
             chosen, rejected = (prefix, parent) if gap > 0 else (parent, prefix)
-            pairs.append(Pair(j * batch + b, chosen, rejected, 1.0, _corner_of(w[b])))
+            pairs.append(Pair(j * batch + b, chosen, rejected, 1.0, _corner_of(w[b]), abs(float(gap))))
     return PairSelection(pairs, ties, 0)

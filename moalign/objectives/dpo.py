@@ -30,16 +30,31 @@ def dpo_margin(
     return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
 
 
-def preference_loss(margin: torch.Tensor, beta: float, kind: LossKind = "sigmoid", label_smoothing: float = 0.0) -> torch.Tensor:
+def preference_loss(
+    margin: torch.Tensor,
+    beta: float,
+    kind: LossKind = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_probability: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-pair loss of the log-ratio margin h.
 
-    sigmoid: (1-eps)(-log sigma(beta h)) + eps(-log sigma(-beta h)); ipo: (h - 1/(2 beta))^2;
-    hinge: relu(1 - beta h).
+    sigmoid: (1-eps)(-log sigma(beta h)) + eps(-log sigma(-beta h)), or with per-pair soft labels
+    p = `chosen_probability`, -p log sigma(beta h) - (1-p) log sigma(-beta h), whose minimum is at
+    beta h = logit(p); ipo: (h - 1/(2 beta))^2; hinge: relu(1 - beta h).
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if chosen_probability is not None:
+        if kind != "sigmoid" or label_smoothing:
+            raise ValueError(
+                f"soft labels replace label smoothing in the sigmoid loss; got loss {kind!r}, label_smoothing {label_smoothing}"
+            )
+        check_tensor("chosen_probability", chosen_probability, margin.shape)
+        p = chosen_probability.to(margin.dtype)
+        return -p * F.logsigmoid(beta * margin) - (1 - p) * F.logsigmoid(-beta * margin)
     if kind == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
     if label_smoothing:
@@ -59,10 +74,11 @@ def dpo_loss(
     beta: float,
     kind: LossKind = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_probability: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-pair DPO-family loss."""
     margin = dpo_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    return preference_loss(margin, beta, kind, label_smoothing)
+    return preference_loss(margin, beta, kind, label_smoothing, chosen_probability)
 
 
 def implicit_reward(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
@@ -87,6 +103,16 @@ class DPOObjective(Objective):
         self.warm_start_beta = a.warm_start_beta
         self.warm_start_prefix_kl = a.warm_start_prefix_kl
 
+    def validate(self, batch: PairBatch, n: int) -> None:
+        labels = batch.get("chosen_probability")
+        if labels is None:
+            return
+        if len(labels) != n:
+            raise ValueError(f"batch['chosen_probability'] has {len(labels)} entries, batch['prompt_ids'] has {n}")
+        for i, v in enumerate(labels):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"batch['chosen_probability'][{i}] = {v!r} is not a probability in [0, 1]")
+
     def pair_losses(self, pc, pr, rc, rr, index: torch.Tensor, batch: PairBatch) -> torch.Tensor:
         supervised = batch.get("supervised", False)
         if supervised and self.warm_start_beta is not None:
@@ -99,7 +125,11 @@ class DPOObjective(Objective):
             nll = -pc / lengths
         if supervised:
             return nll
-        loss = dpo_loss(pc, pr, rc, rr, self.beta, self.kind, self.label_smoothing)
+        labels = batch.get("chosen_probability")
+        if labels is not None:
+            # Padding rows (index -1) carry weight 0; any label keeps them finite.
+            labels = torch.tensor([labels[i] if i >= 0 else 1.0 for i in index.tolist()], dtype=pc.dtype, device=pc.device)
+        loss = dpo_loss(pc, pr, rc, rr, self.beta, self.kind, self.label_smoothing, labels)
         if batch.get("warm_start") and self.warm_start_prefix_kl:
             # A stop decision: the side without the EOS is the shared prefix alone, and its
             # log-ratio is how far the corner's own text has moved from the reference.

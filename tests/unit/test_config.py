@@ -170,6 +170,7 @@ def test_serve_config_refuses_what_cannot_run():
         (["algorithm.name=mopo", "algorithm.sentence_prefixes=4"], "algorithm.sentence_prefixes: not used by mopo"),
         (["algorithm.name=mopo", "algorithm.pair_tokens_past_parting=4"], "algorithm.pair_tokens_past_parting: not used by mopo"),
         (["algorithm.name=mopo", "algorithm.warm_start_lines=drawn_and_corners"], "algorithm.warm_start_lines: not used by mopo"),
+        (["algorithm.name=mopo", "algorithm.preference_label_scale=0.5"], "algorithm.preference_label_scale: not used by mopo"),
         (
             ["algorithm.name=modpo", "algorithm.modpo.sweep_divisions=2", "algorithm.relabel_weights=1"],
             "algorithm.relabel_weights: not used by modpo",
@@ -179,6 +180,13 @@ def test_serve_config_refuses_what_cannot_run():
 def test_offline_settings_that_cannot_run_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("other", ["algorithm.loss=ipo", "algorithm.label_smoothing=0.1"])
+def test_soft_labels_need_the_plain_sigmoid_loss(other):
+    assert load_config(None, ["algorithm.preference_label_scale=0.5"]).algorithm.preference_label_scale == 0.5
+    with pytest.raises(ConfigError, match=r"algorithm.preference_label_scale: 0.5 labels each pair for the sigmoid loss"):
+        load_config(None, ["algorithm.preference_label_scale=0.5", other])
 
 
 def test_offline_batch_arithmetic_uses_pairs_per_step():

@@ -36,6 +36,25 @@ def test_label_smoothing_closed_form():
     torch.testing.assert_close(got, torch.tensor(want))
 
 
+def test_soft_labels_closed_form_and_their_optimum():
+    """Per-pair soft labels p: the cross-entropy -p log s(beta h) - (1-p) log s(-beta h), whose
+    gradient vanishes where beta h = logit(p), so a pair stops moving there (a hard label's never does)."""
+    beta = 0.5
+    p = torch.tensor([1.0, 0.7, 0.5])
+    got = dpo_loss(PC, PR, RC, RR, beta, "sigmoid", 0.0, p)
+    want = [-q * _log_sigmoid(beta * h) - (1 - q) * _log_sigmoid(-beta * h) for q, h in zip(p.tolist(), H)]
+    torch.testing.assert_close(got, torch.tensor(want))
+    at = torch.logit(torch.tensor([0.7, 0.9]), eps=None) / beta
+    h = (at + torch.tensor([0.5, -0.5])).requires_grad_()
+    preference_loss(h, beta, chosen_probability=torch.tensor([0.7, 0.9])).sum().backward()
+    assert h.grad[0] > 0 and h.grad[1] < 0  # past the optimum it pulls back, short of it it pushes on
+    h = at.clone().requires_grad_()
+    preference_loss(h, beta, chosen_probability=torch.tensor([0.7, 0.9])).sum().backward()
+    torch.testing.assert_close(h.grad, torch.zeros(2), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="soft labels replace label smoothing in the sigmoid loss"):
+        preference_loss(h, beta, "ipo", chosen_probability=torch.tensor([0.7, 0.9]))
+
+
 def test_ipo_closed_form():
     beta = 0.25
     torch.testing.assert_close(dpo_loss(PC, PR, RC, RR, beta, "ipo"), torch.tensor([(h - 2.0) ** 2 for h in H]))

@@ -1,5 +1,7 @@
 """The per-algorithm part of a learner step, without a model: what each objective makes of log-probs."""
 
+import math
+
 import pytest
 import torch
 
@@ -40,6 +42,24 @@ def test_modpo_margin_moves_the_loss_off_the_corner_only():
         mixed.validate({**batch, "margin_chosen": [[0.0]] * N}, N)
     with pytest.raises(ValueError, match="not a finite number"):
         mixed.validate({**batch, "margin_rejected": [[float("nan"), 0.0]] * N}, N)
+
+
+def test_dpo_reads_each_pairs_soft_label_and_checks_it():
+    """With `chosen_probability` each pair's loss is the cross-entropy to its label; a label of 1
+    is the hard label's loss, and padding rows come out finite."""
+    dpo = build_objective(load_config(None, []))
+    hard = dpo.pair_losses(PC, PR, RC, RR, INDEX, {})
+    ones = {"chosen_probability": [1.0] * N}
+    dpo.validate(ones, N)
+    torch.testing.assert_close(dpo.pair_losses(PC, PR, RC, RR, INDEX, ones), hard)
+    coin = {"chosen_probability": [0.5] * N}
+    beta_h = dpo.beta * ((PC - RC) - (PR - RR))
+    torch.testing.assert_close(dpo.pair_losses(PC, PR, RC, RR, INDEX, coin), torch.log(torch.cosh(beta_h / 2)) + math.log(2))
+    assert torch.isfinite(dpo.pair_losses(PC, PR, RC, RR, torch.tensor([0, -1, 2, 3, -1, 5]), coin)).all()
+    with pytest.raises(ValueError, match=r"batch\['chosen_probability'\]\[2\] = 1.5 is not a probability in \[0, 1\]"):
+        dpo.validate({"chosen_probability": [0.5, 0.5, 1.5, 0.5, 0.5, 0.5]}, N)
+    with pytest.raises(ValueError, match=r"batch\['chosen_probability'\] has 2 entries, batch\['prompt_ids'\] has 6"):
+        dpo.validate({"chosen_probability": [0.5, 0.5]}, N)
 
 
 def test_mopo_pair_losses_average_to_the_batch_bc_loss():

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -292,6 +293,16 @@ def test_learn_builds_the_warm_start_batch_and_the_kl_samples():
         assert batch["warm_start"] and "supervised" not in batch
     with pytest.raises(ValueError, match="stop_decisions cuts each pair at the end-of-sequence token; pass eos_id"):
         learn(cfg, learners, [[2, 0, 0]], stops, [pair], 3, stop_decisions=True)
+    # Soft labels: each DPO pair (and stop decision) carries sigmoid(scale * gap); labels have none.
+    soft = load_config(None, ["algorithm.preference_label_scale=0.5"])
+    gapped = [dataclasses.replace(p, gap=g) for p, g in zip(pairs, (2.0, 0.0, 4.0, 1.0))]
+    learn(soft, learners, lines, samples, gapped, 4)
+    labels = [v for b in learners.batches for v in b["chosen_probability"]]
+    assert labels == pytest.approx([1 / (1 + math.exp(-0.5 * g)) for g in (2.0, 0.0, 4.0, 1.0)])
+    learn(soft, learners, [[2, 0, 0]], stops, [dataclasses.replace(pair, gap=2.0)], 3, stop_decisions=True, eos_id=0)
+    assert [b["chosen_probability"] for b in learners.batches if b["prompt_ids"]] == [[pytest.approx(1 / (1 + math.exp(-1.0)))]]
+    learn(soft, learners, lines, samples, gapped, 3, True)
+    assert all("chosen_probability" not in b for b in learners.batches)
 
 
 def test_sentence_prefixes_need_an_eos_token_before_any_actor_starts(monkeypatch, tmp_path):

@@ -5,6 +5,7 @@ from moalign.pairs import (
     RewardError,
     RunningNormalizer,
     check_rewards,
+    chosen_probability,
     cut_to_stop_token,
     select_pairs,
     select_relabelled_pairs,
@@ -218,6 +219,21 @@ def test_margin_weighting_scales_each_pair_by_its_score_gap():
         select_pairs(w, rewards, weighting="gap")
 
 
+def test_every_pair_carries_its_reward_gap_for_soft_labels():
+    # The gap is kept whatever the weighting, and is the same figure the margin weighting uses.
+    rewards = np.array([[[1.0, 0.0], [0.1, 0.0]], [[0.55, 0.0], [0.45, 0.0]]])
+    w = np.array([[1.0, 0.0], [0.5, 0.5]])
+    assert np.allclose([p.gap for p in select_pairs(w, rewards).pairs], [0.9, 0.05])
+    per = select_pairs(np.array([[0.5, 0.5]]), np.array([[[1.0, 0.2], [0.0, 0.6]]]), "per_objective")
+    assert np.allclose([p.gap for p in per.pairs], [1.0, 0.4])
+    # A line that barely separates its pair labels it near a coin toss; a clear gap near certainty.
+    assert chosen_probability(0.0, 2.0) == 0.5
+    assert chosen_probability(0.05, 2.0) == pytest.approx(1 / (1 + np.exp(-0.1)))
+    assert chosen_probability(0.9, 10.0) > 0.999
+    with pytest.raises(ValueError, match="reward gap must be finite and >= 0"):
+        chosen_probability(-0.1, 1.0)
+
+
 def _sample(ids, prefix_of=None):
     sample = {"token_ids": ids, "text": "", "finish_reason": "stop", "version": 0}
     return sample if prefix_of is None else {**sample, "prefix_of": prefix_of}
@@ -233,6 +249,7 @@ def test_stop_decisions_pair_each_prefix_with_its_own_sample():
     corners = [np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])]
     selection = select_stop_decisions(rewards, corners, [group])
     assert [(p.prompt, p.chosen, p.rejected, p.objective) for p in selection.pairs] == [(0, 2, 0, 0), (1, 0, 2, 1)]
+    assert np.allclose([p.gap for p in selection.pairs], [1.0, 0.9])
     # Cut to the stop token, the pair differs by the end-of-sequence token alone, either way round.
     assert cut_to_stop_token(group[2]["token_ids"], group[0]["token_ids"], eos) == ([5, 6, 0], [5, 6])
     assert cut_to_stop_token(group[0]["token_ids"], group[2]["token_ids"], eos) == ([5, 6], [5, 6, 0])
