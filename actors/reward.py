@@ -152,6 +152,23 @@ class DetailScore:
         ]
 
 
+class LengthScore:
+    """About `target_words` words: 1 - ((words - target) / width)^2, at least 0, times
+    `answer_quality`. An answer cut off at the token cap counts with the words it has, as in
+    `DetailScore` (the gate's distinct-3-gram share still stops a loop from scoring)."""
+
+    def __init__(self, target_words: int, width_words: int, min_words: int = 5):
+        self.target = target_words
+        self.width = width_words
+        self.min_words = min_words
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        return [
+            max(0.0, 1.0 - ((len(text.split()) - self.target) / self.width) ** 2) * answer_quality(p, text, self.min_words)
+            for p, text in zip(prompts, completions)
+        ]
+
+
 class PositivityScore:
     """VADER compound sentiment mapped to [0, 1] ((compound + 1) / 2), times `answer_quality`."""
 
@@ -240,6 +257,8 @@ def build_source(obj: ObjectiveConfig) -> ScoreFn:
         return ConcisenessScore(obj.target_words, obj.min_words)
     if obj.source == "detail":
         return DetailScore(obj.target_words, obj.min_words)
+    if obj.source == "length":
+        return LengthScore(obj.target_words, obj.width_words, obj.min_words)
     if obj.source == "positivity":
         return PositivityScore(obj.min_words)
     if obj.source == "hf_classifier":

@@ -42,14 +42,16 @@ class ModelConfig(_Section):
 class ObjectiveConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z][A-Za-z0-9_ -]*$")
     """Objective name, as written into the conditioning prefix (e.g. `Helpfulness`)."""
-    source: Literal["relevance", "conciseness", "detail", "positivity", "hf_classifier", "callable", "http"]
+    source: Literal["relevance", "conciseness", "detail", "length", "positivity", "hf_classifier", "callable", "http"]
     """Reward source: a built-in signal, a HF sequence-classification model, a `module:function`, or an HTTP endpoint."""
     path: str | None = None
     """Model directory (hf_classifier), `module:function` (callable) or URL (http); unused by built-ins."""
     label_index: int = Field(0, ge=0)
     """hf_classifier: which logit is the reward."""
     target_words: int = Field(32, ge=1, le=4096)
-    """conciseness: responses up to this many words score highest, longer ones lose reward linearly in log length; detail: responses of this many words or more score highest, shorter ones proportionally less."""
+    """conciseness: responses up to this many words score highest, longer ones lose reward linearly in log length; detail: responses of this many words or more score highest, shorter ones proportionally less; length: responses of about this many words score highest."""
+    width_words: int = Field(64, ge=1, le=4096)
+    """length: the score is 1 - ((words - target_words) / width_words)^2, at least 0. Concave in the length, so the weighted sum of two such objectives peaks at the weighted mean of their targets, a best length that moves with the weights (conciseness and detail sum to a curve that is convex between their targets, whose best is one target or the other, docs/steering.md)."""
     min_words: int = Field(5, ge=1, le=1024)
     """Built-in sources: answers shorter than this many words get proportionally less of any built-in reward (a word or two is not an answer)."""
     timeout_s: float = Field(30.0, gt=0, le=3600)

@@ -84,6 +84,22 @@ def test_detail_rises_with_length_and_trades_off_with_conciseness(builtin_scorer
     assert concise[1] > concise[3], "and the same answers are less concise past conciseness' target"
 
 
+def test_length_peaks_at_its_target_and_two_targets_make_a_dial():
+    """`length` scores answers near target_words highest; with two targets, the weighted sum's
+    best answer moves from one target to the other with the weights (a dial, not a switch)."""
+    words = [f"step{i}" for i in range(60)]  # distinct words: the gate's 3-gram share stays 1
+    texts = [" ".join(words[:n]) for n in range(5, 61)]
+    short = ObjectiveConfig(name="Short", source="length", target_words=12, width_words=64)
+    long = ObjectiveConfig(name="Long", source="length", target_words=48, width_words=64)
+    r = RewardScorer([short, long]).score([DEGENERATE_PROMPT] * len(texts), texts)
+    lengths = np.arange(5, 61)
+    assert lengths[r[:, 0].argmax()] == 12 and lengths[r[:, 1].argmax()] == 48 and r[:, 0].max() == pytest.approx(1.0)
+    best = [int(lengths[(w * r[:, 0] + (1 - w) * r[:, 1]).argmax()]) for w in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert best == [48, 39, 30, 21, 12]
+    looped = RewardScorer([short]).score([DEGENERATE_PROMPT], ["water it " * 6])
+    assert looped[0, 0] < 0.5, "a loop of about the target's length does not score"
+
+
 def test_detail_is_not_won_by_long_degenerate_text(builtin_scorer):
     honest = GOOD_ANSWERS[1]
     long_degenerate = {
