@@ -358,6 +358,7 @@ def learn(
         log.warning("step %d: every candidate pair was a tie; no learner update", step)
         return {}
     total_weight = float(sum(p.loss_weight for p in pairs))
+    scale = cfg.algorithm.preference_label_scale
     per_prompt = cfg.algorithm.kl_samples_per_prompt if sampled_prompt_ids is not None else 0
     probes = [(sampled_prompt_ids[b], s["token_ids"]) for b, group in enumerate(samples) for s in group[:per_prompt] if s["token_ids"]]
     probe_parts = chunks(len(probes), len(learners))
@@ -382,7 +383,6 @@ def learn(
             "loss_weights": [p.loss_weight for p in part],
             "total_weight": total_weight,
         }
-        scale = cfg.algorithm.preference_label_scale
         if scale is not None and not supervised:
             batch["chosen_probability"] = [chosen_probability(p.gap, scale) for p in part]
         if supervised:

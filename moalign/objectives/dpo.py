@@ -47,16 +47,17 @@ def preference_loss(
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    # Label smoothing is the one label 1 - eps for every pair; soft labels give each pair its own.
+    label = 1 - label_smoothing
     if chosen_probability is not None:
         if kind != "sigmoid" or label_smoothing:
             raise ValueError(
                 f"soft labels replace label smoothing in the sigmoid loss; got loss {kind!r}, label_smoothing {label_smoothing}"
             )
         check_tensor("chosen_probability", chosen_probability, margin.shape)
-        p = chosen_probability.to(margin.dtype)
-        return -p * F.logsigmoid(beta * margin) - (1 - p) * F.logsigmoid(-beta * margin)
+        label = chosen_probability.to(margin.dtype)
     if kind == "sigmoid":
-        return -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
+        return -label * F.logsigmoid(beta * margin) - (1 - label) * F.logsigmoid(-beta * margin)
     if label_smoothing:
         raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {kind!r}")
     if kind == "ipo":
