@@ -96,6 +96,10 @@ def test_length_peaks_at_its_target_and_two_targets_make_a_dial():
     assert lengths[r[:, 0].argmax()] == 12 and lengths[r[:, 1].argmax()] == 48 and r[:, 0].max() == pytest.approx(1.0)
     best = [int(lengths[(w * r[:, 0] + (1 - w) * r[:, 1]).argmax()]) for w in (0.0, 0.25, 0.5, 0.75, 1.0)]
     assert best == [48, 39, 30, 21, 12]
+    # width_words sets how fast the score falls: half a width off the target keeps 3/4, a whole width none.
+    narrow = ObjectiveConfig(name="Short", source="length", target_words=12, width_words=36)
+    off = RewardScorer([narrow]).score([DEGENERATE_PROMPT] * 2, [" ".join(words[:30]), " ".join(words[:48])])
+    assert off[:, 0] == pytest.approx([0.75, 0.0])
     looped = RewardScorer([short]).score([DEGENERATE_PROMPT], ["water it " * 6])
     assert looped[0, 0] < 0.5, "a loop of about the target's length does not score"
 
