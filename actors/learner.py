@@ -232,7 +232,7 @@ class Learner(WeightPublisher):
             between, ends = self.cfg.learner.control_token_between_rate, set(self.control.end_rows)
             n_rows = embedding.num_embeddings - self.control.first_id
             rates = [between if r < len(self.control.tokens) and r not in ends else 1.0 for r in range(n_rows)]
-            base.set_input_embeddings(ControlEmbedding(embedding, self.control.first_id, rates))
+            base.set_input_embeddings(ControlEmbedding(embedding, self.control.first_id, rates, self.control.line_bins))
         return model
 
     def _deepspeed_config(self, n_trainable: int) -> dict[str, Any]:

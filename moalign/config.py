@@ -77,6 +77,8 @@ class ConditioningConfig(_Section):
     """`system_prefix`: the paper's `[Begin System Instruction] … [End System Instruction]` text before the prompt; `chat_system`: the same line as the chat template's system message; `control_tokens`: one added token per objective and weight bin (`<|w:Name=0.7|>`) opening the answer, right before the first token they steer, each token's embedding trained with the adapter (MO-ODPO only; the run keeps its base model with the tokens added in RUN_DIR/base_model); `control_tokens_system`: the same tokens as the chat template's system message, so the answer starts as a turn of its own (on SmolLM2 the tokens opening the answer are continued as words, mid-sentence)."""
     decimals: int = Field(2, ge=0, le=6)
     """Digits each weight is rounded to when written into the prompt (rounded weights still sum to 1)."""
+    token_bins: Literal["separate", "interpolated"] = "separate"
+    """Control-token styles: `separate`, each weight bin's token has a row of its own, trained by the pairs drawn in that bin; `interpolated`, an objective's bins embed as points on the line between its weight-0 and weight-1 rows, which alone train, so what the corners learn carries to the weights between them."""
     alpha: float | list[float] = 1.0
     """Dirichlet concentration: one value for all objectives or one per objective (each > 0)."""
     fixed_weights: list[float] | None = None
@@ -444,7 +446,7 @@ class RunConfig(_Section):
                     f"conditioning.style: {self.conditioning.style} carry weights into MO-ODPO prompts; {self.algorithm.name} trains without them"
                 )
             if self.conditioning.decimals > 2:
-                # One token per weight bin: 10^decimals + 1 tokens per objective.
+                # One token per weight bin: 10^decimals + 1 tokens per objective (interpolated too: serving reads them as rows).
                 raise ValueError(
                     f"conditioning.decimals: {self.conditioning.decimals} would add {10**self.conditioning.decimals + 1} control tokens per objective; use 1 or 2"
                 )
@@ -465,6 +467,16 @@ class RunConfig(_Section):
                         f"{what} control-token rows, which train beside LoRA adapters only: it needs "
                         "conditioning.style control_tokens or control_tokens_system and learner.lora.enabled"
                     )
+        if self.conditioning.style not in TOKEN_STYLES and self.conditioning.token_bins != "separate":
+            raise ValueError(
+                f"conditioning.token_bins: {self.conditioning.token_bins} shapes control tokens; conditioning.style {self.conditioning.style} writes none"
+            )
+        if self.conditioning.token_bins == "interpolated" and lc.control_token_between_rate != 1:
+            # The bins between the ends are points on the line: they have no rows of their own to slow.
+            raise ValueError(
+                f"learner.control_token_between_rate: {lc.control_token_between_rate} slows the rows between the corners, "
+                "which conditioning.token_bins: interpolated computes from the ends; leave it at 1"
+            )
         if self.algorithm.relabel_keep == "contrasting" and (
             self.algorithm.relabel_weights == 0 or self.algorithm.pair_mode != "scalarised"
         ):

@@ -7,7 +7,8 @@ tokenizer knows them as special tokens, the embedding matrix has one row more pe
 `control_tokens.json` beside the weights lists them. Every part reads that file:
 
 - the learner trains the new input rows with the adapter (`ControlEmbedding`) and scores
-  completions over the original vocabulary only (`sampled_vocab`);
+  completions over the original vocabulary only (`sampled_vocab`); with interpolated bins only
+  each objective's two end rows train, and the bins between embed on the line joining them;
 - generators and the serving engine never sample a control token (a -100 logit bias);
 - a sync carries the trained rows, an export writes them into the merged folder and, in PEFT's
   trainable-tokens form, into the adapter.
@@ -51,6 +52,14 @@ class ControlTokens:
     """Tokens a policy may write: every id below first_id."""
     source_model: str
     """The folder the tokens were added to."""
+    interpolated: bool = False
+    """Each objective's bins embed as points on the line between its weight-0 and weight-1 rows
+    (`conditioning.token_bins: interpolated`): only those two rows train."""
+
+    @property
+    def line_bins(self) -> int | None:
+        """Bins per objective's line above weight 0 when the rows are interpolated, else None."""
+        return 10**self.decimals if self.interpolated else None
 
     @property
     def end_rows(self) -> list[int]:
@@ -83,24 +92,41 @@ def write_manifest(model_dir: str | os.PathLike, tokens: ControlTokens) -> None:
     (Path(model_dir) / MANIFEST).write_text(json.dumps(asdict(tokens), indent=1) + "\n")
 
 
-def check_manifest(tokens: ControlTokens, names: Sequence[str], decimals: int, where: str) -> None:
-    """The folder's tokens must be the ones these objectives and decimals write."""
+def check_manifest(tokens: ControlTokens, names: Sequence[str], decimals: int, where: str, interpolated: bool = False) -> None:
+    """The folder's tokens must be the ones these objectives and decimals write, with rows kept as
+    this run trains them."""
     if list(tokens.objectives) != list(names) or tokens.decimals != decimals:
         raise ValueError(
             f"{where} holds control tokens for objectives {tokens.objectives} with {tokens.decimals} decimal(s); "
             f"this run writes {list(names)} with {decimals}: start from a model without control tokens, or a new run_dir"
         )
+    if tokens.interpolated != interpolated:
+        have, want = (("interpolated" if i else "separate") for i in (tokens.interpolated, interpolated))
+        raise ValueError(f"{where} holds control tokens with {have} bins; this run sets conditioning.token_bins: {want}: use a new run_dir")
 
 
-def add_control_tokens(source: str | os.PathLike, dest: str | os.PathLike, names: Sequence[str], decimals: int) -> ControlTokens:
+def interpolate_bins(rows: torch.Tensor, bins: int) -> torch.Tensor:
+    """Each objective's bins 0..bins of `rows` (objective by objective) replaced by the points
+    i / bins of the way from its bin-0 row to its bin-`bins` row. The one formula for the starting
+    rows and the trained ones, so that a policy that has not trained embeds as its reference."""
+    ends = rows.reshape(-1, bins + 1, rows.shape[-1])
+    t = (torch.arange(bins + 1, device=rows.device, dtype=rows.dtype) / bins)[None, :, None]
+    low, high = ends[:, :1], ends[:, -1:]
+    return (low + t * (high - low)).reshape(rows.shape)
+
+
+def add_control_tokens(
+    source: str | os.PathLike, dest: str | os.PathLike, names: Sequence[str], decimals: int, interpolated: bool = False
+) -> ControlTokens:
     """A copy of the model at `source` in `dest` with one control token per objective and weight
     bin added. A token's embedding row starts as the mean embedding of the text line's words for
     it (`Conciseness: 0.7`), so the policy starts out reading about what the text line says, plus
     (w - 1/2) x (" more" - " less") / 2, so the bins of one objective start apart and in order
     (the words alone start the corners 0.27 apart on SmolLM2, rows of norm 1.3; the offset makes it
-    1.3 without moving the start far from the text line's). A model with tied embeddings comes
-    out untied, so the tokens' trained rows stay input rows; their output rows are the mean of the
-    others, and the generation config suppresses them. Written beside `dest` and renamed into
+    1.3 without moving the start far from the text line's). With `interpolated`, the bins between
+    each objective's two ends start on the line between them (`interpolate_bins`). A model with
+    tied embeddings comes out untied, so the tokens' trained rows stay input rows; their output
+    rows are the mean of the others, and the generation config suppresses them. Written beside `dest` and renamed into
     place: a crash leaves no half-written model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.tokenization_utils_base import AddedToken
@@ -139,10 +165,11 @@ def add_control_tokens(source: str | os.PathLike, dest: str | os.PathLike, names
             # move, while vLLM, or anyone loading the export, would score them against every token.
             model.config.tie_word_embeddings = False
             head.weight = torch.nn.Parameter(embed.detach().clone())
-        embed[first_id:] = torch.stack(starts)
+        starts = torch.stack(starts)
+        embed[first_id:] = interpolate_bins(starts, steps) if interpolated else starts
         if head is not None:
             head.weight[first_id:] = head.weight[:first_id].mean(0)
-    manifest = ControlTokens(list(names), decimals, tokens, first_id, first_id, str(source))
+    manifest = ControlTokens(list(names), decimals, tokens, first_id, first_id, str(source), interpolated)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:
@@ -175,14 +202,21 @@ class ControlEmbedding(torch.nn.Module):
     learning rate whatever the gradient's size, so scaling a gradient would not slow a row; this
     parametrisation does, row by row inside one parameter and one optimizer group. Hazard: the rate
     scales a row's whole displacement, so a run resumed under another rate moves its rows at once.
+
+    With `line_bins` (interpolated bins) each objective's bins embed on the line between its two
+    end rows (`interpolate_bins`): the rows between the ends get no gradient and are never read.
+    Whatever reads the trained rows reads `trained_rows`.
     """
 
-    def __init__(self, base: torch.nn.Embedding, first_id: int, rates: Sequence[float] | None = None):
+    def __init__(self, base: torch.nn.Embedding, first_id: int, rates: Sequence[float] | None = None, line_bins: int | None = None):
         super().__init__()
         if not 0 < first_id < base.num_embeddings:
             raise ValueError(f"control tokens start at id {first_id}, outside an embedding of {base.num_embeddings} rows")
+        if line_bins is not None and (line_bins < 1 or (base.num_embeddings - first_id) % (line_bins + 1)):
+            raise ValueError(f"{base.num_embeddings - first_id} control tokens are not whole lines of {line_bins} + 1 bins")
         self.base = base
         self.first_id = first_id
+        self.line_bins = line_bins
         self.rows = torch.nn.Parameter(base.weight.detach()[first_id:].clone())
         self._starting = False
         # Counted now: under ZeRO-3 the parameter's own shape is empty outside a forward pass.
@@ -210,11 +244,11 @@ class ControlEmbedding(torch.nn.Module):
 
     @property
     def trained_rows(self) -> torch.Tensor:
-        """The control tokens' rows as the policy embeds them now (the parameter itself unless some
-        rows have a rate below 1)."""
-        if self._rates is None:
-            return self.rows
-        return self._start + self._rates * (self.rows - self._start)
+        """The control tokens' rows as the policy embeds them now: the parameter itself, each row's
+        displacement scaled by its rate where some rate is below 1, the bins between each
+        objective's ends on the line between them where `line_bins` is set."""
+        rows = self.rows if self._rates is None else self._start + self._rates * (self.rows - self._start)
+        return rows if self.line_bins is None else interpolate_bins(rows, self.line_bins)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -157,11 +157,12 @@ def starting_model(cfg, run_dir: str | os.PathLike) -> Path:
         )
     dest = Path(run_dir) / STARTING_MODEL_DIR
     existing = read_manifest(dest)
+    interpolated = cfg.conditioning.token_bins == "interpolated"
     if existing is None:
         log.info(
             "adding %d control tokens to %s in %s (once per run)", (10**cfg.conditioning.decimals + 1) * len(cfg.objectives), source, dest
         )
-        add_control_tokens(source, dest, cfg.objective_names, cfg.conditioning.decimals)
+        add_control_tokens(source, dest, cfg.objective_names, cfg.conditioning.decimals, interpolated)
     else:
-        check_manifest(existing, cfg.objective_names, cfg.conditioning.decimals, str(dest))
+        check_manifest(existing, cfg.objective_names, cfg.conditioning.decimals, str(dest), interpolated)
     return dest

@@ -192,12 +192,15 @@ def test_broadcast_sync_two_generators(tiny_model, ray_cluster):
         generators.kill()
 
 
-def test_control_token_rows_reach_the_generator(tiny_model, ray_cluster, tmp_path):
+@pytest.mark.parametrize("interpolated", [False, True], ids=["separate", "interpolated"])
+def test_control_token_rows_reach_the_generator(tiny_model, ray_cluster, tmp_path, interpolated):
     """A tied-embedding model with control tokens: after a sync the generator reads the trained
-    rows of the tokens (the learner trains them beside the adapters), as the learner does."""
+    rows of the tokens (the learner trains them beside the adapters), as the learner does. With
+    interpolated bins the tokens below are bins between the ends: the generator gets the rows the
+    learner embeds them as, not the untrained parameter rows."""
     from moalign.control_tokens import add_control_tokens
 
-    control = add_control_tokens(tiny_model, tmp_path / "with-tokens", ["A", "B"], 1)
+    control = add_control_tokens(tiny_model, tmp_path / "with-tokens", ["A", "B"], 1, interpolated)
     model = str(tmp_path / "with-tokens")
     cfg = load_config(
         None,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moalign.conditioning import condition_messages, control_token_vocabulary, format_control_tokens, render_prompt_ids
-from moalign.control_tokens import NEVER, ControlEmbedding, add_control_tokens, check_manifest, read_manifest
+from moalign.control_tokens import NEVER, ControlEmbedding, add_control_tokens, check_manifest, interpolate_bins, read_manifest
 
 NAMES = ["Conciseness", "Detail"]
 
@@ -74,6 +74,8 @@ def test_a_folder_that_has_them_is_refused_as_a_source_and_checked_as_a_start(wi
     check_manifest(control, NAMES, 1, "here")
     with pytest.raises(ValueError, match=r"objectives \['Conciseness', 'Detail'\] with 1 decimal"):
         check_manifest(control, ["Conciseness", "Positivity"], 1, "here")
+    with pytest.raises(ValueError, match="separate bins; this run sets conditioning.token_bins: interpolated"):
+        check_manifest(control, NAMES, 1, "here", interpolated=True)
     (tmp_path / "control_tokens.json").write_text("{}")
     with pytest.raises(ValueError, match="not a control-token manifest"):
         read_manifest(tmp_path)
@@ -178,6 +180,12 @@ def test_only_mo_odpo_takes_control_tokens():
     load_config(None, ["conditioning.style=control_tokens_system", "learner.control_token_between_rate=0.1"])
     with pytest.raises(ConfigError, match="control_token_dpo_lr_scale: 1.0 sets the rate of control-token rows"):
         load_config(None, ["conditioning.style=chat_system", "learner.control_token_dpo_lr_scale=1"])
+    with pytest.raises(ConfigError, match="token_bins: interpolated shapes control tokens; conditioning.style chat_system writes none"):
+        load_config(None, ["conditioning.style=chat_system", "conditioning.token_bins=interpolated"])
+    with pytest.raises(ConfigError, match="which conditioning.token_bins: interpolated computes from the ends"):
+        load_config(
+            None, ["conditioning.style=control_tokens", "conditioning.token_bins=interpolated", "learner.control_token_between_rate=0.5"]
+        )
 
 
 def test_a_tied_model_comes_out_untied_with_the_tokens_suppressed(tiny_model, with_tokens):
@@ -193,3 +201,42 @@ def test_a_tied_model_comes_out_untied_with_the_tokens_suppressed(tiny_model, wi
     assert torch.equal(head[: control.first_id], embed[: control.first_id]), "the model is the same for every other token"
     torch.testing.assert_close(head[control.first_id], head[: control.first_id].mean(0))
     assert set(GenerationConfig.from_pretrained(dest).suppress_tokens) >= set(control.ids)
+
+
+def test_interpolated_bins_start_on_the_line_between_the_ends(tiny_model, with_tokens, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, separate = with_tokens
+    control = add_control_tokens(tiny_model, tmp_path / "line", NAMES, 1, interpolated=True)
+    assert control.interpolated and control.line_bins == 10 and separate.line_bins is None
+    assert read_manifest(tmp_path / "line") == control
+    rows = AutoModelForCausalLM.from_pretrained(tmp_path / "line").get_input_embeddings().weight.detach()[control.first_id :]
+    ends = AutoModelForCausalLM.from_pretrained(with_tokens[0]).get_input_embeddings().weight.detach()[separate.first_id :]
+    # The ends are the separate tokens' starts; bin 3 of Detail is 3/10 of the way between its ends.
+    torch.testing.assert_close(rows[[0, 10, 11, 21]], ends[[0, 10, 11, 21]])
+    torch.testing.assert_close(rows[14], ends[11] + 0.3 * (ends[21] - ends[11]))
+    torch.testing.assert_close(interpolate_bins(rows, 10), rows)
+
+
+def test_interpolated_bins_train_only_their_ends_and_follow_them():
+    torch.manual_seed(0)
+    base = torch.nn.Embedding(10, 3)
+    base.weight.requires_grad_(False)
+    with torch.no_grad():
+        base.weight[4:] = interpolate_bins(base.weight[4:], 2)  # two objectives, bins 0, 0.5, 1
+    embed = ControlEmbedding(base, first_id=4, line_bins=2)
+    ids = torch.tensor([[1, 5, 8]])  # a word, then the middle bin of each objective
+    torch.testing.assert_close(embed(ids), base(ids))
+    embed(ids).sum().backward()
+    # The middle bins' gradient lands half on each end; the middle parameter rows get none.
+    torch.testing.assert_close(embed.rows.grad, torch.tensor([[0.5] * 3, [0.0] * 3, [0.5] * 3] * 2))
+    with torch.no_grad():
+        embed.rows[0] += 1.0
+    # The whole line of the first objective moved (bin 0 fully, bin 0.5 halfway), the other not.
+    moved = embed.weight[4:] - base.weight[4:]
+    torch.testing.assert_close(moved[:3, 0], torch.tensor([1.0, 0.5, 0.0]))
+    assert torch.equal(moved[3:], torch.zeros(3, 3))
+    with embed.starting_rows():
+        torch.testing.assert_close(embed(ids), base(ids))
+    with pytest.raises(ValueError, match="6 control tokens are not whole lines of 3 \\+ 1 bins"):
+        ControlEmbedding(base, first_id=4, line_bins=3)
