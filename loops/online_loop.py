@@ -352,6 +352,8 @@ def learn(
     to differ by the `eos_id` token alone. `sampled_prompt_ids`:
     the prompts as the generators saw them; the first `algorithm.kl_samples_per_prompt` samples of
     each (random draws) under them give the learner's KL estimate."""
+    if cfg.algorithm.kl_penalty_tokens == "text" and eos_id is None:
+        raise ValueError("learn: algorithm.kl_penalty_tokens: text leaves out the end-of-sequence token; pass eos_id")
     if stop_decisions and eos_id is None:
         raise ValueError("learn: stop_decisions cuts each pair at the end-of-sequence token; pass eos_id")
     if not pairs:
@@ -361,6 +363,10 @@ def learn(
     scale = cfg.algorithm.preference_label_scale
     per_prompt = cfg.algorithm.kl_samples_per_prompt if sampled_prompt_ids is not None else 0
     probes = [(sampled_prompt_ids[b], s["token_ids"]) for b, group in enumerate(samples) for s in group[:per_prompt] if s["token_ids"]]
+    if cfg.algorithm.kl_penalty_tokens == "text":
+        # The decision to stop left out: the log-ratio of the text written before it.
+        probes = [(p, c[:-1] if c[-1] == eos_id else c) for p, c in probes]
+        probes = [(p, c) for p, c in probes if c]
     probe_parts = chunks(len(probes), len(learners))
     shards = []
     for r, s in enumerate(chunks(len(pairs), len(learners))):

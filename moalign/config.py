@@ -154,6 +154,8 @@ class AlgorithmConfig(_Section):
     """MO-ODPO: samples per prompt (random draws, under the weight lines they were sampled with) on which the learner estimates KL(policy || reference) each step, for `health.max_kl` and `kl_coef`; 0: no estimate."""
     kl_coef: float = Field(0.0, ge=0, le=100)
     """MO-ODPO: a KL penalty added to the loss, kl_coef * (log pi - log pi_ref)^2 / 2 per answer averaged over those samples (the k2 estimator, whose gradient is the KL's in expectation); 0: DPO's own beta alone holds the policy near the reference."""
+    kl_penalty_tokens: Literal["answer", "text"] = "answer"
+    """MO-ODPO, with `kl_coef`: what of each KL sample the penalty (and the step's KL figure) reads. `answer`, every token; `text`, every token but a closing end-of-sequence token, so the penalty holds what a line writes and not where it stops: a corner asked to stop early pays its largest log-ratio there, and the whole-answer penalty held it back (docs/steering.md §3, "Interpolated bins")."""
     sentence_prefixes: int = Field(0, ge=0, le=64)
     """MO-ODPO: per prompt, this many prefixes of its samples, each cut at a sentence end and closed with the end-of-sequence token, join its samples as candidate answers for the pairs and the warm-start labels (drawn at random; `moalign.prefixes`). An objective that wants answers to end early then has answers that end to prefer even when most samples run to the token cap, and training on a prefix changes little but where the policy stops; 0: the samples alone."""
     pair_mode: Literal["scalarised", "per_objective"] = "scalarised"
@@ -494,6 +496,10 @@ class RunConfig(_Section):
         if self.algorithm.kl_coef and not self.algorithm.kl_samples_per_prompt:
             raise ValueError(
                 "algorithm.kl_coef: the penalty is taken on algorithm.kl_samples_per_prompt samples per prompt; set that above 0"
+            )
+        if self.algorithm.kl_penalty_tokens != "answer" and not self.algorithm.kl_coef:
+            raise ValueError(
+                f"algorithm.kl_penalty_tokens: {self.algorithm.kl_penalty_tokens} shapes the KL penalty; set algorithm.kl_coef above 0"
             )
         if self.algorithm.mopo.primary >= k:
             raise ValueError(f"algorithm.mopo.primary: {self.algorithm.mopo.primary} is not an objective index (0..{k - 1})")

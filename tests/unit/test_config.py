@@ -242,7 +242,11 @@ def test_a_run_of_only_warm_start_steps_is_warned_about(caplog):
 
     with caplog.at_level("WARNING", logger="loops.run_setup"):
         warn_if_only_warm_start(load_config(None, ["steps=20", "algorithm.warm_start_steps=20"]))
-        assert "every step is a warm-start step" in caplog.text
+        assert "every step is a supervised warm-start step" in caplog.text
         caplog.clear()
         warn_if_only_warm_start(load_config(None, ["steps=21", "algorithm.warm_start_steps=20"]))
+        assert caplog.text == ""
+        # Stop decisions are DPO pairs: a run of nothing else is a recipe, not a slip.
+        stops = ["algorithm.warm_start_pairs=stop_decisions", "algorithm.sentence_prefixes=8", "conditioning.warm_start_weights=corners"]
+        warn_if_only_warm_start(load_config(None, ["steps=20", "algorithm.warm_start_steps=20", *stops]))
         assert caplog.text == ""

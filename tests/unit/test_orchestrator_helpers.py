@@ -270,6 +270,17 @@ def test_learn_builds_the_warm_start_batch_and_the_kl_samples():
     probes = [(p, c) for b in learners.batches for p, c in zip(b["kl_prompt_ids"], b["kl_completion_ids"])]
     assert probes == [([1, b], [100 * b + j, 7]) for b in range(3) for j in range(2)]
     assert merged["kl"] == pytest.approx(1.0)
+    # The penalty on the text alone: each KL sample's closing end-of-sequence token (7 here) left
+    # out, and a sample that is nothing but that token dropped.
+    text = load_config(None, ["algorithm.kl_samples_per_prompt=2", "algorithm.kl_coef=0.01", "algorithm.kl_penalty_tokens=text"])
+    ended = [[{**s, "token_ids": [7]} if (b, j) == (2, 0) else s for j, s in enumerate(group)] for b, group in enumerate(samples)]
+    learn(text, learners, lines, ended, pairs, 3, True, sampled, eos_id=7)
+    probes = [(p, c) for b in learners.batches for p, c in zip(b["kl_prompt_ids"], b["kl_completion_ids"])]
+    assert probes == [([1, b], [100 * b + j]) for b in range(3) for j in range(2) if (b, j) != (2, 0)]
+    with pytest.raises(ValueError, match="kl_penalty_tokens: text leaves out the end-of-sequence token; pass eos_id"):
+        learn(text, learners, lines, samples, pairs, 3, True, sampled)
+    with pytest.raises(ConfigError, match="kl_penalty_tokens: text shapes the KL penalty; set algorithm.kl_coef above 0"):
+        load_config(None, ["algorithm.kl_penalty_tokens=text"])
 
     # DPO steps keep the whole rejected answer; without sampled prompts no KL samples are sent.
     learn(cfg, learners, lines, samples, pairs, 4)
