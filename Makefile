@@ -33,9 +33,9 @@ eval: install
 	@test -n "$(RUN)" || { echo 'usage: make eval RUN=<run dir> [STEP=N | ALL=1 | BASE=1] [COMPARE="dirA dirB"]'; exit 2; }
 	$(PY) evaluate.py --run $(RUN) $(ARGS) $(if $(STEP),--step $(STEP),) $(if $(ALL),--all-steps,) $(if $(BASE),--base,) $(if $(COMPARE),--compare $(COMPARE),)
 
-# The steering preset (Conciseness against Detail, control tokens); what it reaches: docs/steering.md.
+# The steering preset (a length dial: Conciseness against Detail, interpolated control tokens); what it reaches: docs/steering.md.
 train-steerable: install
-	$(PY) orchestrator.py --config configs/steer_length_cpu.yaml $(ARGS)
+	$(PY) orchestrator.py --config configs/steer_length_dial_cpu.yaml $(ARGS)
 
 # The policy of a checkpoint as a Hugging Face folder (+ PEFT adapter): `make export RUN=runs/demo [STEP=N] [OUT=dir]`.
 export: install
