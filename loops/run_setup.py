@@ -38,7 +38,7 @@ def open_run(cfg: RunConfig, ray_address: str | None) -> tuple[Path, Path | None
 def warn_if_only_warm_start(cfg: RunConfig) -> None:
     # A supervised warm start (hindsight labels) is allowed on its own, to measure it, but is easy to
     # run by mistake when shortening a run. Stop decisions are DPO pairs themselves: a run of them
-    # alone is a recipe (configs/steer_length_cpu.yaml), not a slip.
+    # alone is a recipe (configs/steer_length_dial_cpu.yaml), not a slip.
     if cfg.algorithm.warm_start_steps >= cfg.steps and cfg.algorithm.warm_start_pairs == "labels":
         log.warning(
             "steps: %d is not above algorithm.warm_start_steps (%d): every step is a supervised warm-start step, none is a DPO step",
