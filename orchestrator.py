@@ -32,6 +32,7 @@ from loops.online_loop import (
     check_same_prompts,
     check_supported,
     draw_rollout,
+    kl_probes,
     learn,
     report,
     restart_learners,
@@ -144,7 +145,8 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     ]
 
                     # 6. One learner step on the conditioned prompts; its KL estimate is on a few samples
-                    #    under the lines they were sampled with.
+                    #    under the lines they were sampled with (or under the draw,
+                    #    `algorithm.kl_sample_weights`).
                     t = time.perf_counter()
                     learner_metrics = learn(
                         cfg,
@@ -154,7 +156,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                         selection.pairs,
                         step,
                         supervised,
-                        rollout.prompt_ids,
+                        kl_probes(cfg, rollout),
                         stop_decisions,
                         tokenizer.eos_token_id,
                     )

@@ -61,11 +61,18 @@ class Rollout:
     drawn_weights: np.ndarray | None = None
     """The Dirichlet draw, where the warm start samples under the corners instead
     (`conditioning.warm_start_weights: corners`); None: `weights` are the draw."""
+    kl_prompt_ids: list[list[int]] | None = None
+    """The prompts under their draws, where KL samples are taken under them apart from the
+    samples (`algorithm.kl_sample_weights`); None: none are."""
+    kl_generation: Generation | None = None
+    kl_samples: list[list[Sample]] | None = None
 
     def wait(self) -> list[list[Sample]]:
         if self.samples is None:
             self.samples = self.generation.samples()
-            tags = {s["version"] for group in self.samples for s in group}
+            if self.kl_prompt_ids is not None:
+                self.kl_samples = self.kl_generation.samples()
+            tags = {s["version"] for group in self.samples + (self.kl_samples or []) for s in group}
             if tags != {self.version}:
                 # The overlap's correctness rests on generators running calls in the order sent.
                 raise RuntimeError(f"step {self.step}: samples from policy version(s) {sorted(tags)}, expected {self.version}")
@@ -84,6 +91,8 @@ class Rollout:
             "drawn_from": self.drawn_from,
             "samples": self.samples,
             "drawn_weights": None if self.drawn_weights is None else self.drawn_weights.tolist(),
+            "kl_prompt_ids": self.kl_prompt_ids,
+            "kl_samples": self.kl_samples,
         }
 
     @classmethod
@@ -314,6 +323,15 @@ def draw_rollout(cfg: RunConfig, state: LoopState, prompts, tokenizer, generator
     ]
     seeds = step_seeds(cfg, step, len(prompt_ids))
     generation = Generation(cfg.rollout, generators, prompt_ids, seeds, cfg.rollout.samples_per_prompt, step)
+    kl_prompt_ids = kl_generation = None
+    if cfg.algorithm.kl_sample_weights != "sampled" and drawn is not weights:
+        # Sent after the samples, so the same generator call order (and policy version) holds.
+        kl_prompt_ids = [
+            render_conditioned(tokenizer, prompts[i].prompt, cfg.objective_names, w, cfg.conditioning, cfg.model.max_prompt_tokens)
+            for i, w in zip(indices, drawn)
+        ]
+        kl_seeds = step_seeds(cfg, step, len(kl_prompt_ids), stream=1)
+        kl_generation = Generation(cfg.rollout, generators, kl_prompt_ids, kl_seeds, cfg.algorithm.kl_samples_per_prompt, step)
     return Rollout(
         step,
         list(indices),
@@ -324,13 +342,31 @@ def draw_rollout(cfg: RunConfig, state: LoopState, prompts, tokenizer, generator
         drawn_from,
         generation,
         drawn_weights=None if drawn is weights else drawn,
+        kl_prompt_ids=kl_prompt_ids,
+        kl_generation=kl_generation,
     )
 
 
-def step_seeds(cfg: RunConfig, step: int, count: int) -> list[int]:
+def step_seeds(cfg: RunConfig, step: int, count: int, stream: int = 0) -> list[int]:
     # Per-prompt seeds depend only on (seed, step, prompt): the same completions whatever the
-    # number of generators, and again after a resume.
-    return [int(np.random.SeedSequence([cfg.seed, step, i]).generate_state(1)[0]) for i in range(count)]
+    # number of generators, and again after a resume. A `stream` above 0 is a second set of
+    # draws for the same prompts (the KL samples under the draw).
+    extra = [stream] if stream else []
+    return [int(np.random.SeedSequence([cfg.seed, step, i, *extra]).generate_state(1)[0]) for i in range(count)]
+
+
+def kl_probes(cfg: RunConfig, rollout: Rollout) -> list[tuple[list[int], list[int]]]:
+    """The step's KL samples, (prompt ids as the generators saw them, completion ids) each:
+    each prompt's first `algorithm.kl_samples_per_prompt` samples under the weights it was
+    sampled with, and (`algorithm.kl_sample_weights`) those taken under its draw instead or too."""
+    per_prompt = cfg.algorithm.kl_samples_per_prompt
+    groups = []
+    if rollout.kl_prompt_ids is None or cfg.algorithm.kl_sample_weights == "sampled_and_drawn":
+        groups.append((rollout.prompt_ids, rollout.wait()))
+    if rollout.kl_prompt_ids is not None:
+        rollout.wait()
+        groups.append((rollout.kl_prompt_ids, rollout.kl_samples))
+    return [(ids, s["token_ids"]) for prompt_ids, samples in groups for ids, group in zip(prompt_ids, samples) for s in group[:per_prompt]]
 
 
 def learn(
@@ -341,7 +377,7 @@ def learn(
     pairs: list[Pair],
     step: int,
     supervised: bool = False,
-    sampled_prompt_ids: list[list[int]] | None = None,
+    probes: list[tuple[list[int], list[int]]] | None = None,
     stop_decisions: bool = False,
     eos_id: int | None = None,
 ) -> StepLearnerMetrics | dict:
@@ -349,9 +385,8 @@ def learn(
     {} when every candidate pair was a tie. `supervised`: each pair's chosen answer is trained
     alone (the warm start), so its rejected side is a one-token stand-in. `stop_decisions`: a warm
     start of DPO pairs on the decision to stop (`moalign.pairs.select_stop_decisions`), each cut
-    to differ by the `eos_id` token alone. `sampled_prompt_ids`:
-    the prompts as the generators saw them; the first `algorithm.kl_samples_per_prompt` samples of
-    each (random draws) under them give the learner's KL estimate."""
+    to differ by the `eos_id` token alone. `probes`: the KL samples (`kl_probes`), on which the
+    learner estimates the KL (and takes `algorithm.kl_coef`'s penalty)."""
     if cfg.algorithm.kl_penalty_tokens == "text" and eos_id is None:
         raise ValueError("learn: algorithm.kl_penalty_tokens: text leaves out the end-of-sequence token; pass eos_id")
     if stop_decisions and eos_id is None:
@@ -361,8 +396,7 @@ def learn(
         return {}
     total_weight = float(sum(p.loss_weight for p in pairs))
     scale = cfg.algorithm.preference_label_scale
-    per_prompt = cfg.algorithm.kl_samples_per_prompt if sampled_prompt_ids is not None else 0
-    probes = [(sampled_prompt_ids[b], s["token_ids"]) for b, group in enumerate(samples) for s in group[:per_prompt] if s["token_ids"]]
+    probes = [(p, c) for p, c in probes or [] if c]
     if cfg.algorithm.kl_penalty_tokens == "text":
         # The decision to stop left out: the log-ratio of the text written before it.
         probes = [(p, c[:-1] if c[-1] == eos_id else c) for p, c in probes]

@@ -152,6 +152,8 @@ class AlgorithmConfig(_Section):
     """MO-ODPO DPO steps: train each pair's two answers only up to this many tokens past the first token where they differ (0: whole answers). With `sentence_prefixes`, a prefix against its own longer sample then differs in the decision to stop and what follows it for a few tokens, not in the whole continuation."""
     kl_samples_per_prompt: int = Field(1, ge=0, le=1024)
     """MO-ODPO: samples per prompt (random draws, under the weight lines they were sampled with) on which the learner estimates KL(policy || reference) each step, for `health.max_kl` and `kl_coef`; 0: no estimate."""
+    kl_sample_weights: Literal["sampled", "drawn", "sampled_and_drawn"] = "sampled"
+    """MO-ODPO: the weight lines the KL samples are taken under. `sampled`, each prompt's first `kl_samples_per_prompt` samples, under the weights it was sampled with. In warm-start steps that sample under the corners (`conditioning.warm_start_weights`), `drawn` takes `kl_samples_per_prompt` samples more per prompt under its Dirichlet draw instead, and `sampled_and_drawn` takes both, so the weights between the corners are held to the reference too: they are trained through the corners' rows (`conditioning.token_bins: interpolated`) but never sampled, and the KL there ran past the corners' (docs/steering.md §3); in other steps the sampled weights are the draw, and both read as `sampled`."""
     kl_coef: float = Field(0.0, ge=0, le=100)
     """MO-ODPO: a KL penalty added to the loss, kl_coef * (log pi - log pi_ref)^2 / 2 per answer averaged over those samples (the k2 estimator, whose gradient is the KL's in expectation); 0: DPO's own beta alone holds the policy near the reference."""
     kl_penalty_tokens: Literal["answer", "text"] = "answer"
@@ -497,6 +499,19 @@ class RunConfig(_Section):
             raise ValueError(
                 "algorithm.kl_coef: the penalty is taken on algorithm.kl_samples_per_prompt samples per prompt; set that above 0"
             )
+        if self.algorithm.kl_sample_weights != "sampled":
+            a, c = self.algorithm, self.conditioning
+            clashes = [
+                (not a.kl_samples_per_prompt, "set algorithm.kl_samples_per_prompt above 0"),
+                (
+                    not a.warm_start_steps or c.warm_start_weights == "drawn",
+                    "only warm-start steps that sample under the corners have a draw apart from their samples; set "
+                    f"algorithm.warm_start_steps and conditioning.warm_start_weights (got {a.warm_start_steps} and {c.warm_start_weights})",
+                ),
+            ]
+            for clash, why in clashes:
+                if clash:
+                    raise ValueError(f"algorithm.kl_sample_weights: {a.kl_sample_weights} takes KL samples under the draw; {why}")
         if self.algorithm.kl_penalty_tokens != "answer" and not self.algorithm.kl_coef:
             raise ValueError(
                 f"algorithm.kl_penalty_tokens: {self.algorithm.kl_penalty_tokens} shapes the KL penalty; set algorithm.kl_coef above 0"

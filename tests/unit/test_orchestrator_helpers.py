@@ -7,7 +7,7 @@ import pytest
 
 from actors.calls import chunks, merge_rank_metrics
 from actors.cluster import actor_env
-from loops.online_loop import Rollout, check_same_prompts, check_supported, learn, report, summarize, training_lines
+from loops.online_loop import Rollout, check_same_prompts, check_supported, kl_probes, learn, report, summarize, training_lines
 from moalign.config import ConfigError, check_resume_config, load_config, save_resolved
 from moalign.health import HealthMonitor
 from moalign.objectives import DPOObjective
@@ -164,6 +164,41 @@ def _rollout(version, tags):
     return Rollout(3, [4], np.array([[0.25, 0.75]]), [[7, 8, 9]], version, 1, (0, 8), _DoneGeneration(samples))
 
 
+def _done_rollout(prompt_ids, samples, kl_prompt_ids=None, kl_samples=None):
+    weights = np.full((len(prompt_ids), 2), 0.5)
+    kl_generation = None if kl_samples is None else _DoneGeneration(kl_samples)
+    return Rollout(
+        1, list(range(len(prompt_ids))), weights, prompt_ids, 0, 0, None, _DoneGeneration(samples), None, None, kl_prompt_ids, kl_generation
+    )
+
+
+def test_kl_samples_are_taken_under_the_sampled_weights_the_draw_or_both():
+    """`kl_probes`: each prompt's first kl_samples_per_prompt samples under the prompt it was
+    sampled with; with KL samples taken under the draw too, those (`drawn`) or both."""
+    samples, under_draw = _samples(2, 3), [[{**s, "token_ids": [s["token_ids"][0] + 50]} for s in g[:2]] for g in _samples(2, 2)]
+    sampled, drawn = [[1, b] for b in range(2)], [[9, b] for b in range(2)]
+    mine = [(sampled[b], [100 * b + j, 7]) for b in range(2) for j in range(2)]
+    theirs = [(drawn[b], [100 * b + j + 50]) for b in range(2) for j in range(2)]
+    settings = ["algorithm.kl_samples_per_prompt=2", "algorithm.warm_start_steps=1", "conditioning.warm_start_weights=corners"]
+    for setting, want in (("sampled", mine), ("drawn", theirs), ("sampled_and_drawn", mine + theirs)):
+        cfg = load_config(None, [*settings, f"algorithm.kl_sample_weights={setting}"])
+        # A step sampled under its draw has no KL samples of its own: every setting reads its samples.
+        assert kl_probes(cfg, _done_rollout(sampled, samples)) == mine
+        if setting != "sampled":
+            assert kl_probes(cfg, _done_rollout(sampled, samples, drawn, under_draw)) == want
+    # Checkpointed with the samples, as the samples are.
+    rollout = _done_rollout(sampled, samples, drawn, under_draw)
+    rollout.wait()
+    again = Rollout.from_state(json.loads(json.dumps(rollout.state_dict())))
+    assert (again.kl_prompt_ids, again.kl_samples) == (drawn, under_draw) and kl_probes(cfg, again) == mine + theirs
+    for bad, why in (
+        (["algorithm.kl_samples_per_prompt=0"], "set algorithm.kl_samples_per_prompt above 0"),
+        (["conditioning.warm_start_weights=drawn"], "only warm-start steps that sample under the corners have a draw"),
+    ):
+        with pytest.raises(ConfigError, match=f"kl_sample_weights: drawn takes KL samples under the draw; {why}"):
+            load_config(None, [*settings, "algorithm.kl_sample_weights=drawn", *bad])
+
+
 def test_rollout_round_trips_through_a_checkpoint_once_generated():
     rollout = _rollout(2, [2, 2])
     with pytest.raises(RuntimeError, match="step 3 is still generating"):
@@ -262,7 +297,8 @@ def test_learn_builds_the_warm_start_batch_and_the_kl_samples():
     lines = [[2, j, b] for j in range(2) for b in range(3)]
     pairs = [Pair(prompt=p, chosen=1, rejected=2, loss_weight=1.0, objective=None) for p in (0, 4, 5, 2)]
     learners = _RecordingLearners(2)
-    merged = learn(cfg, learners, lines, samples, pairs, 3, True, sampled)
+    probes = kl_probes(cfg, _done_rollout(sampled, samples))
+    merged = learn(cfg, learners, lines, samples, pairs, 3, True, probes)
     first, second = learners.batches
     assert first["prompt_ids"] == [[2, 0, 0], [2, 1, 1]] and second["prompt_ids"] == [[2, 1, 2], [2, 0, 2]]
     assert first["chosen_ids"] == [[1, 7], [101, 7]] and first["rejected_ids"] == [[2], [102]]
@@ -274,15 +310,15 @@ def test_learn_builds_the_warm_start_batch_and_the_kl_samples():
     # out, and a sample that is nothing but that token dropped.
     text = load_config(None, ["algorithm.kl_samples_per_prompt=2", "algorithm.kl_coef=0.01", "algorithm.kl_penalty_tokens=text"])
     ended = [[{**s, "token_ids": [7]} if (b, j) == (2, 0) else s for j, s in enumerate(group)] for b, group in enumerate(samples)]
-    learn(text, learners, lines, ended, pairs, 3, True, sampled, eos_id=7)
+    learn(text, learners, lines, ended, pairs, 3, True, kl_probes(text, _done_rollout(sampled, ended)), eos_id=7)
     probes = [(p, c) for b in learners.batches for p, c in zip(b["kl_prompt_ids"], b["kl_completion_ids"])]
     assert probes == [([1, b], [100 * b + j]) for b in range(3) for j in range(2) if (b, j) != (2, 0)]
     with pytest.raises(ValueError, match="kl_penalty_tokens: text leaves out the end-of-sequence token; pass eos_id"):
-        learn(text, learners, lines, samples, pairs, 3, True, sampled)
+        learn(text, learners, lines, samples, pairs, 3, True, probes)
     with pytest.raises(ConfigError, match="kl_penalty_tokens: text shapes the KL penalty; set algorithm.kl_coef above 0"):
         load_config(None, ["algorithm.kl_penalty_tokens=text"])
 
-    # DPO steps keep the whole rejected answer; without sampled prompts no KL samples are sent.
+    # DPO steps keep the whole rejected answer; without KL samples none are sent.
     learn(cfg, learners, lines, samples, pairs, 4)
     assert learners.batches[0]["rejected_ids"] == [[2, 7], [102, 7]] and "supervised" not in learners.batches[0]
     assert "kl_prompt_ids" not in learners.batches[0]
@@ -441,6 +477,17 @@ def test_the_warm_start_can_sample_under_the_corners(tiny_model):
     # The draw the corners replaced is kept for `warm_start_lines: drawn_and_corners`, and only then.
     np.testing.assert_array_equal(runs["corners"][0].drawn_weights, runs["drawn"][0].weights)
     assert runs["drawn"][0].drawn_weights is None and runs["corners"][1].drawn_weights is None
+    assert runs["corners"][0].kl_prompt_ids is None
+    # KL samples under the draw: a second generation of kl_samples_per_prompt each, after the
+    # samples, on the prompts rendered under the draw; in the DPO step there is none.
+    cfg = load_config(None, [*base, "conditioning.warm_start_weights=corners", "algorithm.kl_sample_weights=drawn"])
+    state = LoopState(DirichletSampler(k, 1.0, 0), PromptCursor(9, 0), RunningNormalizer(k), HealthMonitor(**cfg.health.model_dump()))
+    generators = _RecordingGenerators()
+    for _ in range(2):
+        state.rollouts.append(draw_rollout(cfg, state, prompts, tokenizer, generators))
+    warm, dpo = state.rollouts
+    assert generators.sent == [batch, batch, batch] and dpo.kl_prompt_ids is None
+    assert warm.kl_prompt_ids == runs["drawn"][0].prompt_ids != warm.prompt_ids
     # Half the prompts under the corners, half under their draws.
     mixed = runs["corners_and_drawn"][0].weights
     on_corner = np.arange(batch) % (2 * k) < k
