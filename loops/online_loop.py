@@ -317,19 +317,20 @@ def draw_rollout(cfg: RunConfig, state: LoopState, prompts, tokenizer, generator
         # Drawn all the same, so the DPO steps draw what they would have without these settings;
         # `warm_start_lines: drawn_and_corners` trains the draw on the corners' samples.
         weights = warm_start_sampling_weights(cfg.conditioning.warm_start_weights, drawn)
-    prompt_ids = [
-        render_conditioned(tokenizer, prompts[i].prompt, cfg.objective_names, w, cfg.conditioning, cfg.model.max_prompt_tokens)
-        for i, w in zip(indices, weights)
-    ]
+
+    def rendered(lines: np.ndarray) -> list[list[int]]:
+        return [
+            render_conditioned(tokenizer, prompts[i].prompt, cfg.objective_names, w, cfg.conditioning, cfg.model.max_prompt_tokens)
+            for i, w in zip(indices, lines)
+        ]
+
+    prompt_ids = rendered(weights)
     seeds = step_seeds(cfg, step, len(prompt_ids))
     generation = Generation(cfg.rollout, generators, prompt_ids, seeds, cfg.rollout.samples_per_prompt, step)
     kl_prompt_ids = kl_generation = None
     if cfg.algorithm.kl_sample_weights != "sampled" and drawn is not weights:
         # Sent after the samples, so the same generator call order (and policy version) holds.
-        kl_prompt_ids = [
-            render_conditioned(tokenizer, prompts[i].prompt, cfg.objective_names, w, cfg.conditioning, cfg.model.max_prompt_tokens)
-            for i, w in zip(indices, drawn)
-        ]
+        kl_prompt_ids = rendered(drawn)
         kl_seeds = step_seeds(cfg, step, len(kl_prompt_ids), stream=1)
         kl_generation = Generation(cfg.rollout, generators, kl_prompt_ids, kl_seeds, cfg.algorithm.kl_samples_per_prompt, step)
     return Rollout(
@@ -360,11 +361,11 @@ def kl_probes(cfg: RunConfig, rollout: Rollout) -> list[tuple[list[int], list[in
     each prompt's first `algorithm.kl_samples_per_prompt` samples under the weights it was
     sampled with, and (`algorithm.kl_sample_weights`) those taken under its draw instead or too."""
     per_prompt = cfg.algorithm.kl_samples_per_prompt
+    samples = rollout.wait()
     groups = []
     if rollout.kl_prompt_ids is None or cfg.algorithm.kl_sample_weights == "sampled_and_drawn":
-        groups.append((rollout.prompt_ids, rollout.wait()))
+        groups.append((rollout.prompt_ids, samples))
     if rollout.kl_prompt_ids is not None:
-        rollout.wait()
         groups.append((rollout.kl_prompt_ids, rollout.kl_samples))
     return [(ids, s["token_ids"]) for prompt_ids, samples in groups for ids, group in zip(prompt_ids, samples) for s in group[:per_prompt]]
 
@@ -396,11 +397,11 @@ def learn(
         return {}
     total_weight = float(sum(p.loss_weight for p in pairs))
     scale = cfg.algorithm.preference_label_scale
-    probes = [(p, c) for p, c in probes or [] if c]
+    probes = probes or []
     if cfg.algorithm.kl_penalty_tokens == "text":
         # The decision to stop left out: the log-ratio of the text written before it.
-        probes = [(p, c[:-1] if c[-1] == eos_id else c) for p, c in probes]
-        probes = [(p, c) for p, c in probes if c]
+        probes = [(p, c[:-1] if c and c[-1] == eos_id else c) for p, c in probes]
+    probes = [(p, c) for p, c in probes if c]
     probe_parts = chunks(len(probes), len(learners))
     shards = []
     for r, s in enumerate(chunks(len(pairs), len(learners))):
