@@ -33,6 +33,8 @@ WAITING_FOR_ROOM = "cannot be placed yet"
 """The phrase a waiting report carries: `deploy/moalign-job status` looks for it in a job's log."""
 PLACED_AFTER = "placed after waiting"
 """The phrase of the line that ends a wait (`deploy/moalign-job status` reads it too)."""
+HUNG_PROBE_TIMEOUT_S = 30.0
+"""How long an actor that timed out gets to say what it is doing (from its second thread)."""
 
 
 class ActorFailure(RuntimeError):
@@ -437,10 +439,14 @@ class ActorGroup:
         actor = self.actors[index]
         if not hasattr(actor, "busy"):
             return "", None
+        # 30 s, not 10: in CI on a loaded 2-core host a live actor's free thread took over 10 s
+        # to answer, and the hang was reported without the source it was in.
         try:
-            doing, pong = ray.get([actor.busy.remote(), actor.ping.remote()], timeout=10)
-        except (RayTaskError, RayActorError, GetTimeoutError):
+            doing, pong = ray.get([actor.busy.remote(), actor.ping.remote()], timeout=HUNG_PROBE_TIMEOUT_S)
+        except (RayTaskError, RayActorError):
             return "", None
+        except GetTimeoutError:
+            return f" (it did not say what it was doing within {HUNG_PROBE_TIMEOUT_S:g}s either)", None
         return (f" ({doing})" if doing else ""), pong.get("pid")
 
     def _recover(self, index: int, step: int | None, method: str, cause: str, old_pid: int | None = None) -> None:

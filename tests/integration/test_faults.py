@@ -20,7 +20,9 @@ def reward_group(source: str, **objective) -> ActorGroup:
 
 
 def test_a_hanging_reward_is_restarted_and_one_that_keeps_hanging_is_named(ray_cluster):
+    # Started first, as the loops do: a slow start on a loaded host is not a hang.
     once = reward_group("hang_once")
+    ping_all([once])
     hang_marker().touch()
     try:
         scores = once.call_each("score", [(["p", "q"], ["ab", "abc"])], step=7)
@@ -32,6 +34,7 @@ def test_a_hanging_reward_is_restarted_and_one_that_keeps_hanging_is_named(ray_c
 
     always = reward_group("hang")
     try:
+        ping_all([always])
         with pytest.raises(ActorFailure) as err:
             always.call_each("score", [(["p"], ["ab"])], step=7)
     finally:
