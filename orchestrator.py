@@ -131,7 +131,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     stop_decisions = warm_start and cfg.algorithm.warm_start_pairs == "stop_decisions"
                     supervised = warm_start and not stop_decisions
                     if stop_decisions:
-                        selection = select_stop_decisions(normalized, lines, candidates)
+                        selection = select_stop_decisions(normalized, lines, candidates, cfg.algorithm.stop_decisions_per_line)
                     elif supervised:
                         selection = select_line_answers(normalized, lines)
                     else:

@@ -142,6 +142,8 @@ class AlgorithmConfig(_Section):
     """MO-ODPO warm start: the loss on each label. null: its mean token NLL, which pushes the label up without end. A number b: -log sigmoid(b * (log pi(y) - log pi_ref(y))), on the label's summed log-probs under its line against the reference's: it pushes a label until it is about 3/b nats likelier than under the reference and then hardly at all, so the warm start's move away from the reference is bounded per label (the anchored loss; with the plain NLL the demo's corners end 8-9 nats out, docs/steering.md)."""
     warm_start_pairs: Literal["labels", "stop_decisions"] = "labels"
     """MO-ODPO warm start: what it trains at each corner. `labels`, each corner's best answer as a label (hindsight labels; the loss is `warm_start_beta`'s). `stop_decisions`, a DPO pair per prompt and line (`warm_start_lines`): a sentence-end prefix (`sentence_prefixes`) against the sample it was cut from, the one that line's weighted reward scores higher chosen, cut so that they differ by the end-of-sequence token alone, so only the decision to stop there is trained (the labels move everything a corner writes, which is where the demo's corners' 8-9 nats come from, docs/steering.md)."""
+    stop_decisions_per_line: int = Field(1, ge=1, le=64)
+    """MO-ODPO warm start with `warm_start_pairs: stop_decisions`: how many pairs each prompt gives each line, the prefix-sample pairs whose rewards under it differ most (each prefix in one pair at most; fewer where fewer differ). More decisions a step from the same samples: each one is a different place to stop in a different answer."""
     warm_start_prefix_kl: float = Field(0.0, ge=0, le=100)
     """MO-ODPO warm start with `warm_start_pairs: stop_decisions`: c x (log pi - log pi_ref)^2 / 2 of each pair's shared prefix (the policy's own text before the stop decision, under the corner's line), added to its loss, so the text a corner writes is held at the reference while its decision to stop trains (without it the Conciseness corner's text went to word salad, docs/steering.md); 0: the EOS token's DPO loss alone."""
     warm_start_lines: Literal["corners", "drawn_and_corners", "sampled"] = "corners"
@@ -557,6 +559,11 @@ class RunConfig(_Section):
             for clash, why in clashes:
                 if clash:
                     raise ValueError(f"algorithm.warm_start_pairs: stop_decisions: {why}")
+        elif self.algorithm.stop_decisions_per_line != 1:
+            raise ValueError(
+                f"algorithm.stop_decisions_per_line: {self.algorithm.stop_decisions_per_line} counts stop decisions; "
+                "it needs algorithm.warm_start_pairs: stop_decisions"
+            )
         elif self.algorithm.warm_start_prefix_kl:
             raise ValueError(
                 f"algorithm.warm_start_prefix_kl: {self.algorithm.warm_start_prefix_kl} holds the prefixes of stop decisions; "
@@ -660,6 +667,8 @@ class RunConfig(_Section):
             # A warm-start step trains one answer per prompt and objective (and drawn line).
             lines = self.algorithm.warm_start_lines
             labels = 1 if lines == "sampled" else len(self.objectives) + (lines == "drawn_and_corners")
+            if self.algorithm.warm_start_pairs == "stop_decisions":
+                labels *= self.algorithm.stop_decisions_per_line
             return self.prompts_for_step(1) * labels
         per_prompt = len(self.objectives) if self.algorithm.pair_mode == "per_objective" else 1
         return self.rollout.prompts_per_step * per_prompt * (1 + self.algorithm.relabel_weights)
@@ -676,7 +685,9 @@ class RunConfig(_Section):
             lines = {"corners": f"{k} objectives", "drawn_and_corners": f"{k} objectives + the drawn line", "sampled": "1 line"}[
                 a.warm_start_lines
             ]
-            return f"the warm start's: {setting}={prompts} x ({lines})"
+            per_line = a.stop_decisions_per_line if a.warm_start_pairs == "stop_decisions" else 1
+            each = f" x algorithm.stop_decisions_per_line={per_line}" if per_line > 1 else ""
+            return f"the warm start's: {setting}={prompts} x ({lines}){each}"
         return (
             f"rollout.prompts_per_step={self.rollout.prompts_per_step}"
             f"{f' x {k} objectives' if a.pair_mode == 'per_objective' else ''}"

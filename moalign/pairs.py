@@ -303,13 +303,16 @@ def select_line_answers(rewards: np.ndarray, lines: Sequence[np.ndarray]) -> Pai
     return PairSelection(pairs, ties, 0)
 
 
-def select_stop_decisions(rewards: np.ndarray, lines: Sequence[np.ndarray], candidates: Sequence[Sequence[Sample]]) -> PairSelection:
+def select_stop_decisions(
+    rewards: np.ndarray, lines: Sequence[np.ndarray], candidates: Sequence[Sequence[Sample]], per_line: int = 1
+) -> PairSelection:
     """Warm-start pairs on the decision to stop: for each (B, n, K) prompt b and each weight set j
-    of `lines` (the corners), the sentence-end prefix and the sample it was cut from whose rewards
-    under row b differ most, the better one chosen. The two share every token up to the prefix's
-    end, so cut by `cut_to_stop_token` a pair trains only the end-of-sequence token there: up
-    under the Conciseness corner, down under the Detail corner. A
-    prompt with no prefix, or whose prefixes score as their samples do, gives no pair (a tie)."""
+    of `lines` (the corners), the `per_line` sentence-end prefixes whose rewards under row b differ
+    most from those of the samples they were cut from, each against its sample, the better one
+    chosen. The two share every token up to the prefix's end, so cut by `cut_to_stop_token` a pair
+    trains only the end-of-sequence token there: up under the Conciseness corner, down under the
+    Detail corner. A prompt with no prefix, or whose prefixes score as their samples do, gives no
+    pair (a tie); one with fewer differing prefixes than `per_line` gives what it has."""
     batch, scored = _scored_lines(rewards, lines)
     if len(candidates) != batch:
         raise ValueError(f"{len(candidates)} candidate groups for {batch} prompts")
@@ -319,11 +322,12 @@ def select_stop_decisions(rewards: np.ndarray, lines: Sequence[np.ndarray], cand
     for j, (w, scores) in enumerate(scored):
         for b in range(batch):
             gaps = [(scores[b, i] - scores[b, p], i, p) for i, p in parents[b].items()]
-            best = max(gaps, key=lambda g: abs(g[0]), default=None)
-            if best is None or best[0] == 0:
+            # sorted is stable: among equal gaps the earlier prefix goes first, as max() picked.
+            kept = [g for g in sorted(gaps, key=lambda g: -abs(g[0])) if g[0] != 0][:per_line]
+            if not kept:
                 ties += 1
                 continue
-            gap, prefix, parent = best
-            chosen, rejected = (prefix, parent) if gap > 0 else (parent, prefix)
-            pairs.append(Pair(j * batch + b, chosen, rejected, 1.0, _corner_of(w[b]), abs(float(gap))))
+            for gap, prefix, parent in kept:
+                chosen, rejected = (prefix, parent) if gap > 0 else (parent, prefix)
+                pairs.append(Pair(j * batch + b, chosen, rejected, 1.0, _corner_of(w[b]), abs(float(gap))))
     return PairSelection(pairs, ties, 0)

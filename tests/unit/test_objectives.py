@@ -192,3 +192,8 @@ def test_a_stop_decision_holds_its_shared_prefix_at_the_reference():
 
     with pytest.raises(ConfigError, match=r"warm_start_prefix_kl: 0\.5 holds the prefixes of stop decisions"):
         load_config(None, ["algorithm.warm_start_prefix_kl=0.5"])
+    with pytest.raises(ConfigError, match=r"stop_decisions_per_line: 3 counts stop decisions; it needs algorithm\.warm_start_pairs"):
+        load_config(None, ["algorithm.stop_decisions_per_line=3"])
+    # Each prompt gives each corner up to that many pairs: the learner's batch is sized for them.
+    one, three = (load_config(None, [*cfg, f"algorithm.stop_decisions_per_line={n}"]) for n in (1, 3))
+    assert three.pairs_in_step(True) == 3 * one.pairs_in_step(True)

@@ -255,6 +255,12 @@ def test_stop_decisions_pair_each_prefix_with_its_own_sample():
     assert cut_to_stop_token(group[0]["token_ids"], group[2]["token_ids"], eos) == ([5, 6], [5, 6, 0])
     with pytest.raises(ValueError, match="not a stop decision"):
         cut_to_stop_token([5, 6, 7], [5, 6, 8], eos)
+    # Two a line: the next prefix by its gap joins, each against its own sample (under the Detail
+    # corner candidate 3 parts from sample 1 by 0.2); a line with fewer differing prefixes gives what it has.
+    two = select_stop_decisions(rewards, corners, [group], per_line=2)
+    assert [(p.prompt, p.chosen, p.rejected) for p in two.pairs] == [(0, 2, 0), (0, 3, 1), (1, 0, 2), (1, 1, 3)]
+    assert np.allclose([p.gap for p in two.pairs], [1.0, 0.2, 0.9, 0.2])
+    assert len(select_stop_decisions(rewards, corners, [group], per_line=5).pairs) == 4
     # Prefixes that score as their samples do, or none at all: ties, no pair.
     flat = select_stop_decisions(np.ones((1, 5, 2)), corners, [group])
     assert flat.pairs == [] and flat.dropped_ties == 2
