@@ -79,6 +79,8 @@ class ConditioningConfig(_Section):
     """Digits each weight is rounded to when written into the prompt (rounded weights still sum to 1)."""
     token_bins: Literal["separate", "interpolated"] = "separate"
     """Control-token styles: `separate`, each weight bin's token has a row of its own, trained by the pairs drawn in that bin; `interpolated`, an objective's bins embed as points on the line between its weight-0 and weight-1 rows, which alone train, so what the corners learn carries to the weights between them."""
+    token_start_offset: float = Field(1.0, ge=0, le=10)
+    """Control-token styles: how far apart an objective's bins start, as a share of the offset (w - 1/2) x (" more" - " less") / 2 added to each row's text embedding (`Conciseness: 0.7`). At 1 the corners' rows start 1.3 apart, off the words' embeddings, and the untrained model answered longer at the corners than between them (docs/steering.md); 0: the text embeddings alone (0.27 apart on SmolLM2)."""
     alpha: float | list[float] = 1.0
     """Dirichlet concentration: one value for all objectives or one per objective (each > 0)."""
     fixed_weights: list[float] | None = None
@@ -476,6 +478,11 @@ class RunConfig(_Section):
         if self.conditioning.style not in TOKEN_STYLES and self.conditioning.token_bins != "separate":
             raise ValueError(
                 f"conditioning.token_bins: {self.conditioning.token_bins} shapes control tokens; conditioning.style {self.conditioning.style} writes none"
+            )
+        if self.conditioning.style not in TOKEN_STYLES and self.conditioning.token_start_offset != 1:
+            raise ValueError(
+                f"conditioning.token_start_offset: {self.conditioning.token_start_offset:g} places control tokens; "
+                f"conditioning.style {self.conditioning.style} writes none"
             )
         if self.conditioning.token_bins == "interpolated" and lc.control_token_between_rate != 1:
             # The bins between the ends are points on the line: they have no rows of their own to slow.

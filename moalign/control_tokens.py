@@ -55,6 +55,9 @@ class ControlTokens:
     interpolated: bool = False
     """Each objective's bins embed as points on the line between its weight-0 and weight-1 rows
     (`conditioning.token_bins: interpolated`): only those two rows train."""
+    start_offset: float = 1.0
+    """The share of the (w - 1/2) x (" more" - " less") / 2 offset the rows started with
+    (`conditioning.token_start_offset`)."""
 
     @property
     def line_bins(self) -> int | None:
@@ -92,7 +95,9 @@ def write_manifest(model_dir: str | os.PathLike, tokens: ControlTokens) -> None:
     (Path(model_dir) / MANIFEST).write_text(json.dumps(asdict(tokens), indent=1) + "\n")
 
 
-def check_manifest(tokens: ControlTokens, names: Sequence[str], decimals: int, where: str, interpolated: bool = False) -> None:
+def check_manifest(
+    tokens: ControlTokens, names: Sequence[str], decimals: int, where: str, interpolated: bool = False, start_offset: float = 1.0
+) -> None:
     """The folder's tokens must be the ones these objectives and decimals write, with rows kept as
     this run trains them."""
     if list(tokens.objectives) != list(names) or tokens.decimals != decimals:
@@ -103,6 +108,11 @@ def check_manifest(tokens: ControlTokens, names: Sequence[str], decimals: int, w
     if tokens.interpolated != interpolated:
         have, want = (("interpolated" if i else "separate") for i in (tokens.interpolated, interpolated))
         raise ValueError(f"{where} holds control tokens with {have} bins; this run sets conditioning.token_bins: {want}: use a new run_dir")
+    if tokens.start_offset != start_offset:
+        raise ValueError(
+            f"{where} holds control tokens that started at {tokens.start_offset:g} of the offset; "
+            f"this run sets conditioning.token_start_offset: {start_offset:g}: use a new run_dir"
+        )
 
 
 def interpolate_bins(rows: torch.Tensor, bins: int) -> torch.Tensor:
@@ -116,14 +126,19 @@ def interpolate_bins(rows: torch.Tensor, bins: int) -> torch.Tensor:
 
 
 def add_control_tokens(
-    source: str | os.PathLike, dest: str | os.PathLike, names: Sequence[str], decimals: int, interpolated: bool = False
+    source: str | os.PathLike,
+    dest: str | os.PathLike,
+    names: Sequence[str],
+    decimals: int,
+    interpolated: bool = False,
+    start_offset: float = 1.0,
 ) -> ControlTokens:
     """A copy of the model at `source` in `dest` with one control token per objective and weight
     bin added. A token's embedding row starts as the mean embedding of the text line's words for
     it (`Conciseness: 0.7`), so the policy starts out reading about what the text line says, plus
     (w - 1/2) x (" more" - " less") / 2, so the bins of one objective start apart and in order
     (the words alone start the corners 0.27 apart on SmolLM2, rows of norm 1.3; the offset makes it
-    1.3 without moving the start far from the text line's). With `interpolated`, the bins between
+    1.3 without moving the start far from the text line's), times `start_offset`. With `interpolated`, the bins between
     each objective's two ends start on the line between them (`interpolate_bins`). A model with
     tied embeddings comes out untied, so the tokens' trained rows stay input rows; their output
     rows are the mean of the others, and the generation config suppresses them. Written beside `dest` and renamed into
@@ -155,7 +170,9 @@ def add_control_tokens(
 
         more = (text(" more") - text(" less")) / 2
         steps = 10**decimals
-        starts = [text(f" {name}: {i / steps:.{decimals}f}") + (i / steps - 0.5) * more for name in names for i in range(steps + 1)]
+        starts = [
+            text(f" {name}: {i / steps:.{decimals}f}") + (i / steps - 0.5) * start_offset * more for name in names for i in range(steps + 1)
+        ]
         model.resize_token_embeddings(vocab + len(tokens), mean_resizing=False)
         embed = model.get_input_embeddings().weight
         head = model.get_output_embeddings()
@@ -169,7 +186,7 @@ def add_control_tokens(
         embed[first_id:] = interpolate_bins(starts, steps) if interpolated else starts
         if head is not None:
             head.weight[first_id:] = head.weight[:first_id].mean(0)
-    manifest = ControlTokens(list(names), decimals, tokens, first_id, first_id, str(source), interpolated)
+    manifest = ControlTokens(list(names), decimals, tokens, first_id, first_id, str(source), interpolated, start_offset)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
     try:

@@ -162,7 +162,9 @@ def starting_model(cfg, run_dir: str | os.PathLike) -> Path:
         log.info(
             "adding %d control tokens to %s in %s (once per run)", (10**cfg.conditioning.decimals + 1) * len(cfg.objectives), source, dest
         )
-        add_control_tokens(source, dest, cfg.objective_names, cfg.conditioning.decimals, interpolated)
+        add_control_tokens(source, dest, cfg.objective_names, cfg.conditioning.decimals, interpolated, cfg.conditioning.token_start_offset)
     else:
-        check_manifest(existing, cfg.objective_names, cfg.conditioning.decimals, str(dest), interpolated)
+        check_manifest(
+            existing, cfg.objective_names, cfg.conditioning.decimals, str(dest), interpolated, cfg.conditioning.token_start_offset
+        )
     return dest

@@ -182,6 +182,8 @@ def test_only_mo_odpo_takes_control_tokens():
         load_config(None, ["conditioning.style=chat_system", "learner.control_token_dpo_lr_scale=1"])
     with pytest.raises(ConfigError, match="token_bins: interpolated shapes control tokens; conditioning.style chat_system writes none"):
         load_config(None, ["conditioning.style=chat_system", "conditioning.token_bins=interpolated"])
+    with pytest.raises(ConfigError, match="token_start_offset: 0.5 places control tokens; conditioning.style chat_system writes none"):
+        load_config(None, ["conditioning.style=chat_system", "conditioning.token_start_offset=0.5"])
     with pytest.raises(ConfigError, match="which conditioning.token_bins: interpolated computes from the ends"):
         load_config(
             None, ["conditioning.style=control_tokens", "conditioning.token_bins=interpolated", "learner.control_token_between_rate=0.5"]
@@ -216,6 +218,20 @@ def test_interpolated_bins_start_on_the_line_between_the_ends(tiny_model, with_t
     torch.testing.assert_close(rows[[0, 10, 11, 21]], ends[[0, 10, 11, 21]])
     torch.testing.assert_close(rows[14], ends[11] + 0.3 * (ends[21] - ends[11]))
     torch.testing.assert_close(interpolate_bins(rows, 10), rows)
+
+    # A share of the offset: at 0 the ends are the words' embeddings, at 1/4 a quarter of the way
+    # from there to where they start at 1; the midpoint stays put. A folder started otherwise is refused.
+    def start(offset):
+        folder = tmp_path / f"offset-{offset}"
+        made = add_control_tokens(tiny_model, folder, NAMES, 1, interpolated=True, start_offset=offset)
+        assert made.start_offset == offset and read_manifest(folder) == made
+        return made, AutoModelForCausalLM.from_pretrained(folder).get_input_embeddings().weight.detach()[made.first_id :]
+
+    (_, words), (near, quarter) = start(0.0), start(0.25)
+    torch.testing.assert_close(quarter[[0, 10]], 0.75 * words[[0, 10]] + 0.25 * rows[[0, 10]])
+    torch.testing.assert_close(quarter[0] + quarter[10], rows[0] + rows[10])
+    with pytest.raises(ValueError, match="started at 0.25 of the offset; this run sets conditioning.token_start_offset: 1"):
+        check_manifest(near, NAMES, 1, "here", interpolated=True)
 
 
 def test_interpolated_bins_train_only_their_ends_and_follow_them():
