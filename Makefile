@@ -1,10 +1,12 @@
-# Two commands on a fresh machine: `make demo` (the embedded default run) and `make test`.
+# Two commands on a fresh machine: `make demo` (the steering preset) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU torch wheel lives in a local folder on these machines; elsewhere pip finds it on its index.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
-CONFIG ?= configs/default.yaml
+# The steering preset: a length dial (Conciseness against Detail), what `make demo` trains.
+STEERABLE := configs/steer_length_dial_cpu.yaml
+CONFIG ?= $(STEERABLE)
 ARGS ?=
 
 .PHONY: install demo eval export serve lint test test-unit bandit bench docs clean
@@ -33,9 +35,9 @@ eval: install
 	@test -n "$(RUN)" || { echo 'usage: make eval RUN=<run dir> [STEP=N | ALL=1 | BASE=1] [COMPARE="dirA dirB"]'; exit 2; }
 	$(PY) evaluate.py --run $(RUN) $(ARGS) $(if $(STEP),--step $(STEP),) $(if $(ALL),--all-steps,) $(if $(BASE),--base,) $(if $(COMPARE),--compare $(COMPARE),)
 
-# The steering preset (a length dial: Conciseness against Detail, interpolated control tokens); what it reaches: docs/steering.md.
+# The steering preset by name, whatever CONFIG says (`make demo`'s run, in runs/demo); what it reaches: docs/steering.md.
 train-steerable: install
-	$(PY) orchestrator.py --config configs/steer_length_dial_cpu.yaml $(ARGS)
+	$(PY) orchestrator.py --config $(STEERABLE) $(ARGS)
 
 # The policy of a checkpoint as a Hugging Face folder (+ PEFT adapter): `make export RUN=runs/demo [STEP=N] [OUT=dir]`.
 export: install
