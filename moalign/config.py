@@ -674,11 +674,16 @@ class RunConfig(_Section):
             # A warm-start step trains one answer per prompt and objective (and drawn line).
             lines = self.algorithm.warm_start_lines
             labels = 1 if lines == "sampled" else len(self.objectives) + (lines == "drawn_and_corners")
-            if self.algorithm.warm_start_pairs == "stop_decisions":
-                labels *= self.algorithm.stop_decisions_per_line
-            return self.prompts_for_step(1) * labels
+            return self.prompts_for_step(1) * labels * self._warm_start_pairs_per_line
         per_prompt = len(self.objectives) if self.algorithm.pair_mode == "per_objective" else 1
         return self.rollout.prompts_per_step * per_prompt * (1 + self.algorithm.relabel_weights)
+
+    @property
+    def _warm_start_pairs_per_line(self) -> int:
+        """Pairs a warm-start step trains per prompt and line: `stop_decisions_per_line` with stop
+        decisions, one label otherwise."""
+        a = self.algorithm
+        return a.stop_decisions_per_line if a.warm_start_pairs == "stop_decisions" else 1
 
     def _pairs_origin(self, k: int) -> str:
         """The settings that make `pairs_per_step`, for the batch-arithmetic message: the offline
@@ -692,7 +697,7 @@ class RunConfig(_Section):
             lines = {"corners": f"{k} objectives", "drawn_and_corners": f"{k} objectives + the drawn line", "sampled": "1 line"}[
                 a.warm_start_lines
             ]
-            per_line = a.stop_decisions_per_line if a.warm_start_pairs == "stop_decisions" else 1
+            per_line = self._warm_start_pairs_per_line
             each = f" x algorithm.stop_decisions_per_line={per_line}" if per_line > 1 else ""
             return f"the warm start's: {setting}={prompts} x ({lines}){each}"
         return (

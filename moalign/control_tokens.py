@@ -138,8 +138,9 @@ def add_control_tokens(
     it (`Conciseness: 0.7`), so the policy starts out reading about what the text line says, plus
     (w - 1/2) x (" more" - " less") / 2, so the bins of one objective start apart and in order
     (the words alone start the corners 0.27 apart on SmolLM2, rows of norm 1.3; the offset makes it
-    1.3 without moving the start far from the text line's), times `start_offset`. With `interpolated`, the bins between
-    each objective's two ends start on the line between them (`interpolate_bins`). A model with
+    1.3 without moving the start far from the text line's), times `start_offset`. With
+    `interpolated`, the bins between each objective's two ends start on the line between them
+    (`interpolate_bins`). A model with
     tied embeddings comes out untied, so the tokens' trained rows stay input rows; their output
     rows are the mean of the others, and the generation config suppresses them. Written beside `dest` and renamed into
     place: a crash leaves no half-written model."""

@@ -234,6 +234,22 @@ def test_interpolated_bins_start_on_the_line_between_the_ends(tiny_model, with_t
         check_manifest(near, NAMES, 1, "here", interpolated=True)
 
 
+def test_a_run_starts_its_tokens_at_its_offset_and_a_resume_at_another_is_refused(tiny_model, tmp_path):
+    from moalign.config import load_config
+    from moalign.models import starting_model
+
+    def cfg(offset):
+        overrides = [f"model.path={tiny_model}", "conditioning.style=control_tokens_system", f"conditioning.token_start_offset={offset}"]
+        return load_config(None, overrides)
+
+    made = starting_model(cfg(0.25), tmp_path)
+    assert read_manifest(made).start_offset == 0.25 and starting_model(cfg(0.25), tmp_path) == made
+    with pytest.raises(
+        ValueError, match="started at 0.25 of the offset; this run sets conditioning.token_start_offset: 1: use a new run_dir"
+    ):
+        starting_model(cfg(1), tmp_path)
+
+
 def test_interpolated_bins_train_only_their_ends_and_follow_them():
     torch.manual_seed(0)
     base = torch.nn.Embedding(10, 3)
