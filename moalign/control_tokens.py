@@ -140,10 +140,10 @@ def add_control_tokens(
     (the words alone start the corners 0.27 apart on SmolLM2, rows of norm 1.3; the offset makes it
     1.3 without moving the start far from the text line's), times `start_offset`. With
     `interpolated`, the bins between each objective's two ends start on the line between them
-    (`interpolate_bins`). A model with
-    tied embeddings comes out untied, so the tokens' trained rows stay input rows; their output
-    rows are the mean of the others, and the generation config suppresses them. Written beside `dest` and renamed into
-    place: a crash leaves no half-written model."""
+    (`interpolate_bins`). A model with tied embeddings comes out untied, so the tokens' trained
+    rows stay input rows; their output rows are the mean of the others, and the generation
+    config suppresses them. Written beside `dest` and renamed into place: a crash leaves no
+    half-written model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.tokenization_utils_base import AddedToken
 
