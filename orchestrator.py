@@ -112,8 +112,9 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     candidates = samples
                     if cfg.algorithm.sentence_prefixes:
                         seeds = step_seeds(cfg, step, len(samples))
+                        lines = cfg.algorithm.prefix_ends == "sentences_and_lines"
                         candidates = with_sentence_prefixes(
-                            samples, tokenizer, cfg.algorithm.sentence_prefixes, tokenizer.eos_token_id, seeds
+                            samples, tokenizer, cfg.algorithm.sentence_prefixes, tokenizer.eos_token_id, seeds, lines
                         )
                     raw = score(names, scorers, [p.prompt for p in batch], candidates, len(candidates[0]), step)
                     normalized = normalized_rewards(raw, cfg.algorithm.reward_normalization, state.normalizer)

@@ -164,6 +164,8 @@ class AlgorithmConfig(_Section):
     """MO-ODPO, with `kl_coef`: what of each KL sample the penalty (and the step's KL figure) reads. `answer`, every token; `text`, every token but a closing end-of-sequence token, so the penalty holds what a line writes and not where it stops: a corner asked to stop early pays its largest log-ratio there, and the whole-answer penalty held it back (docs/steering.md §3, "Interpolated bins")."""
     sentence_prefixes: int = Field(0, ge=0, le=64)
     """MO-ODPO: per prompt, this many prefixes of its samples, each cut at a sentence end and closed with the end-of-sequence token, join its samples as candidate answers for the pairs and the warm-start labels (drawn at random; `moalign.prefixes`). An objective that wants answers to end early then has answers that end to prefer even when most samples run to the token cap, and training on a prefix changes little but where the policy stops; 0: the samples alone."""
+    prefix_ends: Literal["sentences", "sentences_and_lines"] = "sentences"
+    """MO-ODPO with `sentence_prefixes`: where a prefix may be cut. `sentences`, after a `.`, `!` or `?`; `sentences_and_lines`, also where a line of three words or more ends without one (a list item, a title; not after a `:`), so an answer written as a list, with no sentence end within the token cap, has places to stop too (`moalign.prefixes.sentence_ends`)."""
     pair_mode: Literal["scalarised", "per_objective"] = "scalarised"
     """`scalarised`: chosen/rejected by sum_k w_k r_k (the paper); `per_objective`: one pair per objective, loss sum_k w_k DPO_k."""
     relabel_weights: int = Field(0, ge=0, le=16)
@@ -556,6 +558,11 @@ class RunConfig(_Section):
             for name, value in warm_start_only.items():
                 if value is not None:
                     raise ValueError(f"{name}: {value} is set, but algorithm.warm_start_steps is 0, so no step is a warm-start step")
+        if self.algorithm.prefix_ends != "sentences" and not self.algorithm.sentence_prefixes:
+            raise ValueError(
+                f"algorithm.prefix_ends: {self.algorithm.prefix_ends} says where prefixes are cut; "
+                "it needs algorithm.sentence_prefixes above 0"
+            )
         if self.algorithm.warm_start_pairs == "stop_decisions":
             a = self.algorithm
             clashes = [

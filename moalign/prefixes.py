@@ -1,7 +1,8 @@
 """Sentence-end prefixes of a step's samples, as more candidate answers for its pairs.
 
 Each of a sample's sentences could have been its last: `sentence_ends` finds where (a token that
-ends in `.`, `!` or `?` with whitespace after it), and `with_sentence_prefixes` gives each prompt
+ends in `.`, `!` or `?` with whitespace after it, and with `lines` also the end of a line of words
+that ends without one, such as a list item), and `with_sentence_prefixes` gives each prompt
 `count` such prefixes of its own samples, closed with the end-of-sequence token, after its
 samples. They are scored like samples and can be picked as chosen, rejected or a warm-start label.
 
@@ -23,31 +24,43 @@ from moalign.actor_io import Sample
 
 _ENDS = (".", "!", "?")
 _CLOSERS = "\"')]*"
+_LINE_WORDS = 3
 
 
-def sentence_ends(pieces: Sequence[str]) -> list[int]:
+def sentence_ends(pieces: Sequence[str], lines: bool = False) -> list[int]:
     """Indices i of the token pieces (each token decoded alone) after which a sentence ends:
     piece i ends in `.`, `!` or `?` (closing quotes, brackets or `*` allowed after it) and piece
     i + 1 starts with whitespace. A number's point (`1.` opening a list item, `3.5`) is no end;
-    the last piece is not either (the prefix would be the whole sample)."""
+    the last piece is not either (the prefix would be the whole sample).
+
+    With `lines`, also where piece i + 1 starts a new line after a line of at least three words
+    that ends otherwise (a list item, a title), but not after a `:`, which announces what follows.
+    Why: small models often write lists or headings with no sentence end for their first 64
+    tokens, and such an answer then has no place its line could learn to stop."""
     ends = []
+    line_start = 0
     for i in range(len(pieces) - 1):
+        if "\n" in pieces[i]:
+            line_start = i + 1
         piece = pieces[i].rstrip(_CLOSERS)
-        if not piece.endswith(_ENDS) or not pieces[i + 1][:1].isspace():
-            continue
-        before = piece[:-1].strip()
-        if before.isdigit() or (not before and i > 0 and pieces[i - 1].strip().isdigit()):
-            continue
-        ends.append(i)
+        if piece.endswith(_ENDS) and pieces[i + 1][:1].isspace():
+            before = piece[:-1].strip()
+            if not (before.isdigit() or (not before and i > 0 and pieces[i - 1].strip().isdigit())):
+                ends.append(i)
+                continue
+        if lines and pieces[i + 1].startswith("\n") and pieces[i].strip() and not piece.rstrip().endswith(":"):
+            line = "".join(pieces[line_start : i + 1])
+            if sum(any(c.isalpha() for c in w) for w in line.split()) >= _LINE_WORDS:
+                ends.append(i)
     return ends
 
 
 def with_sentence_prefixes(
-    samples: list[list[Sample]], tokenizer: Any, count: int, eos_id: int, seeds: Sequence[int]
+    samples: list[list[Sample]], tokenizer: Any, count: int, eos_id: int, seeds: Sequence[int], lines: bool = False
 ) -> list[list[Sample]]:
-    """Each prompt's samples followed by `count` of their sentence-end prefixes, drawn at random
-    (`seeds`, one per prompt, so a resumed step draws the same), each closed with `eos_id` and
-    marked finished. A prompt with fewer prefixes than `count` is topped up with copies of its
+    """Each prompt's samples followed by `count` of their sentence-end prefixes (with `lines`, line
+    ends too: `sentence_ends`), drawn at random (`seeds`, one per prompt, so a resumed step draws
+    the same), each closed with `eos_id` and marked finished. A prompt with fewer prefixes than `count` is topped up with copies of its
     samples, which add no pair of their own (a copy ties with its original, which ranks first)."""
     if len(seeds) != len(samples):
         raise ValueError(f"{len(seeds)} seeds for {len(samples)} prompts")
@@ -60,7 +73,7 @@ def with_sentence_prefixes(
                 ids = ids[:-1]
             pieces = [tokenizer.decode([t]) for t in ids]
             # sentence_ends leaves out the last piece, so every prefix's sample went on past it.
-            found += [(k, s, ids[: i + 1]) for i in sentence_ends(pieces)]
+            found += [(k, s, ids[: i + 1]) for i in sentence_ends(pieces, lines)]
         rng = np.random.default_rng(seed)
         picked = rng.choice(len(found), size=min(count, len(found)), replace=False) if found else []
         extra: list[Sample] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from moalign.config import ConfigError, load_config
 from moalign.prefixes import sentence_ends, with_sentence_prefixes
 
 EOS = 0
@@ -33,6 +34,17 @@ def test_sentence_ends_are_punctuation_followed_by_whitespace():
     assert sentence_ends([" 1.", " First"]) == []
     assert sentence_ends([" said", ' "no', '."', " Then"]) == [2]
     assert sentence_ends(["Why", "?", "\n\n", "Because"]) == [1]
+
+
+def test_line_ends_count_only_when_asked_and_only_after_a_line_of_words():
+    pieces = ["Tips", ":", "\n", "\n", "1", ".", " Pack", " light", " early", "\n", "2", ".", " Roll", "\n", "Done", ".", "\n", "Next"]
+    assert sentence_ends(pieces) == [15]
+    # "1. Pack light early" ends a line of three words; "Tips:" announces what follows; "2. Roll"
+    # is too short to be an answer; "Done." is a sentence end either way.
+    assert sentence_ends(pieces, lines=True) == [8, 15]
+    # A line that ends the sample is the sample itself.
+    assert sentence_ends([" Pack", " light", " early"], lines=True) == []
+    assert sentence_ends([" Pack", " light", " early", "\n\n", "More"], lines=True) == [2]
 
 
 def test_prefixes_follow_the_samples_and_end_with_eos():
@@ -80,3 +92,12 @@ def test_the_draw_is_seeded():
     assert len(draws) > 1
     with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
         with_sentence_prefixes([[long], [long]], tok, 1, EOS, seeds=[0])
+
+
+def test_line_ends_need_prefixes():
+    with pytest.raises(
+        ConfigError, match=r"prefix_ends: sentences_and_lines says where prefixes are cut; it needs algorithm\.sentence_prefixes"
+    ):
+        load_config(None, ["algorithm.prefix_ends=sentences_and_lines"])
+    cfg = load_config(None, ["algorithm.sentence_prefixes=4", "algorithm.prefix_ends=sentences_and_lines"])
+    assert cfg.algorithm.prefix_ends == "sentences_and_lines"
