@@ -2,9 +2,10 @@
 through `make serve` (started here as a subprocess, loopback only) once per corner, with the same
 seed per prompt at every corner, and each answer scored on the run's own objectives.
 
-    python -m benchmarks.serve_corners --run runs/steer_length [--model DIR] [--prompts 20] [--out FILE]
+    python -m benchmarks.serve_corners --run runs/steer_length [--model DIR] [--prompts 20]
+        [--samples 1] [--temperature T] [--out FILE]
 
-Prints, per corner, the mean answer length in words and tokens, the share of answers that ended
+Prints, per corner, the mean answer length in words (with its standard error) and tokens, the share of answers that ended
 by themselves, and the mean reward of every objective; the answers and figures go to
 RUN/eval/serve_corners.json (or --out).
 """
@@ -83,15 +84,24 @@ def main() -> int:
     parser.add_argument("--run", required=True, help="run directory: its config.yaml names the objectives and held-out prompts")
     parser.add_argument("--model", help="exported policy folder (default: RUN/final)")
     parser.add_argument("--prompts", type=int, default=20, help="held-out prompts per corner")
+    parser.add_argument("--samples", type=int, default=1, help="answers per prompt and corner, each with its own seed")
+    parser.add_argument(
+        "--temperature", type=float, help="sampling temperature (default: the run's rollout.temperature, what it trained at)"
+    )
     parser.add_argument("--startup-timeout-s", type=float, default=900)
     parser.add_argument("--out", help="JSON file for the answers and figures (default: RUN/eval/serve_corners.json)")
     args = parser.parse_args()
+    if args.prompts < 1 or args.samples < 1:
+        parser.error(f"--prompts {args.prompts} --samples {args.samples}: each must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     run_dir = Path(args.run)
     cfg = load_config(run_dir / "config.yaml")
     model = args.model or str(run_dir / "final")
     names = cfg.objective_names
-    prompts = [r.prompt for r in load_prompts(cfg.data.heldout_path)[: args.prompts]]
+    heldout = [r.prompt for r in load_prompts(cfg.data.heldout_path)[: args.prompts]]
+    # Request j asks prompt j mod n with seed eval.seed + j: every corner gets the same seeds.
+    prompts = [heldout[j % len(heldout)] for j in range(len(heldout) * args.samples)]
+    temperature = cfg.rollout.temperature if args.temperature is None else args.temperature
     corners = [{n: float(i == k) for i, n in enumerate(names)} for k in range(len(names))]
 
     port = free_port()
@@ -101,10 +111,9 @@ def main() -> int:
     answers: dict[str, list[dict]] = {}
     try:
         for corner, weights in zip(names, corners):
-            log.info("corner %s: %d prompts", corner, len(prompts))
+            log.info("corner %s: %d prompts x %d answers", corner, len(heldout), args.samples)
             answers[corner] = [
-                chat(url, p, weights, cfg.rollout.max_new_tokens, cfg.rollout.temperature, seed=cfg.eval.seed + i)
-                for i, p in enumerate(prompts)
+                chat(url, p, weights, cfg.rollout.max_new_tokens, temperature, seed=cfg.eval.seed + i) for i, p in enumerate(prompts)
             ]
     finally:
         stop_service(server)
@@ -116,8 +125,10 @@ def main() -> int:
         texts = [a["choices"][0]["message"]["content"] for a in answers[corner]]
         finished = [a["choices"][0]["finish_reason"] == "stop" for a in answers[corner]]
         rewards = scorer.score(prompts, texts, finished)
+        words = [len(t.split()) for t in texts]
         figures[corner] = {
-            "words": float(np.mean([len(t.split()) for t in texts])),
+            "words": float(np.mean(words)),
+            "words_se": float(np.std(words, ddof=1) / np.sqrt(len(words))) if len(words) > 1 else float("nan"),
             "tokens": float(np.mean([a["usage"]["completion_tokens"] for a in answers[corner]])),
             "ended": float(np.mean(finished)),
             "rewards": dict(zip(names, map(float, rewards.mean(axis=0)))),
@@ -126,17 +137,21 @@ def main() -> int:
     header = "| corner | words | tokens | ended | " + " | ".join(names) + " |"
     lines = [header, "|---" * (4 + len(names)) + "|"]
     for corner, f in figures.items():
-        cells = [corner, f"{f['words']:.1f}", f"{f['tokens']:.1f}", f"{f['ended']:.0%}"] + [f"{f['rewards'][n]:.3f}" for n in names]
+        cells = [corner, f"{f['words']:.1f} ± {f['words_se']:.1f}", f"{f['tokens']:.1f}", f"{f['ended']:.0%}"] + [
+            f"{f['rewards'][n]:.3f}" for n in names
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     words = [f["words"] for f in figures.values()]
     log.info(
-        "%s through make serve, %d held-out prompts per corner:\n%s\nlongest / shortest mean answer: %.2fx",
+        "%s through make serve, %d held-out prompts x %d answers per corner at temperature %g:\n%s\nlongest / shortest mean answer: %.2fx",
         model,
-        len(prompts),
+        len(heldout),
+        args.samples,
+        temperature,
         "\n".join(lines),
         max(words) / max(min(words), 1e-9),
     )
-    out_path.write_text(json.dumps({"model": model, "figures": figures, "answers": rows}, indent=1))
+    out_path.write_text(json.dumps({"model": model, "temperature": temperature, "figures": figures, "answers": rows}, indent=1))
     return 0
 
 
