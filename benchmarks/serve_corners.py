@@ -5,8 +5,8 @@ seed per prompt at every corner, and each answer scored on the run's own objecti
     python -m benchmarks.serve_corners --run runs/steer_length [--model DIR] [--prompts 20]
         [--samples 1] [--temperature T] [--out FILE]
 
-Prints, per corner, the mean answer length in words (with its standard error) and tokens, the share of answers that ended
-by themselves, and the mean reward of every objective; the answers and figures go to
+Prints, per corner, the mean answer length in words (with its standard error) and tokens, the
+share of answers that ended by themselves, and the mean reward of every objective; the answers and figures go to
 RUN/eval/serve_corners.json (or --out).
 """
 

@@ -60,8 +60,9 @@ def with_sentence_prefixes(
 ) -> list[list[Sample]]:
     """Each prompt's samples followed by `count` of their sentence-end prefixes (with `lines`, line
     ends too: `sentence_ends`), drawn at random (`seeds`, one per prompt, so a resumed step draws
-    the same), each closed with `eos_id` and marked finished. A prompt with fewer prefixes than `count` is topped up with copies of its
-    samples, which add no pair of their own (a copy ties with its original, which ranks first)."""
+    the same), each closed with `eos_id` and marked finished. A prompt with fewer prefixes than
+    `count` is topped up with copies of its samples, which add no pair of their own (a copy ties
+    with its original, which ranks first)."""
     if len(seeds) != len(samples):
         raise ValueError(f"{len(seeds)} seeds for {len(samples)} prompts")
     out = []

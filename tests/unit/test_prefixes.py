@@ -45,6 +45,8 @@ def test_line_ends_count_only_when_asked_and_only_after_a_line_of_words():
     # A line that ends the sample is the sample itself.
     assert sentence_ends([" Pack", " light", " early"], lines=True) == []
     assert sentence_ends([" Pack", " light", " early", "\n\n", "More"], lines=True) == [2]
+    # A line closed by a bold marker alone still ends there.
+    assert sentence_ends(["**", "Pack", " light", " early", "**", "\n", "More"], lines=True) == [4]
 
 
 def test_prefixes_follow_the_samples_and_end_with_eos():
