@@ -29,6 +29,7 @@ import numpy as np
 from actors.reward import RewardScorer
 from moalign.config import load_config
 from moalign.data import load_prompts
+from moalign.pareto_report import standard_error
 from moalign.weight_transport import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,8 +57,8 @@ def mean_and_prompt_se(values: list[float], n_prompts: int) -> tuple[float, floa
     if not values or len(values) % n_prompts:
         raise ValueError(f"{len(values)} answers are not a whole number of rounds over {n_prompts} prompts")
     per_prompt = np.asarray(values, dtype=float).reshape(-1, n_prompts).mean(axis=0)
-    se = float(np.std(per_prompt, ddof=1) / np.sqrt(n_prompts)) if n_prompts > 1 else float("nan")
-    return float(np.mean(values)), se
+    se = standard_error(per_prompt, axis=0)
+    return float(np.mean(values)), float("nan") if se is None else float(se)
 
 
 def start_service(model: str, port: int, timeout_s: float, log_path: Path) -> subprocess.Popen:

@@ -48,7 +48,7 @@ def eval_weights(n_objectives: int, divisions: int, decimals: int = 2) -> np.nda
     return np.array(kept)
 
 
-def _standard_error(values: np.ndarray, axis: int) -> np.ndarray | None:
+def standard_error(values: np.ndarray, axis: int) -> np.ndarray | None:
     """std(ddof=1)/sqrt(n) along `axis`; None when there are fewer than two values."""
     n = values.shape[axis]
     if n < 2:
@@ -96,7 +96,7 @@ def front_stats(weights: Any, rewards: Any, names: Sequence[str], reference_poin
 
     per_prompt = r.mean(axis=2)  # (W, P, K): samples of one prompt are not independent draws of the prompt effect
     mean = per_prompt.mean(axis=1)
-    se = _standard_error(per_prompt, axis=1)
+    se = standard_error(per_prompt, axis=1)
 
     # Hypervolume rejects points below the reference; such a point's box is empty, so leaving
     # it out equals clipping it. The indices are reported so a bad reference point shows.
@@ -112,7 +112,7 @@ def front_stats(weights: Any, rewards: Any, names: Sequence[str], reference_poin
             # Paired by prompt: the same prompts (and sampling seeds) at both ends of the axis.
             difference = per_prompt[top][:, :, j].mean(axis=0) - per_prompt[bottom][:, :, j].mean(axis=0)
             spread = float(difference.mean())
-            difference_se = _standard_error(difference, axis=0)
+            difference_se = standard_error(difference, axis=0)
             if difference_se is not None:
                 spread_se = float(difference_se)
                 spread_z = spread / spread_se if spread_se > 0 else None
@@ -153,7 +153,7 @@ def kl_stats(logratios: Any, bound: float | None = None) -> dict[str, Any]:
     if not np.all(np.isfinite(x)):
         raise ValueError("kl_stats: log-ratios contain NaN or infinite values")
     per_prompt = x.mean(axis=2)
-    se = _standard_error(per_prompt, axis=1)
+    se = standard_error(per_prompt, axis=1)
     mean = per_prompt.mean(axis=1)
     return {
         "mean": mean.tolist(),
