@@ -276,6 +276,13 @@ class Learner(WeightPublisher):
             batch.get("kl_completion_ids", [])
         ):
             raise ValueError("batch: kl_prompt_ids and kl_completion_ids must come together, one completion per prompt")
+        if "kl_coefs" in batch:
+            coefs = batch["kl_coefs"]
+            if len(coefs) != len(batch.get("kl_prompt_ids", [])):
+                raise ValueError(f"batch: {len(coefs)} kl_coefs for {len(batch.get('kl_prompt_ids', []))} KL samples; one each")
+            for i, c in enumerate(coefs):
+                if isinstance(c, bool) or not isinstance(c, (int, float)) or not (math.isfinite(c) and c >= 0):
+                    raise ValueError(f"batch['kl_coefs'][{i}] is {c!r}; a KL coefficient is a finite number >= 0")
         for key in ("prompt_ids", "chosen_ids", "rejected_ids", "kl_prompt_ids", "kl_completion_ids"):
             # Completions hold only tokens a policy may write (no control token).
             limit = self.vocab_size if key.endswith("prompt_ids") else self.sampled_vocab
@@ -551,8 +558,12 @@ class Learner(WeightPublisher):
         # Before the update, on the policy that sampled (up to the rollout's staleness) the answers;
         # with a KL penalty the same pass carries its gradient, in the first micro-batch's backward.
         kl_coef = self.cfg.algorithm.kl_coef
+        # Per sample (`algorithm.corner_kl_coef`) only where the batch says so: one coefficient is
+        # applied after the mean, as before, so that runs without it repeat bit for bit.
+        kl_coefs = torch.tensor(batch["kl_coefs"], device=self.device) if "kl_coefs" in batch else None
+        penalised = bool((kl_coefs > 0).any()) if kl_coefs is not None else kl_coef > 0
         logratios = self._kl_logratios(
-            batch.get("kl_prompt_ids", []), batch.get("kl_completion_ids", []), penalised=kl_coef > 0 and not skipped
+            batch.get("kl_prompt_ids", []), batch.get("kl_completion_ids", []), penalised=penalised and not skipped
         )
         kl_sum, kl_samples = float(logratios.detach().sum()), len(logratios)
         if skipped:
@@ -586,7 +597,10 @@ class Learner(WeightPublisher):
                 if k == 0 and logratios.requires_grad:
                     # The mean over this rank's samples; DeepSpeed's gradient average over ranks,
                     # undone for the pairs by `scale`, makes it the mean of the ranks' means.
-                    loss = loss + kl_coef * 0.5 * logratios.pow(2).mean()
+                    if kl_coefs is None:
+                        loss = loss + kl_coef * 0.5 * logratios.pow(2).mean()
+                    else:
+                        loss = loss + 0.5 * (kl_coefs * logratios.pow(2)).mean()
                 self.engine.backward(loss, scale_wrt_gas=False)
                 if own_norm and k == micro_batches - 1:
                     grad_norm = self._local_grad_norm()

@@ -11,7 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from moalign.data import DataError, PromptCursor
 from moalign.health import METRICS as HEALTH_METRICS
 from moalign.health import HealthMonitor
 from moalign.objectives import OBJECTIVES
-from moalign.pairs import Pair, RunningNormalizer, chosen_probability, cut_past_parting, cut_to_stop_token
+from moalign.pairs import Pair, RunningNormalizer, chosen_probability, corner_of, cut_past_parting, cut_to_stop_token
 from moalign.scaling import ScaleRequestError, due_requests, mark_done
 
 # The orchestrator's own logger: its lines read as they did when this lived in orchestrator.py.
@@ -356,18 +356,43 @@ def step_seeds(cfg: RunConfig, step: int, count: int, stream: int = 0) -> list[i
     return [int(np.random.SeedSequence([cfg.seed, step, i, *extra]).generate_state(1)[0]) for i in range(count)]
 
 
-def kl_probes(cfg: RunConfig, rollout: Rollout) -> list[tuple[list[int], list[int]]]:
-    """The step's KL samples, (prompt ids as the generators saw them, completion ids) each:
-    each prompt's first `algorithm.kl_samples_per_prompt` samples under the weights it was
-    sampled with, and (`algorithm.kl_sample_weights`) those taken under its draw instead or too."""
+class KLProbe(NamedTuple):
+    """One KL sample: the prompt as the generators saw it, the policy's answer, and the penalty's
+    coefficient on it (`algorithm.kl_coef`, or `algorithm.corner_kl_coef` under a corner)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    coef: float
+
+
+def kl_coefs(cfg: RunConfig, weights: np.ndarray) -> list[float]:
+    """The KL penalty's coefficient for samples under each row of `weights`: the corner's own
+    (`algorithm.corner_kl_coef`) where the row is that objective's corner, else `algorithm.kl_coef`."""
+    own = cfg.algorithm.corner_kl_coef
+    coefs = []
+    for w in np.asarray(weights, dtype=float):
+        corner = corner_of(w)
+        coefs.append(own.get(cfg.objective_names[corner], cfg.algorithm.kl_coef) if corner is not None else cfg.algorithm.kl_coef)
+    return coefs
+
+
+def kl_probes(cfg: RunConfig, rollout: Rollout) -> list[KLProbe]:
+    """The step's KL samples: each prompt's first `algorithm.kl_samples_per_prompt` samples under
+    the weights it was sampled with, and (`algorithm.kl_sample_weights`) those taken under its
+    draw instead or too, each with its penalty's coefficient under those weights (`kl_coefs`)."""
     per_prompt = cfg.algorithm.kl_samples_per_prompt
     samples = rollout.wait()
     groups = []
     if rollout.kl_prompt_ids is None or cfg.algorithm.kl_sample_weights == "sampled_and_drawn":
-        groups.append((rollout.prompt_ids, samples))
+        groups.append((rollout.prompt_ids, rollout.weights, samples))
     if rollout.kl_prompt_ids is not None:
-        groups.append((rollout.kl_prompt_ids, rollout.kl_samples))
-    return [(ids, s["token_ids"]) for prompt_ids, samples in groups for ids, group in zip(prompt_ids, samples) for s in group[:per_prompt]]
+        groups.append((rollout.kl_prompt_ids, rollout.drawn_weights, rollout.kl_samples))
+    return [
+        KLProbe(ids, s["token_ids"], coef)
+        for prompt_ids, weights, samples in groups
+        for ids, coef, group in zip(prompt_ids, kl_coefs(cfg, weights), samples)
+        for s in group[:per_prompt]
+    ]
 
 
 def learn(
@@ -378,7 +403,7 @@ def learn(
     pairs: list[Pair],
     step: int,
     supervised: bool = False,
-    probes: list[tuple[list[int], list[int]]] | None = None,
+    probes: list[KLProbe] | None = None,
     stop_decisions: bool = False,
     eos_id: int | None = None,
 ) -> StepLearnerMetrics | dict:
@@ -400,8 +425,10 @@ def learn(
     probes = probes or []
     if cfg.algorithm.kl_penalty_tokens == "text":
         # The decision to stop left out: the log-ratio of the text written before it.
-        probes = [(p, c[:-1] if c and c[-1] == eos_id else c) for p, c in probes]
-    probes = [(p, c) for p, c in probes if c]
+        probes = [
+            probe._replace(completion_ids=probe.completion_ids[:-1]) if probe.completion_ids[-1:] == [eos_id] else probe for probe in probes
+        ]
+    probes = [probe for probe in probes if probe.completion_ids]
     probe_parts = chunks(len(probes), len(learners))
     shards = []
     for r, s in enumerate(chunks(len(pairs), len(learners))):
@@ -431,8 +458,11 @@ def learn(
         if stop_decisions:
             batch["warm_start"] = True
         if probes:
-            batch["kl_prompt_ids"] = [p for p, _ in probes[probe_parts[r]]]
-            batch["kl_completion_ids"] = [c for _, c in probes[probe_parts[r]]]
+            mine = probes[probe_parts[r]]
+            batch["kl_prompt_ids"] = [probe.prompt_ids for probe in mine]
+            batch["kl_completion_ids"] = [probe.completion_ids for probe in mine]
+            if cfg.algorithm.corner_kl_coef:
+                batch["kl_coefs"] = [probe.coef for probe in mine]
         shards.append((batch,))
     return merge_rank_metrics(learners.call_each("train_step", shards, step=step), OBJECTIVES[cfg.algorithm.name])
 

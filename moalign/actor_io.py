@@ -54,6 +54,9 @@ class PairBatch(TypedDict):
     with, on which the learner estimates KL(policy || reference) before its update (no gradient)."""
     kl_completion_ids: NotRequired[list[list[int]]]
     """The policy's own samples for those prompts, drawn at random (not picked by reward)."""
+    kl_coefs: NotRequired[list[float]]
+    """The KL penalty's coefficient on each of those samples (`algorithm.corner_kl_coef`); without
+    it, `algorithm.kl_coef` on every one."""
 
 
 PAIR_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "loss_weights")

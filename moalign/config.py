@@ -160,6 +160,8 @@ class AlgorithmConfig(_Section):
     """MO-ODPO: the weight lines the KL samples are taken under. `sampled`, each prompt's first `kl_samples_per_prompt` samples, under the weights it was sampled with. In warm-start steps that sample under the corners (`conditioning.warm_start_weights`), `drawn` takes `kl_samples_per_prompt` samples more per prompt under its Dirichlet draw instead, and `sampled_and_drawn` takes both, so the weights between the corners are held to the reference too: they are trained through the corners' rows (`conditioning.token_bins: interpolated`) but never sampled, and the KL there ran past the corners' (docs/steering.md §3); in other steps the sampled weights are the draw, and both read as `sampled`."""
     kl_coef: float = Field(0.0, ge=0, le=100)
     """MO-ODPO: a KL penalty added to the loss, kl_coef * (log pi - log pi_ref)^2 / 2 per answer averaged over those samples (the k2 estimator, whose gradient is the KL's in expectation); 0: DPO's own beta alone holds the policy near the reference."""
+    corner_kl_coef: dict[str, float] = Field(default_factory=dict)
+    """MO-ODPO: the KL penalty's coefficient on the KL samples taken under an objective's corner (its weight 1, every other 0), by objective name, in place of `kl_coef`, e.g. `{Detail: 0.04}`; the samples under other weights keep `kl_coef`. With `conditioning.warm_start_weights: corners` the warm start samples every prompt under a corner, so this holds one corner's text harder than the other's. On the length dial at 45 steps, `{Detail: 0.05}` held the Detail corner within 1.5 nats where it had gone to 6, and held the Conciseness corner back as well: the corners share the adapters (docs/steering.md §3, "A KL penalty per corner"); {}: `kl_coef` on every sample."""
     kl_penalty_tokens: Literal["answer", "text"] = "answer"
     """MO-ODPO, with `kl_coef`: what of each KL sample the penalty (and the step's KL figure) reads. `answer`, every token; `text`, every token but a closing end-of-sequence token, so the penalty holds what a line writes and not where it stops: a corner asked to stop early pays its largest log-ratio there, and the whole-answer penalty held it back (docs/steering.md §3, "Interpolated bins")."""
     sentence_prefixes: int = Field(0, ge=0, le=64)
@@ -523,7 +525,16 @@ class RunConfig(_Section):
             for clash, why in clashes:
                 if clash:
                     raise ValueError(f"algorithm.kl_sample_weights: {a.kl_sample_weights} takes KL samples under the draw; {why}")
-        if self.algorithm.kl_penalty_tokens != "answer" and not self.algorithm.kl_coef:
+        for name, coef in a.corner_kl_coef.items():
+            if name not in self.objective_names:
+                raise ValueError(f"algorithm.corner_kl_coef: {name!r} is not an objective; the objectives are {self.objective_names}")
+            if not (math.isfinite(coef) and 0 <= coef <= 100):
+                raise ValueError(f"algorithm.corner_kl_coef: {name}: {coef} must be a number in [0, 100]")
+        if a.corner_kl_coef and not a.kl_samples_per_prompt:
+            raise ValueError(
+                "algorithm.corner_kl_coef: the penalty is taken on algorithm.kl_samples_per_prompt samples per prompt; set that above 0"
+            )
+        if self.algorithm.kl_penalty_tokens != "answer" and not (a.kl_coef or any(a.corner_kl_coef.values())):
             raise ValueError(
                 f"algorithm.kl_penalty_tokens: {self.algorithm.kl_penalty_tokens} shapes the KL penalty; set algorithm.kl_coef above 0"
             )
@@ -614,6 +625,7 @@ class RunConfig(_Section):
                 "algorithm.warm_start_prefix_kl": a.warm_start_prefix_kl != 0,
             }
             online_only |= {"algorithm.kl_coef": a.kl_coef != 0, "algorithm.sentence_prefixes": a.sentence_prefixes != 0}
+            online_only |= {"algorithm.corner_kl_coef": bool(a.corner_kl_coef)}
             online_only |= {"algorithm.preference_label_scale": a.preference_label_scale is not None}
             unused = [k for k, v in online_only.items() if v]
             if unused:

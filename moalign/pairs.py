@@ -277,7 +277,7 @@ def _scored_lines(rewards: np.ndarray, lines: Sequence[np.ndarray]) -> tuple[int
     return batch, scored
 
 
-def _corner_of(w: np.ndarray) -> int | None:
+def corner_of(w: np.ndarray) -> int | None:
     """The objective k whose corner the weights `w` are (w_k = 1), else None."""
     corner = np.flatnonzero(w == 1)
     return int(corner[0]) if corner.size and w.sum() == 1 else None
@@ -299,7 +299,7 @@ def select_line_answers(rewards: np.ndarray, lines: Sequence[np.ndarray]) -> Pai
             if scores[b, best] == scores[b].min():
                 ties += 1
                 continue
-            pairs.append(Pair(j * batch + b, best, best, 1.0, _corner_of(w[b])))
+            pairs.append(Pair(j * batch + b, best, best, 1.0, corner_of(w[b])))
     return PairSelection(pairs, ties, 0)
 
 
@@ -329,5 +329,5 @@ def select_stop_decisions(
                 continue
             for gap, prefix, parent in kept:
                 chosen, rejected = (prefix, parent) if gap > 0 else (parent, prefix)
-                pairs.append(Pair(j * batch + b, chosen, rejected, 1.0, _corner_of(w[b]), abs(float(gap))))
+                pairs.append(Pair(j * batch + b, chosen, rejected, 1.0, corner_of(w[b]), abs(float(gap))))
     return PairSelection(pairs, ties, 0)

@@ -524,6 +524,31 @@ def test_kl_penalty_holds_the_policy_near_the_reference(tiny):
     assert kls[5.0][-1] < 0.5 * kls[0.0][-1], kls
 
 
+def test_kl_coefficients_per_sample_replace_the_configured_one(tiny):
+    """`kl_coefs` in the batch (`algorithm.corner_kl_coef`): each KL sample's own coefficient, in
+    place of algorithm.kl_coef; a configured 0 with 5 on every sample holds the policy as a
+    configured 5 does, and a count that does not match the samples is refused."""
+    pairs = PAIRS[:4]
+    batch = make_batch(pairs, [1.0] * 4)
+    batch["kl_prompt_ids"] = [list(p) for p, _, _ in pairs]
+    batch["kl_completion_ids"] = [list(c) for _, c, _ in pairs]
+    kls = {}
+    for name, coef, coefs in (("configured", 5.0, None), ("per sample", 0.0, [5.0] * 4), ("zeros", 5.0, [0.0] * 4)):
+        learner = new_learner(tiny, ["learner.lr=2e-2", f"algorithm.kl_coef={coef}"])
+        try:
+            if name == "zeros":
+                with pytest.raises(ValueError, match="batch: 3 kl_coefs for 4 KL samples; one each"):
+                    learner.train_step({**batch, "kl_coefs": coefs[:3]})
+                with pytest.raises(ValueError, match=r"batch\['kl_coefs'\]\[1\] is nan"):
+                    learner.train_step({**batch, "kl_coefs": [0.0, float("nan"), 0.0, 0.0]})
+            step = batch if coefs is None else {**batch, "kl_coefs": coefs}
+            kls[name] = [learner.train_step(step)["kl"] for _ in range(8)]
+        finally:
+            learner.close()
+    assert kls["per sample"] == pytest.approx(kls["configured"], rel=1e-3, abs=1e-4), kls
+    assert kls["zeros"][-1] > 2 * kls["configured"][-1], kls
+
+
 def test_kl_logratios_of_chosen_answers_match_the_training_estimate(tiny):
     """The evaluation's per-answer log-ratios are the ones the training step's KL figure averages."""
     pairs = PAIRS[:4]

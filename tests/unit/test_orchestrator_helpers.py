@@ -164,11 +164,23 @@ def _rollout(version, tags):
     return Rollout(3, [4], np.array([[0.25, 0.75]]), [[7, 8, 9]], version, 1, (0, 8), _DoneGeneration(samples))
 
 
-def _done_rollout(prompt_ids, samples, kl_prompt_ids=None, kl_samples=None):
-    weights = np.full((len(prompt_ids), 2), 0.5)
+def _done_rollout(prompt_ids, samples, kl_prompt_ids=None, kl_samples=None, weights=None, drawn=None):
+    weights = np.full((len(prompt_ids), 2), 0.5) if weights is None else np.asarray(weights, dtype=float)
     kl_generation = None if kl_samples is None else _DoneGeneration(kl_samples)
+    if kl_prompt_ids is not None and drawn is None:
+        drawn = np.full((len(kl_prompt_ids), 2), 0.5)
     return Rollout(
-        1, list(range(len(prompt_ids))), weights, prompt_ids, 0, 0, None, _DoneGeneration(samples), None, None, kl_prompt_ids, kl_generation
+        1,
+        list(range(len(prompt_ids))),
+        weights,
+        prompt_ids,
+        0,
+        0,
+        None,
+        _DoneGeneration(samples),
+        drawn_weights=drawn,
+        kl_prompt_ids=kl_prompt_ids,
+        kl_generation=kl_generation,
     )
 
 
@@ -177,8 +189,8 @@ def test_kl_samples_are_taken_under_the_sampled_weights_the_draw_or_both():
     sampled with; with KL samples taken under the draw too, those (`drawn`) or both."""
     samples, under_draw = _samples(2, 3), [[{**s, "token_ids": [s["token_ids"][0] + 50]} for s in g[:2]] for g in _samples(2, 2)]
     sampled, drawn = [[1, b] for b in range(2)], [[9, b] for b in range(2)]
-    mine = [(sampled[b], [100 * b + j, 7]) for b in range(2) for j in range(2)]
-    theirs = [(drawn[b], [100 * b + j + 50]) for b in range(2) for j in range(2)]
+    mine = [(sampled[b], [100 * b + j, 7], 0.0) for b in range(2) for j in range(2)]
+    theirs = [(drawn[b], [100 * b + j + 50], 0.0) for b in range(2) for j in range(2)]
     settings = ["algorithm.kl_samples_per_prompt=2", "algorithm.warm_start_steps=1", "conditioning.warm_start_weights=corners"]
     for setting, want in (("sampled", mine), ("drawn", theirs), ("sampled_and_drawn", mine + theirs)):
         cfg = load_config(None, [*settings, f"algorithm.kl_sample_weights={setting}"])
@@ -197,6 +209,52 @@ def test_kl_samples_are_taken_under_the_sampled_weights_the_draw_or_both():
     ):
         with pytest.raises(ConfigError, match=f"kl_sample_weights: drawn takes KL samples under the draw; {why}"):
             load_config(None, [*settings, "algorithm.kl_sample_weights=drawn", *bad])
+
+
+def test_a_corner_can_have_its_own_kl_coefficient():
+    """`algorithm.corner_kl_coef`: KL samples under an objective's corner (sampled there, or drawn
+    there) take that objective's coefficient, every other sample `kl_coef`; the learner is sent
+    one per sample, through the text trimming, and none are sent without the setting."""
+    settings = ["algorithm.kl_samples_per_prompt=2", "algorithm.kl_coef=0.015", "algorithm.kl_penalty_tokens=text"]
+    cfg = load_config(None, [*settings, "algorithm.corner_kl_coef={Conciseness: 0.05}"])
+    assert cfg.objective_names == ["Relevance", "Conciseness", "Positivity"]
+    samples = _samples(4, 3)
+    sampled = [[1, b] for b in range(4)]
+    # Relevance's corner, Conciseness', between them, and Conciseness' again.
+    weights = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.3, 0.7, 0.0], [0.0, 1.0, 0.0]]
+    probes = kl_probes(cfg, _done_rollout(sampled, samples, weights=weights))
+    assert [p.coef for p in probes] == [0.015] * 2 + [0.05] * 2 + [0.015] * 2 + [0.05] * 2
+    assert [(p.prompt_ids, p.completion_ids) for p in probes] == [(sampled[b], [100 * b + j, 7]) for b in range(4) for j in range(2)]
+    # Under the draw the draw's corners count, not the sampled weights'.
+    drawn_cfg = load_config(
+        None,
+        [
+            *settings,
+            "algorithm.corner_kl_coef={Conciseness: 0.05}",
+            "algorithm.warm_start_steps=1",
+            "conditioning.warm_start_weights=corners",
+            "algorithm.kl_sample_weights=drawn",
+        ],
+    )
+    draw = [[0.0, 1.0, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    under_draw = kl_probes(drawn_cfg, _done_rollout(sampled, samples, sampled, samples, weights=weights, drawn=draw))
+    assert [p.coef for p in under_draw] == [0.05] * 2 + [0.015] * 4 + [0.05] * 2
+    learners = _RecordingLearners(2)
+    pairs = [Pair(prompt=p, chosen=1, rejected=2, loss_weight=1.0, objective=None) for p in (0, 1, 2, 3)]
+    learn(cfg, learners, sampled, samples, pairs, 3, False, probes, eos_id=7)
+    sent = [(c, k) for b in learners.batches for c, k in zip(b["kl_completion_ids"], b["kl_coefs"])]
+    assert sent == [([100 * b + j], 0.05 if b % 2 else 0.015) for b in range(4) for j in range(2)]
+    plain = load_config(None, settings)
+    learn(plain, learners, sampled, samples, pairs, 3, False, kl_probes(plain, _done_rollout(sampled, samples, weights=weights)), eos_id=7)
+    assert all("kl_prompt_ids" in b and "kl_coefs" not in b for b in learners.batches)
+    for bad, why in (
+        (["algorithm.corner_kl_coef={Detial: 0.05}"], "'Detial' is not an objective; the objectives are"),
+        (["algorithm.corner_kl_coef={Conciseness: -1}"], "Conciseness: -1.0 must be a number in"),
+        (["algorithm.corner_kl_coef={Conciseness: 0.05}", "algorithm.kl_samples_per_prompt=0"], "set that above 0"),
+        (["algorithm.name=mopo", "algorithm.corner_kl_coef={Conciseness: 0.05}"], "algorithm.corner_kl_coef: not used by mopo"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            load_config(None, ["algorithm.kl_samples_per_prompt=2", *bad])
 
 
 def test_rollout_round_trips_through_a_checkpoint_once_generated():
