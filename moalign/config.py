@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -160,7 +160,7 @@ class AlgorithmConfig(_Section):
     """MO-ODPO: the weight lines the KL samples are taken under. `sampled`, each prompt's first `kl_samples_per_prompt` samples, under the weights it was sampled with. In warm-start steps that sample under the corners (`conditioning.warm_start_weights`), `drawn` takes `kl_samples_per_prompt` samples more per prompt under its Dirichlet draw instead, and `sampled_and_drawn` takes both, so the weights between the corners are held to the reference too: they are trained through the corners' rows (`conditioning.token_bins: interpolated`) but never sampled, and the KL there ran past the corners' (docs/steering.md §3); in other steps the sampled weights are the draw, and both read as `sampled`."""
     kl_coef: float = Field(0.0, ge=0, le=100)
     """MO-ODPO: a KL penalty added to the loss, kl_coef * (log pi - log pi_ref)^2 / 2 per answer averaged over those samples (the k2 estimator, whose gradient is the KL's in expectation); 0: DPO's own beta alone holds the policy near the reference."""
-    corner_kl_coef: dict[str, float] = Field(default_factory=dict)
+    corner_kl_coef: dict[str, Annotated[float, Field(ge=0, le=100)]] = Field(default_factory=dict)
     """MO-ODPO: the KL penalty's coefficient on the KL samples taken under an objective's corner (its weight 1, every other 0), by objective name, in place of `kl_coef`, e.g. `{Detail: 0.04}`; the samples under other weights keep `kl_coef`. With `conditioning.warm_start_weights: corners` the warm start samples every prompt under a corner, so this holds one corner's text harder than the other's. On the length dial at 45 steps, `{Detail: 0.05}` held the Detail corner within 1.5 nats where it had gone to 6, and held the Conciseness corner back as well: the corners share the adapters (docs/steering.md §3, "A KL penalty per corner"); {}: `kl_coef` on every sample."""
     kl_penalty_tokens: Literal["answer", "text"] = "answer"
     """MO-ODPO, with `kl_coef`: what of each KL sample the penalty (and the step's KL figure) reads. `answer`, every token; `text`, every token but a closing end-of-sequence token, so the penalty holds what a line writes and not where it stops: a corner asked to stop early pays its largest log-ratio there, and the whole-answer penalty held it back (docs/steering.md §3, "Interpolated bins")."""
@@ -508,10 +508,9 @@ class RunConfig(_Section):
                 f"algorithm.preference_label_scale: {a.preference_label_scale} labels each pair for the sigmoid loss; "
                 f"it needs algorithm.loss sigmoid (got {a.loss}) and label_smoothing 0 (got {a.label_smoothing}), which it replaces"
             )
-        if self.algorithm.kl_coef and not self.algorithm.kl_samples_per_prompt:
-            raise ValueError(
-                "algorithm.kl_coef: the penalty is taken on algorithm.kl_samples_per_prompt samples per prompt; set that above 0"
-            )
+        if (a.kl_coef or a.corner_kl_coef) and not a.kl_samples_per_prompt:
+            penalty = "algorithm.kl_coef" if a.kl_coef else "algorithm.corner_kl_coef"
+            raise ValueError(f"{penalty}: the penalty is taken on algorithm.kl_samples_per_prompt samples per prompt; set that above 0")
         if self.algorithm.kl_sample_weights != "sampled":
             a, c = self.algorithm, self.conditioning
             clashes = [
@@ -525,18 +524,13 @@ class RunConfig(_Section):
             for clash, why in clashes:
                 if clash:
                     raise ValueError(f"algorithm.kl_sample_weights: {a.kl_sample_weights} takes KL samples under the draw; {why}")
-        for name, coef in a.corner_kl_coef.items():
-            if name not in self.objective_names:
-                raise ValueError(f"algorithm.corner_kl_coef: {name!r} is not an objective; the objectives are {self.objective_names}")
-            if not (math.isfinite(coef) and 0 <= coef <= 100):
-                raise ValueError(f"algorithm.corner_kl_coef: {name}: {coef} must be a number in [0, 100]")
-        if a.corner_kl_coef and not a.kl_samples_per_prompt:
-            raise ValueError(
-                "algorithm.corner_kl_coef: the penalty is taken on algorithm.kl_samples_per_prompt samples per prompt; set that above 0"
-            )
+        unknown = [name for name in a.corner_kl_coef if name not in self.objective_names]
+        if unknown:
+            raise ValueError(f"algorithm.corner_kl_coef: {unknown[0]!r} is not an objective; the objectives are {self.objective_names}")
         if self.algorithm.kl_penalty_tokens != "answer" and not (a.kl_coef or any(a.corner_kl_coef.values())):
             raise ValueError(
-                f"algorithm.kl_penalty_tokens: {self.algorithm.kl_penalty_tokens} shapes the KL penalty; set algorithm.kl_coef above 0"
+                f"algorithm.kl_penalty_tokens: {self.algorithm.kl_penalty_tokens} shapes the KL penalty; set algorithm.kl_coef above 0 "
+                "(or a corner's in algorithm.corner_kl_coef)"
             )
         if self.algorithm.mopo.primary >= k:
             raise ValueError(f"algorithm.mopo.primary: {self.algorithm.mopo.primary} is not an objective index (0..{k - 1})")

@@ -17,10 +17,31 @@ DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
 def _type_name(annotation: object) -> str:
-    text = str(annotation).replace("typing.", "")
+    return _plain_type(annotation).replace("|", "\\|")
+
+
+def _plain_type(annotation: object) -> str:
+    """The type as written, with an `Annotated` value type (`dict[str, Annotated[float, Field(...)]]`)
+    read as its base type; its bounds go to the bounds column (`_item_bounds`)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _plain_type(args[0])
+    if origin in (dict, list) and any(typing.get_origin(a) is typing.Annotated for a in args):
+        return f"{origin.__name__}[{', '.join(_plain_type(a) for a in args)}]"
     if isinstance(annotation, type):
-        text = annotation.__name__
-    return text.replace("|", "\\|")
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _item_bounds(annotation: object) -> list[str]:
+    """The bounds of a container's `Annotated` item type, e.g. `each value ≥ 0, ≤ 100`."""
+    items = typing.get_args(annotation)[-1:] if typing.get_origin(annotation) in (dict, list) else ()
+    return [
+        f"each {'value' if typing.get_origin(annotation) is dict else 'item'} " + ", ".join(_bound(m) for m in info.metadata)
+        for item in items
+        if typing.get_origin(item) is typing.Annotated
+        for info in typing.get_args(item)[1:]
+    ]
 
 
 _BOUND_SYMBOLS = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<", "min_length": "length ≥", "pattern": "matches"}
@@ -54,7 +75,7 @@ def _rows(model: type[BaseModel], prefix: str, out: list[str], sections: list[tu
             default = "see below" if sub is None else f"{len(default)} entries (see `{sub.__name__}`)"
         else:
             default = f"`{default!r}`"
-        bounds = ", ".join(_bound(m) for m in field.metadata)
+        bounds = ", ".join([*(_bound(m) for m in field.metadata), *_item_bounds(field.annotation)])
         out.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | {bounds} | {field.description or ''} |")
         if sub is not None:
             sections.append((f"{key}[]", sub))

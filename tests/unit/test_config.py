@@ -117,6 +117,15 @@ def test_configuration_reference_is_current():
     assert doc.read_text() == render(), "docs/configuration.md is stale: run `python -m moalign.config_docs`"
 
 
+def test_configuration_reference_reads_bounds_on_a_mappings_values():
+    """A mapping whose values carry their own bounds (`algorithm.corner_kl_coef`) shows its plain
+    type, and the bounds in the bounds column, not pydantic's repr of the annotation."""
+    from moalign.config_docs import render
+
+    row = next(line for line in render().splitlines() if line.startswith("| `algorithm.corner_kl_coef` |"))
+    assert row.startswith("| `algorithm.corner_kl_coef` | dict[str, float] | `{}` | each value ≥ `0`, ≤ `100` |"), row
+
+
 SERVE_PRESETS = sorted((REPO / "configs" / "serve").glob("*.yaml"))
 
 

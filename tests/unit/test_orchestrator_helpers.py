@@ -249,7 +249,14 @@ def test_a_corner_can_have_its_own_kl_coefficient():
     assert all("kl_prompt_ids" in b and "kl_coefs" not in b for b in learners.batches)
     for bad, why in (
         (["algorithm.corner_kl_coef={Detial: 0.05}"], "'Detial' is not an objective; the objectives are"),
-        (["algorithm.corner_kl_coef={Conciseness: -1}"], "Conciseness: -1.0 must be a number in"),
+        (
+            ["algorithm.corner_kl_coef={Conciseness: -1}"],
+            "algorithm.corner_kl_coef.Conciseness: Input should be greater than or equal to 0",
+        ),
+        (
+            ["algorithm.corner_kl_coef={Conciseness: .nan}"],
+            "algorithm.corner_kl_coef.Conciseness: Input should be less than or equal to 100",
+        ),
         (["algorithm.corner_kl_coef={Conciseness: 0.05}", "algorithm.kl_samples_per_prompt=0"], "set that above 0"),
         (["algorithm.name=mopo", "algorithm.corner_kl_coef={Conciseness: 0.05}"], "algorithm.corner_kl_coef: not used by mopo"),
     ):
