@@ -126,9 +126,10 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     #    to be trained alone under its corner's line, and with `warm_start_lines:
                     #    drawn_and_corners` the best under each prompt's sampled weights (hindsight labels).
                     #    With `warm_start_pairs: stop_decisions` the warm start trains DPO pairs on
-                    #    the decision to stop under the same lines instead of labels.
+                    #    the decision to stop under the same lines instead of labels. A corner's line
+                    #    trains to its own `algorithm.corner_warm_start_steps` where one is set.
                     warm_start = step <= cfg.algorithm.warm_start_steps
-                    lines = training_lines(cfg, state.sampler, weights, warm_start, rollout.drawn_weights)
+                    lines = training_lines(cfg, state.sampler, weights, warm_start, rollout.drawn_weights, step)
                     stop_decisions = warm_start and cfg.algorithm.warm_start_pairs == "stop_decisions"
                     supervised = warm_start and not stop_decisions
                     if stop_decisions:

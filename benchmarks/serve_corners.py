@@ -138,21 +138,25 @@ def main() -> int:
         texts = [a["choices"][0]["message"]["content"] for a in answers[corner]]
         finished = [a["choices"][0]["finish_reason"] == "stop" for a in answers[corner]]
         rewards = scorer.score(prompts, texts, finished)
-        words, words_se = mean_and_prompt_se([len(t.split()) for t in texts], len(heldout))
+        counts = [len(t.split()) for t in texts]
+        words, words_se = mean_and_prompt_se(counts, len(heldout))
         figures[corner] = {
             "words": words,
             "words_se": words_se,
+            "median_words": float(np.median(counts)),
+            # A mean can be pulled short by answers that say nothing: a 135M model at the
+            # Conciseness corner writes some fragments ("Which.") that count as short answers.
+            "under_8_words": float(np.mean([n < 8 for n in counts])),
             "tokens": float(np.mean([a["usage"]["completion_tokens"] for a in answers[corner]])),
             "ended": float(np.mean(finished)),
             "rewards": dict(zip(names, map(float, rewards.mean(axis=0)))),
         }
         rows += [{"corner": corner, "prompt": p, "text": t, "ended": f} for p, t, f in zip(prompts, texts, finished)]
-    header = "| corner | words | tokens | ended | " + " | ".join(names) + " |"
-    lines = [header, "|---" * (4 + len(names)) + "|"]
+    header = "| corner | words | median words | under 8 words | tokens | ended | " + " | ".join(names) + " |"
+    lines = [header, "|---" * (6 + len(names)) + "|"]
     for corner, f in figures.items():
-        cells = [corner, f"{f['words']:.1f} ± {f['words_se']:.1f}", f"{f['tokens']:.1f}", f"{f['ended']:.0%}"] + [
-            f"{f['rewards'][n]:.3f}" for n in names
-        ]
+        cells = [corner, f"{f['words']:.1f} ± {f['words_se']:.1f}", f"{f['median_words']:.1f}", f"{f['under_8_words']:.0%}"]
+        cells += [f"{f['tokens']:.1f}", f"{f['ended']:.0%}"] + [f"{f['rewards'][n]:.3f}" for n in names]
         lines.append("| " + " | ".join(cells) + " |")
     words = [f["words"] for f in figures.values()]
     log.info(

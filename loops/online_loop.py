@@ -285,16 +285,23 @@ def training_lines(
     weights: np.ndarray,
     supervised: bool,
     drawn: np.ndarray | None = None,
+    step: int = 1,
 ) -> list[np.ndarray]:
     """The weight sets a step trains, one (B, K) array each, in the order its pairs number their
     prompts (set j's prompt b is j * B + b). DPO: the drawn weights, then `relabel_weights` more
-    (each prompt's neglected corners, or fresh draws). The warm start: the corners, after the
-    drawn weights with `warm_start_lines: drawn_and_corners` (`drawn`, the draw, where the
-    samples were taken under the corners instead); with `sampled`, the weights sampled under alone."""
+    (each prompt's neglected corners, or fresh draws). The warm start: the corners still training
+    at `step` (`algorithm.corner_warm_start_steps`), after the drawn weights with
+    `warm_start_lines: drawn_and_corners` (`drawn`, the draw, where the samples were taken under
+    the corners instead); with `sampled`, the weights sampled under alone."""
     if supervised:
         if cfg.algorithm.warm_start_lines == "sampled":
             return [weights]
-        corners = corner_weights(weights.shape[1], len(weights))
+        last = cfg.algorithm.corner_warm_start_steps
+        corners = [
+            line
+            for name, line in zip(cfg.objective_names, corner_weights(weights.shape[1], len(weights)))
+            if step <= last.get(name, cfg.algorithm.warm_start_steps)
+        ]
         if cfg.algorithm.warm_start_lines == "drawn_and_corners":
             return [weights if drawn is None else drawn, *corners]
         return corners

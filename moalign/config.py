@@ -148,6 +148,8 @@ class AlgorithmConfig(_Section):
     """MO-ODPO warm start with `warm_start_pairs: stop_decisions`: how many pairs each prompt gives each line, the prefix-sample pairs whose rewards under it differ most (each prefix in one pair at most; fewer where fewer differ). More decisions a step from the same samples: each one is a different place to stop in a different answer."""
     warm_start_prefix_kl: float = Field(0.0, ge=0, le=100)
     """MO-ODPO warm start with `warm_start_pairs: stop_decisions`: c x (log pi - log pi_ref)^2 / 2 of each pair's shared prefix (the policy's own text before the stop decision, under the corner's line), added to its loss, so the text a corner writes is held at the reference while its decision to stop trains (without it the Conciseness corner's text went to word salad, docs/steering.md); 0: the EOS token's DPO loss alone."""
+    corner_warm_start_steps: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
+    """MO-ODPO warm start: the last step whose pairs (or labels) train an objective's corner line, by objective name, e.g. `{Detail: 30}`; after it the warm start trains the other corners' lines alone. The prompts are still sampled under that corner (`conditioning.warm_start_weights: corners`), so its samples keep holding its text through the KL penalty. For a corner that has reached its answers while another has not: on the length dial the Detail corner is at the token cap by step 30 and only gathers KL after it, while the Conciseness corner is still shortening (docs/steering.md §3, "A step count per corner"); {}: every corner to `warm_start_steps`."""
     warm_start_lines: Literal["corners", "drawn_and_corners", "sampled"] = "corners"
     """MO-ODPO warm start: the weight lines that get hindsight labels. `corners`, each corner its objective's best answer; `drawn_and_corners`, also each prompt's drawn line the answer best under its weighted reward, so the weights between the corners are taught answers between theirs (with `warm_start_pairs: stop_decisions`, its decision to stop; with `conditioning.warm_start_weights: corners`, the line is still the Dirichlet draw, trained on the corner's samples, which drifted far, docs/steering.md); `sampled`, each prompt only under the weights it was sampled with (`conditioning.warm_start_weights`), so every line learns from text it wrote."""
     sft_weight: float = Field(0.0, ge=0, le=100)
@@ -527,6 +529,7 @@ class RunConfig(_Section):
         unknown = [name for name in a.corner_kl_coef if name not in self.objective_names]
         if unknown:
             raise ValueError(f"algorithm.corner_kl_coef: {unknown[0]!r} is not an objective; the objectives are {self.objective_names}")
+        self._check_corner_warm_start_steps()
         if self.algorithm.kl_penalty_tokens != "answer" and not (a.kl_coef or any(a.corner_kl_coef.values())):
             raise ValueError(
                 f"algorithm.kl_penalty_tokens: {self.algorithm.kl_penalty_tokens} shapes the KL penalty; set algorithm.kl_coef above 0 "
@@ -597,6 +600,32 @@ class RunConfig(_Section):
             )
         return self
 
+    def _check_corner_warm_start_steps(self) -> None:
+        a, names = self.algorithm, self.objective_names
+        if not a.corner_warm_start_steps:
+            return
+        unknown = [name for name in a.corner_warm_start_steps if name not in names]
+        if unknown:
+            raise ValueError(f"algorithm.corner_warm_start_steps: {unknown[0]!r} is not an objective; the objectives are {names}")
+        late = {name: n for name, n in a.corner_warm_start_steps.items() if n >= a.warm_start_steps}
+        if late:
+            name, n = next(iter(late.items()))
+            raise ValueError(
+                f"algorithm.corner_warm_start_steps.{name}: {n} ends the corner's warm start at or after the warm start's own end "
+                f"(algorithm.warm_start_steps {a.warm_start_steps}); give a step before it, or leave the corner out"
+            )
+        if set(a.corner_warm_start_steps) == set(names):
+            last = max(a.corner_warm_start_steps.values())
+            raise ValueError(
+                f"algorithm.corner_warm_start_steps: every corner ends by step {last}, so warm-start steps {last + 1}-{a.warm_start_steps} "
+                "would train nothing; leave one corner out or lower algorithm.warm_start_steps"
+            )
+        if a.warm_start_lines == "sampled":
+            raise ValueError(
+                "algorithm.corner_warm_start_steps: ends corner lines, and algorithm.warm_start_lines: sampled trains the lines "
+                "sampled under instead; use corners or drawn_and_corners"
+            )
+
     def _check_offline(self, k: int) -> None:
         a, names = self.algorithm, [o.name for o in self.objectives]
         if a.modpo.objective >= k:
@@ -619,7 +648,10 @@ class RunConfig(_Section):
                 "algorithm.warm_start_prefix_kl": a.warm_start_prefix_kl != 0,
             }
             online_only |= {"algorithm.kl_coef": a.kl_coef != 0, "algorithm.sentence_prefixes": a.sentence_prefixes != 0}
-            online_only |= {"algorithm.corner_kl_coef": bool(a.corner_kl_coef)}
+            online_only |= {
+                "algorithm.corner_kl_coef": bool(a.corner_kl_coef),
+                "algorithm.corner_warm_start_steps": bool(a.corner_warm_start_steps),
+            }
             online_only |= {"algorithm.preference_label_scale": a.preference_label_scale is not None}
             unused = [k for k, v in online_only.items() if v]
             if unused:

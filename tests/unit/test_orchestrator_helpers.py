@@ -463,6 +463,43 @@ def test_training_lines_number_the_prompts_of_each_kind_of_step():
     assert fresh[0] == drawn.tolist() and len(fresh) == 2 and np.allclose(np.sum(fresh[1], axis=1), 1)
 
 
+def test_a_corner_can_end_its_warm_start_before_the_others():
+    """`algorithm.corner_warm_start_steps`: a corner's line trains up to its own step and is left
+    out after it (the pairs then number the remaining lines' prompts); bad settings are refused."""
+    from moalign.conditioning import DirichletSampler
+
+    drawn = np.array([[0.7, 0.3], [0.2, 0.8]])
+    conciseness, detail = ([[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]])
+    cfg = load_config("configs/default.yaml", ["algorithm.corner_warm_start_steps={Detail: 30}"])
+    assert cfg.algorithm.warm_start_steps == 40
+
+    def lines(step, config=cfg):
+        return [line.tolist() for line in training_lines(config, DirichletSampler(2), drawn, True, drawn, step)]
+
+    assert lines(1) == lines(30) == [conciseness, detail]
+    assert lines(31) == lines(40) == [conciseness]
+    both = load_config(
+        "configs/default.yaml", ["algorithm.corner_warm_start_steps={Detail: 30}", "algorithm.warm_start_lines=drawn_and_corners"]
+    )
+    assert lines(31, both) == [drawn.tolist(), conciseness]
+    # The DPO steps after the warm start keep their lines.
+    assert [line.tolist() for line in training_lines(cfg, DirichletSampler(2), drawn, False, None, 41)][0] == drawn.tolist()
+    for bad, why in (
+        (["algorithm.corner_warm_start_steps={Detial: 30}"], "'Detial' is not an objective; the objectives are"),
+        (["algorithm.corner_warm_start_steps={Detail: 0}"], "corner_warm_start_steps.Detail: Input should be greater than or equal to 1"),
+        (["algorithm.corner_warm_start_steps={Detail: 40}"], "Detail: 40 ends the corner's warm start at or after"),
+        (["algorithm.corner_warm_start_steps={Detail: 30, Conciseness: 20}"], "steps 31-40 would train nothing"),
+        (
+            ["algorithm.corner_warm_start_steps={Detail: 30}", "algorithm.warm_start_lines=sampled"],
+            "warm_start_lines: sampled trains the lines sampled under",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            load_config("configs/default.yaml", bad)
+    with pytest.raises(ConfigError, match="algorithm.corner_warm_start_steps: not used by mopo"):
+        load_config(None, ["algorithm.name=mopo", "algorithm.corner_warm_start_steps={Conciseness: 1}"])
+
+
 class _RecordingGenerators:
     """Stands in for the generator group: records what each step was sent."""
 
