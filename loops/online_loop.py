@@ -284,8 +284,8 @@ def training_lines(
     sampler: DirichletSampler | FixedWeights,
     weights: np.ndarray,
     supervised: bool,
-    drawn: np.ndarray | None = None,
-    step: int = 1,
+    drawn: np.ndarray | None,
+    step: int,
 ) -> list[np.ndarray]:
     """The weight sets a step trains, one (B, K) array each, in the order its pairs number their
     prompts (set j's prompt b is j * B + b). DPO: the drawn weights, then `relabel_weights` more

@@ -526,9 +526,10 @@ class RunConfig(_Section):
             for clash, why in clashes:
                 if clash:
                     raise ValueError(f"algorithm.kl_sample_weights: {a.kl_sample_weights} takes KL samples under the draw; {why}")
-        unknown = [name for name in a.corner_kl_coef if name not in self.objective_names]
-        if unknown:
-            raise ValueError(f"algorithm.corner_kl_coef: {unknown[0]!r} is not an objective; the objectives are {self.objective_names}")
+        for setting, by_name in (("corner_kl_coef", a.corner_kl_coef), ("corner_warm_start_steps", a.corner_warm_start_steps)):
+            unknown = [name for name in by_name if name not in self.objective_names]
+            if unknown:
+                raise ValueError(f"algorithm.{setting}: {unknown[0]!r} is not an objective; the objectives are {self.objective_names}")
         self._check_corner_warm_start_steps()
         if self.algorithm.kl_penalty_tokens != "answer" and not (a.kl_coef or any(a.corner_kl_coef.values())):
             raise ValueError(
@@ -604,16 +605,12 @@ class RunConfig(_Section):
         a, names = self.algorithm, self.objective_names
         if not a.corner_warm_start_steps:
             return
-        unknown = [name for name in a.corner_warm_start_steps if name not in names]
-        if unknown:
-            raise ValueError(f"algorithm.corner_warm_start_steps: {unknown[0]!r} is not an objective; the objectives are {names}")
-        late = {name: n for name, n in a.corner_warm_start_steps.items() if n >= a.warm_start_steps}
-        if late:
-            name, n = next(iter(late.items()))
-            raise ValueError(
-                f"algorithm.corner_warm_start_steps.{name}: {n} ends the corner's warm start at or after the warm start's own end "
-                f"(algorithm.warm_start_steps {a.warm_start_steps}); give a step before it, or leave the corner out"
-            )
+        for name, n in a.corner_warm_start_steps.items():
+            if n >= a.warm_start_steps:
+                raise ValueError(
+                    f"algorithm.corner_warm_start_steps.{name}: {n} ends the corner's warm start at or after the warm start's own end "
+                    f"(algorithm.warm_start_steps {a.warm_start_steps}); give a step before it, or leave the corner out"
+                )
         if set(a.corner_warm_start_steps) == set(names):
             last = max(a.corner_warm_start_steps.values())
             raise ValueError(

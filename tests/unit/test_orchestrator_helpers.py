@@ -446,7 +446,7 @@ def test_training_lines_number_the_prompts_of_each_kind_of_step():
     def lines(supervised, *overrides, sampled_under=None):
         cfg = load_config("configs/default.yaml", list(overrides))
         weights = drawn if sampled_under is None else sampled_under
-        return [line.tolist() for line in training_lines(cfg, DirichletSampler(2), weights, supervised, drawn)]
+        return [line.tolist() for line in training_lines(cfg, DirichletSampler(2), weights, supervised, drawn, 1)]
 
     # The demo's warm start: the corners alone; its DPO: the drawn line, then each prompt's neglected corner.
     assert lines(True) == [c.tolist() for c in corners]
