@@ -61,6 +61,21 @@ def mean_and_prompt_se(values: list[float], n_prompts: int) -> tuple[float, floa
     return float(np.mean(values)), float("nan") if se is None else float(se)
 
 
+def length_figures(texts: list[str], n_prompts: int) -> dict[str, float]:
+    """Answer length in words: the mean and its standard error over the prompts
+    (`mean_and_prompt_se`), the median, and the share under 8 words. A mean can be pulled short
+    by answers that say nothing: a 135M model at the Conciseness corner writes some fragments
+    ("Which.") that count as short answers, and the median and that share show them."""
+    counts = [len(t.split()) for t in texts]
+    words, words_se = mean_and_prompt_se(counts, n_prompts)
+    return {
+        "words": words,
+        "words_se": words_se,
+        "median_words": float(np.median(counts)),
+        "under_8_words": float(np.mean([n < 8 for n in counts])),
+    }
+
+
 def start_service(model: str, port: int, timeout_s: float, log_path: Path) -> subprocess.Popen:
     """`serve.py` as `make serve` runs it, its output in `log_path`; returns once it answers."""
     command = [sys.executable, str(REPO / "serve.py"), "--config", str(REPO / "configs/serve/local.yaml"), "--model", model, f"port={port}"]
@@ -138,15 +153,8 @@ def main() -> int:
         texts = [a["choices"][0]["message"]["content"] for a in answers[corner]]
         finished = [a["choices"][0]["finish_reason"] == "stop" for a in answers[corner]]
         rewards = scorer.score(prompts, texts, finished)
-        counts = [len(t.split()) for t in texts]
-        words, words_se = mean_and_prompt_se(counts, len(heldout))
         figures[corner] = {
-            "words": words,
-            "words_se": words_se,
-            "median_words": float(np.median(counts)),
-            # A mean can be pulled short by answers that say nothing: a 135M model at the
-            # Conciseness corner writes some fragments ("Which.") that count as short answers.
-            "under_8_words": float(np.mean([n < 8 for n in counts])),
+            **length_figures(texts, len(heldout)),
             "tokens": float(np.mean([a["usage"]["completion_tokens"] for a in answers[corner]])),
             "ended": float(np.mean(finished)),
             "rewards": dict(zip(names, map(float, rewards.mean(axis=0)))),

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.serve_corners import mean_and_prompt_se
+from benchmarks.serve_corners import length_figures, mean_and_prompt_se
 
 
 def test_prompt_se_reads_prompt_means_not_single_answers():
@@ -32,3 +32,13 @@ def test_prompt_se_rejects_an_unfinished_round():
 def test_prompt_se_of_one_prompt_is_undefined():
     mean, se = mean_and_prompt_se([4, 6], n_prompts=1)
     assert mean == 5 and math.isnan(se)
+
+
+def test_length_figures_show_the_short_fragments_a_mean_hides():
+    # Two prompts, two rounds: three full answers and one fragment of two words.
+    texts = ["one two three four five six seven eight nine ten", "Which one.", "a b c d e f g h i j k l", "a b c d e f g h"]
+    figures = length_figures(texts, n_prompts=2)
+    assert figures["words"] == pytest.approx(8.0)
+    assert figures["median_words"] == pytest.approx(9.0)
+    assert figures["under_8_words"] == pytest.approx(0.25)
+    assert figures["words_se"] == pytest.approx(mean_and_prompt_se([10, 2, 12, 8], 2)[1])
