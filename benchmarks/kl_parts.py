@@ -81,12 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     for weights, rows in sorted(by_weights.items()):
         parts = []
         for row in rows[: args.answers]:
-            prompt = render_conditioned(tokenizer, row["prompt"], cfg.objective_names, row["weights"], cfg.conditioning, 10**6)
+            prompt = render_conditioned(
+                tokenizer, row["prompt"], cfg.objective_names, row["weights"], cfg.conditioning, cfg.model.max_prompt_tokens
+            )
             completion = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + ([eos] if row["finish_reason"] == "stop" else [])
             ids = torch.tensor([prompt + completion])
             with torch.no_grad():
                 lp, lr = (m(ids).logits[0, len(prompt) - 1 : -1, :vocab].float().log_softmax(-1) for m in (policy, reference))
-            parts.append((row["kl"], *kl_parts(lp, lr, torch.tensor(completion), eos)))
+            # An evaluation run without its KL (the base model's) leaves that column empty.
+            evaluated = float("nan") if row.get("kl") is None else row["kl"]
+            parts.append((evaluated, *kl_parts(lp, lr, torch.tensor(completion), eos)))
         mean = np.mean(parts, axis=0)
         log.info("| %s | %d | %.2f | %.2f | %.2f | %.2f |", "/".join(f"{w:g}" for w in weights), len(parts), *mean)
     return 0
