@@ -42,8 +42,8 @@ class ModelConfig(_Section):
 class ObjectiveConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z][A-Za-z0-9_ -]*$")
     """Objective name, as written into the conditioning prefix (e.g. `Helpfulness`)."""
-    source: Literal["relevance", "conciseness", "detail", "length", "positivity", "hf_classifier", "callable", "http"]
-    """Reward source: a built-in signal, a HF sequence-classification model, a `module:function`, or an HTTP endpoint."""
+    source: Literal["relevance", "conciseness", "detail", "length", "positivity", "closing_positivity", "hf_classifier", "callable", "http"]
+    """Reward source: a built-in signal, a HF sequence-classification model, a `module:function`, or an HTTP endpoint. `positivity` is the whole answer's sentiment (it rises with length); `closing_positivity` its last sentence's, which a policy moves by where it stops, not by how long it writes."""
     path: str | None = None
     """Model directory (hf_classifier), `module:function` (callable) or URL (http); unused by built-ins."""
     label_index: int = Field(0, ge=0)
@@ -868,24 +868,53 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`: sections merge key by key, anything else (a list, a value) replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_preset(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML preset as a mapping. A preset may start from another: `base: other.yaml` (a path
+    relative to the preset) reads that one first and lays this one's keys over it, section by
+    section (a list such as `objectives` replaces the base's whole). So a variant names only what
+    it changes, and a fix to the base reaches it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read: {exc}") from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
+    tree = dict(loaded or {})
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: `base` must be a preset's path, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    chain = (*_chain, path.resolve())
+    if base_path in chain:
+        raise ConfigError(f"config file {path}: `base: {base}` leads back to itself ({' -> '.join(p.name for p in (*chain, base_path))})")
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: `base: {base}`: no such preset ({base_path})")
+    return _merged(read_preset(base_path, chain), tree)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: type[_Config] = RunConfig) -> _Config:
-    """Read a YAML preset (or the defaults), apply `key=value` overrides, validate everything
-    (as a `RunConfig`, or as `model`, e.g. `ServeConfig`)."""
+    """Read a YAML preset (or the defaults; `read_preset` for `base:`), apply `key=value`
+    overrides, validate everything (as a `RunConfig`, or as `model`, e.g. `ServeConfig`)."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: cannot read: {exc}") from exc
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
-        tree = loaded or {}
+        tree = read_preset(path)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value, f"override {key}={value!r}", model)
     return parse_config(tree, model, source + (" + overrides" if overrides else ""))

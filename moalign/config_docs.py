@@ -86,7 +86,7 @@ def render() -> str:
         "# Configuration reference",
         "",
         "Generated from the docstrings of `moalign/config.py` by `python -m moalign.config_docs`; do not edit by hand.",
-        "Set values in a YAML preset (`configs/`) or on the command line as `key=value` (e.g. `rollout.prompts_per_step=16`).",
+        "Set values in a YAML preset (`configs/`) or on the command line as `key=value` (e.g. `rollout.prompts_per_step=16`). A preset may start from another with `base: other.yaml` (relative to it) and name only what it changes: its sections merge key by key over the base's, a list replaces the base's whole.",
         "",
     ]
     queue: list[tuple[str, type[BaseModel]]] = [("", RunConfig)]

@@ -21,6 +21,30 @@ def test_every_preset_parses(preset):
         assert (REPO / path).is_file(), f"{preset.name}: data file {path} missing"
 
 
+def test_a_preset_over_its_base(tmp_path):
+    """`base:` reads the named preset first (relative to this one) and lays this one's keys over
+    it section by section; a list replaces the base's whole; a loop or a missing base is a clear
+    error naming the file."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.yaml").write_text(
+        "steps: 7\nrollout: {prompts_per_step: 12, temperature: 0.5}\n"
+        "objectives: [{name: Short, source: length, target_words: 12}, {name: Long, source: length, target_words: 48}]\n"
+    )
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nrollout: {temperature: 0.9}\nobjectives: [{name: Only, source: detail}]\n")
+    (tmp_path / "c.yaml").write_text("base: sub/b.yaml\nsteps: 9\n")
+    cfg = load_config(tmp_path / "c.yaml", ["rollout.prompts_per_step=8"])
+    assert cfg.steps == 9 and cfg.rollout.temperature == 0.9 and cfg.rollout.prompts_per_step == 8
+    assert cfg.objective_names == ["Only"]
+    assert load_config(tmp_path / "sub" / "b.yaml").rollout.prompts_per_step == 12
+    (tmp_path / "loop.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "gone.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="gone.yaml.*no such preset"):
+        load_config(tmp_path / "gone.yaml")
+
+
 def test_defaults_are_valid():
     cfg = load_config()
     assert cfg.objective_names == ["Relevance", "Conciseness", "Positivity"]
