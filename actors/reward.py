@@ -204,9 +204,14 @@ class ClosingPositivityScore:
     length (more words, more positive ones), so a positivity objective also pulls toward long
     answers and cannot be steered apart from a length dial. Where an answer stops decides its
     closing sentence, so this can be trained by the decision to stop alone (stop after a warm
-    sentence, go on past a cold one) while leaving the answer's length to the other objectives.
-    On the base model's held-out answers its correlation with the word count is -0.06 (the
-    whole answer's +0.20)."""
+    sentence, go on past a cold one). On the base model's held-out answers its correlation with
+    the word count is -0.06 (the whole answer's +0.20).
+
+    Hazard: neutral in length on finished answers, not in training. A sample cut off at the
+    token cap closes with a fragment that mostly reads neutral, so against it a sentence end that
+    reads warmer wins more often than one that reads colder (on those base answers, 211 of 356
+    stop decisions say stop): a line trained on it learns to stop early (docs/steering.md §3,
+    "A third objective")."""
 
     def __init__(self, min_words: int = 5):
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
