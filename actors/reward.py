@@ -207,7 +207,7 @@ class ClosingPositivityScore:
     sentence, go on past a cold one). On the base model's held-out answers its correlation with
     the word count is -0.06 (the whole answer's +0.20).
 
-    Hazard: neutral in length on finished answers, not in training. A sample cut off at the
+    Hazard: neutral in length across answers, not in the stop decisions. A sample cut off at the
     token cap closes with a fragment that mostly reads neutral, so against it a sentence end that
     reads warmer wins more often than one that reads colder (on those base answers, 211 of 356
     stop decisions say stop): a line trained on it learns to stop early (docs/steering.md §3,
