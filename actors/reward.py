@@ -23,6 +23,7 @@ import numpy as np
 
 from moalign.config import ObjectiveConfig
 from moalign.pairs import RewardError
+from moalign.prefixes import closing_sentence
 
 log = logging.getLogger(__name__)
 
@@ -180,23 +181,16 @@ class PositivityScore:
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         return [
-            (self.analyzer.polarity_scores(c)["compound"] + 1.0) / 2.0 * answer_quality(p, c, self.min_words)
+            (self.analyzer.polarity_scores(self._judged(c))["compound"] + 1.0) / 2.0 * answer_quality(p, c, self.min_words)
             for p, c in zip(prompts, completions)
         ]
 
-
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])[\"')\]*]*\s+|\n+")
-
-
-def closing_sentence(text: str) -> str:
-    """The answer's last sentence: what follows its last sentence end (`.`, `!` or `?` before
-    whitespace) or line break. An answer cut off at the token cap closes with the fragment it
-    has; an answer with no words closes with nothing."""
-    pieces = [p for p in _SENTENCE_BREAK.split(text.strip()) if any(c.isalpha() for c in p)]
-    return pieces[-1] if pieces else ""
+    def _judged(self, completion: str) -> str:
+        """The text whose sentiment is the score: the whole answer."""
+        return completion
 
 
-class ClosingPositivityScore:
+class ClosingPositivityScore(PositivityScore):
     """How warmly the answer closes: VADER compound sentiment of its last sentence
     (`closing_sentence`) mapped to [0, 1], times `answer_quality`.
 
@@ -215,17 +209,8 @@ class ClosingPositivityScore:
     "A third objective"). Scoring a cut-off answer by its last whole sentence instead evened
     that out (183 stop, 168 go on) and its line then learned to go on, and no warmer."""
 
-    def __init__(self, min_words: int = 5):
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        self.analyzer = SentimentIntensityAnalyzer()
-        self.min_words = min_words
-
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        return [
-            (self.analyzer.polarity_scores(closing_sentence(c))["compound"] + 1.0) / 2.0 * answer_quality(p, c, self.min_words)
-            for p, c in zip(prompts, completions)
-        ]
+    def _judged(self, completion: str) -> str:
+        return closing_sentence(completion)
 
 
 class ClassifierScore:

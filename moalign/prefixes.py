@@ -15,6 +15,7 @@ every other token), so a line can learn to stop early without drifting from what
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ from moalign.actor_io import Sample
 _ENDS = (".", "!", "?")
 _CLOSERS = "\"')]*"
 _LINE_WORDS = 3
+# The same sentence end in plain text: an end mark, any closers, then whitespace; or a line break.
+_TEXT_BREAK = re.compile(rf"(?<=[{re.escape(''.join(_ENDS))}])[{re.escape(_CLOSERS)}]*\s+|\n+")
 
 
 def sentence_ends(pieces: Sequence[str], lines: bool = False) -> list[int]:
@@ -85,3 +88,11 @@ def with_sentence_prefixes(
         extra += [dict(group[j % len(group)]) for j in range(count - len(extra))]
         out.append([*group, *extra])
     return out
+
+
+def closing_sentence(text: str) -> str:
+    """The text's last sentence: what follows its last sentence end (as `sentence_ends` finds
+    them, in plain text) or line break. A text cut off mid-sentence closes with the fragment it
+    has; a text with no words closes with nothing."""
+    pieces = [p for p in _TEXT_BREAK.split(text.strip()) if any(c.isalpha() for c in p)]
+    return pieces[-1] if pieces else ""

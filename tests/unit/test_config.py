@@ -43,6 +43,9 @@ def test_a_preset_over_its_base(tmp_path):
     (tmp_path / "gone.yaml").write_text("base: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="gone.yaml.*no such preset"):
         load_config(tmp_path / "gone.yaml")
+    (tmp_path / "odd.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="odd.yaml.*`base` must be a preset's path"):
+        load_config(tmp_path / "odd.yaml")
 
 
 def test_defaults_are_valid():

@@ -5,9 +5,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 
-from actors.reward import ClassifierScore, RewardScorer, answer_quality, closing_sentence, echo_fraction, minilm_dir
+from actors.reward import ClassifierScore, RewardScorer, answer_quality, echo_fraction, minilm_dir
 from moalign.config import ObjectiveConfig
 from moalign.pairs import RewardError
+from moalign.prefixes import closing_sentence
 
 BUILTINS = [
     ObjectiveConfig(name="Relevance", source="relevance"),
