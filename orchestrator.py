@@ -50,7 +50,7 @@ from moalign.config import ConfigError, RunConfig, load_config
 from moalign.data import DataError, load_fitted_prompts
 from moalign.ledger import PromptLedger
 from moalign.pairs import RewardError, normalized_rewards, select_line_answers, select_relabelled_pairs, select_stop_decisions
-from moalign.prefixes import with_sentence_prefixes
+from moalign.prefixes import newline_token, with_line_break_variants, with_sentence_prefixes
 
 log = logging.getLogger("moalign")
 
@@ -110,11 +110,17 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                     #    prefixes cut at a sentence end (after the samples, so indices below n are samples).
                     t = time.perf_counter()
                     candidates = samples
+                    seeds = step_seeds(cfg, step, len(samples))
                     if cfg.algorithm.sentence_prefixes:
-                        seeds = step_seeds(cfg, step, len(samples))
                         lines = cfg.algorithm.prefix_ends == "sentences_and_lines"
                         candidates = with_sentence_prefixes(
                             samples, tokenizer, cfg.algorithm.sentence_prefixes, tokenizer.eos_token_id, seeds, lines
+                        )
+                    # ... and, with `algorithm.line_break_variants`, samples with one break flipped
+                    # between the same line and a new one (only the warm start trains on them).
+                    if cfg.algorithm.line_break_variants and step <= cfg.algorithm.warm_start_steps:
+                        candidates = with_line_break_variants(
+                            candidates, len(samples[0]), tokenizer, cfg.algorithm.line_break_variants, tokenizer.eos_token_id, seeds
                         )
                     raw = score(names, scorers, [p.prompt for p in batch], candidates, len(candidates[0]), step)
                     normalized = normalized_rewards(raw, cfg.algorithm.reward_normalization, state.normalizer)
@@ -161,6 +167,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                         kl_probes(cfg, rollout),
                         stop_decisions,
                         tokenizer.eos_token_id,
+                        newline_token(tokenizer) if cfg.algorithm.line_break_variants else None,
                     )
                     timings["time/learn_s"] = time.perf_counter() - t
 

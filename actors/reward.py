@@ -23,7 +23,7 @@ import numpy as np
 
 from moalign.config import ObjectiveConfig
 from moalign.pairs import RewardError
-from moalign.prefixes import closing_sentence
+from moalign.prefixes import closing_sentence, line_break_share
 
 log = logging.getLogger(__name__)
 
@@ -156,18 +156,39 @@ class DetailScore:
 class LengthScore:
     """About `target_words` words: 1 - ((words - target) / width)^2, at least 0, times
     `answer_quality`. An answer cut off at the token cap counts with the words it has, as in
-    `DetailScore` (the gate's distinct-3-gram share still stops a loop from scoring)."""
+    `DetailScore` (the gate's distinct-3-gram share still stops a loop from scoring). With
+    `prose`, also times 1 - `line_break_share`: a paragraph of about that length."""
 
-    def __init__(self, target_words: int, width_words: int, min_words: int = 5):
+    def __init__(self, target_words: int, width_words: int, min_words: int = 5, prose: bool = False):
         self.target = target_words
         self.width = width_words
         self.min_words = min_words
+        self.prose = prose
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         return [
-            max(0.0, 1.0 - ((len(text.split()) - self.target) / self.width) ** 2) * answer_quality(p, text, self.min_words)
+            max(0.0, 1.0 - ((len(text.split()) - self.target) / self.width) ** 2)
+            * (1.0 - line_break_share(text) if self.prose else 1.0)
+            * answer_quality(p, text, self.min_words)
             for p, text in zip(prompts, completions)
         ]
+
+
+class LineBreakScore:
+    """Laid out a sentence a line: the share of the answer's sentence breaks that start a new
+    line (`line_break_share`), times `answer_quality`; an answer of one sentence has no break
+    and scores 0.
+
+    Why: a behaviour of the text that the decision to stop does not set. Each break is a
+    decision the policy takes after a sentence end (a line-break token or a word), which
+    `algorithm.line_break_variants` trains as the stop decisions train where it stops. On the
+    base model's answers at temperature 0.7 a quarter of the breaks are new lines."""
+
+    def __init__(self, min_words: int = 5):
+        self.min_words = min_words
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        return [line_break_share(c) * answer_quality(p, c, self.min_words) for p, c in zip(prompts, completions)]
 
 
 class PositivityScore:
@@ -286,11 +307,13 @@ def build_source(obj: ObjectiveConfig) -> ScoreFn:
     if obj.source == "detail":
         return DetailScore(obj.target_words, obj.min_words)
     if obj.source == "length":
-        return LengthScore(obj.target_words, obj.width_words, obj.min_words)
+        return LengthScore(obj.target_words, obj.width_words, obj.min_words, obj.prose)
     if obj.source == "positivity":
         return PositivityScore(obj.min_words)
     if obj.source == "closing_positivity":
         return ClosingPositivityScore(obj.min_words)
+    if obj.source == "line_breaks":
+        return LineBreakScore(obj.min_words)
     if obj.source == "hf_classifier":
         return ClassifierScore(obj.path, obj.label_index)
     if obj.source == "callable":

@@ -34,7 +34,7 @@ from moalign.data import DataError, PromptCursor
 from moalign.health import METRICS as HEALTH_METRICS
 from moalign.health import HealthMonitor
 from moalign.objectives import OBJECTIVES
-from moalign.pairs import Pair, RunningNormalizer, chosen_probability, corner_of, cut_past_parting, cut_to_stop_token
+from moalign.pairs import Pair, RunningNormalizer, chosen_probability, corner_of, cut_past_parting, cut_to_decision_token
 from moalign.scaling import ScaleRequestError, due_requests, mark_done
 
 # The orchestrator's own logger: its lines read as they did when this lived in orchestrator.py.
@@ -413,12 +413,14 @@ def learn(
     probes: list[KLProbe] | None = None,
     stop_decisions: bool = False,
     eos_id: int | None = None,
+    newline_id: int | None = None,
 ) -> StepLearnerMetrics | dict:
     """One learner step on `pairs` (each learner rank a contiguous part), the ranks' metrics merged;
     {} when every candidate pair was a tie. `supervised`: each pair's chosen answer is trained
     alone (the warm start), so its rejected side is a one-token stand-in. `stop_decisions`: a warm
     start of DPO pairs on the decision to stop (`moalign.pairs.select_stop_decisions`), each cut
-    to differ by the `eos_id` token alone. `probes`: the KL samples (`kl_probes`), on which the
+    to differ by the `eos_id` token alone, and on line breaks (a pair with a line-break variant),
+    each cut to differ by the `newline_id` token alone. `probes`: the KL samples (`kl_probes`), on which the
     learner estimates the KL (and takes `algorithm.kl_coef`'s penalty)."""
     if cfg.algorithm.kl_penalty_tokens == "text" and eos_id is None:
         raise ValueError("learn: algorithm.kl_penalty_tokens: text leaves out the end-of-sequence token; pass eos_id")
@@ -441,14 +443,15 @@ def learn(
     for r, s in enumerate(chunks(len(pairs), len(learners))):
         part = pairs[s]
         # Relabelled pairs (prompt index j * B + b) train on sample group b.
-        answers = [
-            (samples[p.prompt % len(samples)][p.chosen]["token_ids"], samples[p.prompt % len(samples)][p.rejected]["token_ids"])
-            for p in part
-        ]
+        sides = [(samples[p.prompt % len(samples)][p.chosen], samples[p.prompt % len(samples)][p.rejected]) for p in part]
+        answers = [(c["token_ids"], r["token_ids"]) for c, r in sides]
         if supervised:
             answers = [(c, r[:1]) for c, r in answers]
         elif stop_decisions:
-            answers = [cut_to_stop_token(c, r, eos_id) for c, r in answers]
+            tokens = [newline_id if "break_of" in c or "break_of" in r else eos_id for c, r in sides]
+            if None in tokens:
+                raise ValueError("learn: a line-break pair is cut at the line-break token; pass newline_id")
+            answers = [cut_to_decision_token(c, r, t) for (c, r), t in zip(answers, tokens)]
         elif cfg.algorithm.pair_tokens_past_parting:
             answers = [cut_past_parting(c, r, cfg.algorithm.pair_tokens_past_parting) for c, r in answers]
         batch: PairBatch = {

@@ -22,6 +22,9 @@ class Sample(TypedDict):
     prefix_of: NotRequired[int]
     """Only on a sentence-end prefix (`moalign.prefixes.with_sentence_prefixes`): the index, among
     its prompt's candidates, of the sample it was cut from, which went on past it."""
+    break_of: NotRequired[int]
+    """Only on a line-break variant (`moalign.prefixes.with_line_break_variants`): the index of the
+    sample whose break after one sentence end it flips (a new line for the same line, or back)."""
 
 
 class PairBatch(TypedDict):

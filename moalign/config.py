@@ -42,8 +42,19 @@ class ModelConfig(_Section):
 class ObjectiveConfig(_Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z][A-Za-z0-9_ -]*$")
     """Objective name, as written into the conditioning prefix (e.g. `Helpfulness`)."""
-    source: Literal["relevance", "conciseness", "detail", "length", "positivity", "closing_positivity", "hf_classifier", "callable", "http"]
-    """Reward source: a built-in signal, a HF sequence-classification model, a `module:function`, or an HTTP endpoint. `positivity` is the whole answer's sentiment (it rises with length); `closing_positivity` its last sentence's, which a policy moves by where it stops, not by how long it writes."""
+    source: Literal[
+        "relevance",
+        "conciseness",
+        "detail",
+        "length",
+        "positivity",
+        "closing_positivity",
+        "line_breaks",
+        "hf_classifier",
+        "callable",
+        "http",
+    ]
+    """Reward source: a built-in signal, a HF sequence-classification model, a `module:function`, or an HTTP endpoint. `positivity` is the whole answer's sentiment (it rises with length); `closing_positivity` its last sentence's, which a policy moves by where it stops, not by how long it writes. `line_breaks` the share of the answer's sentence breaks that start a new line (one sentence a line scores 1, a paragraph 0)."""
     path: str | None = None
     """Model directory (hf_classifier), `module:function` (callable) or URL (http); unused by built-ins."""
     label_index: int = Field(0, ge=0)
@@ -52,6 +63,8 @@ class ObjectiveConfig(_Section):
     """conciseness: responses up to this many words score highest, longer ones lose reward linearly in log length; detail: responses of this many words or more score highest, shorter ones proportionally less; length: responses of about this many words score highest."""
     width_words: int = Field(36, ge=1, le=4096)
     """length: the score is 1 - ((words - target_words) / width_words)^2, at least 0. Concave in the length, so the weighted sum of two such objectives peaks at the weighted mean of their targets, a best length that moves with the weights (conciseness and detail sum to a curve that is convex between their targets, whose best is one target or the other, docs/steering.md). Narrow enough that length outweighs the quality gate: with targets 12 and 48 on SmolLM2's answers, 36 ranks 79 % of answer pairs in opposite orders, 64 only 57 %."""
+    prose: bool = False
+    """length: the score times (1 - the share of the answer's sentence breaks that start a new line), so the objective asks for a paragraph of about `target_words` words and trades off against `line_breaks` as well as against another length (a two-axis set of three, docs/steering.md §3, "Three objectives on two axes")."""
     min_words: int = Field(5, ge=1, le=1024)
     """Built-in sources: answers shorter than this many words get proportionally less of any built-in reward (a word or two is not an answer)."""
     timeout_s: float = Field(30.0, gt=0, le=3600)
@@ -61,6 +74,8 @@ class ObjectiveConfig(_Section):
     def _path_present(self) -> ObjectiveConfig:
         if self.source in ("hf_classifier", "callable", "http") and not self.path:
             raise ValueError(f"objective {self.name!r}: source {self.source!r} needs `path`")
+        if self.prose and self.source != "length":
+            raise ValueError(f"objective {self.name!r}: `prose` is a length objective's; source {self.source!r} has none")
         if self.source == "callable" and self.path and ":" not in self.path:
             raise ValueError(f"objective {self.name!r}: callable path {self.path!r} must look like `module:function`")
         return self
@@ -168,6 +183,8 @@ class AlgorithmConfig(_Section):
     """MO-ODPO, with `kl_coef`: what of each KL sample the penalty (and the step's KL figure) reads. `answer`, every token; `text`, every token but a closing end-of-sequence token, so the penalty holds what a line writes and not where it stops: a corner asked to stop early pays its largest log-ratio there, and the whole-answer penalty held it back (docs/steering.md §3, "Interpolated bins")."""
     sentence_prefixes: int = Field(0, ge=0, le=64)
     """MO-ODPO: per prompt, this many prefixes of its samples, each cut at a sentence end and closed with the end-of-sequence token, join its samples as candidate answers for the pairs and the warm-start labels (drawn at random; `moalign.prefixes`). An objective that wants answers to end early then has answers that end to prefer even when most samples run to the token cap, and training on a prefix changes little but where the policy stops; 0: the samples alone."""
+    line_break_variants: int = Field(0, ge=0, le=64)
+    """MO-ODPO warm start with `warm_start_pairs: stop_decisions`: per prompt, this many variants of its samples join the candidates, each the sample with the break after one sentence end flipped (a new line where it went on in the same line, or back; `moalign.prefixes.with_line_break_variants`). Each line then also trains `stop_decisions_per_line` pairs of a variant against its sample, cut to differ by the line-break token alone: the decision to start a new line there, for an objective such as `line_breaks` that a policy moves by its layout, not by where it stops; 0: none."""
     prefix_ends: Literal["sentences", "sentences_and_lines"] = "sentences"
     """MO-ODPO with `sentence_prefixes`: where a prefix may be cut. `sentences`, after a `.`, `!` or `?`; `sentences_and_lines`, also where a line of three words or more ends without one (a list item, a title; not after a `:`), so an answer written as a list, with no sentence end within the token cap, has places to stop too (`moalign.prefixes.sentence_ends`)."""
     pair_mode: Literal["scalarised", "per_objective"] = "scalarised"
@@ -582,6 +599,11 @@ class RunConfig(_Section):
             for clash, why in clashes:
                 if clash:
                     raise ValueError(f"algorithm.warm_start_pairs: stop_decisions: {why}")
+        elif self.algorithm.line_break_variants:
+            raise ValueError(
+                f"algorithm.line_break_variants: {self.algorithm.line_break_variants} pairs line-break decisions in the warm start; "
+                "it needs algorithm.warm_start_pairs: stop_decisions"
+            )
         elif self.algorithm.stop_decisions_per_line != 1:
             raise ValueError(
                 f"algorithm.stop_decisions_per_line: {self.algorithm.stop_decisions_per_line} counts stop decisions; "
@@ -723,9 +745,11 @@ class RunConfig(_Section):
     @property
     def _warm_start_pairs_per_line(self) -> int:
         """Pairs a warm-start step trains per prompt and line: `stop_decisions_per_line` with stop
-        decisions, one label otherwise."""
+        decisions (twice that with line-break variants), one label otherwise."""
         a = self.algorithm
-        return a.stop_decisions_per_line if a.warm_start_pairs == "stop_decisions" else 1
+        if a.warm_start_pairs != "stop_decisions":
+            return 1
+        return a.stop_decisions_per_line * (2 if a.line_break_variants else 1)
 
     def _pairs_origin(self, k: int) -> str:
         """The settings that make `pairs_per_step`, for the batch-arithmetic message: the offline
@@ -740,7 +764,7 @@ class RunConfig(_Section):
                 a.warm_start_lines
             ]
             per_line = self._warm_start_pairs_per_line
-            each = f" x algorithm.stop_decisions_per_line={per_line}" if per_line > 1 else ""
+            each = f" x {per_line} decisions (algorithm.stop_decisions_per_line, line_break_variants)" if per_line > 1 else ""
             return f"the warm start's: {setting}={prompts} x ({lines}){each}"
         return (
             f"rollout.prompts_per_step={self.rollout.prompts_per_step}"

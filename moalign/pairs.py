@@ -244,21 +244,22 @@ def cut_past_parting(chosen: Sequence[int], rejected: Sequence[int], keep: int) 
     return list(chosen[: parting + keep]), list(rejected[: parting + keep])
 
 
-def cut_to_stop_token(chosen: Sequence[int], rejected: Sequence[int], eos_id: int) -> tuple[list[int], list[int]]:
-    """A stop-decision pair (a prefix closed with `eos_id` against the sample it was cut from, in
-    either order) cut so that the two differ by the end-of-sequence token alone: the stopping side
-    keeps it, the other keeps only the shared prefix. DPO's margin is then +-beta times the EOS
-    token's log-ratio, and nothing else is trained: where the sample's own next token were the
-    other side, the corner that prefers stopping would push down the text the policy writes
-    (with `stop_decisions` cut one token past the parting, the Conciseness corner's answers turned
-    to word salad within 20 steps, 44 nats from the reference)."""
+def cut_to_decision_token(chosen: Sequence[int], rejected: Sequence[int], token_id: int) -> tuple[list[int], list[int]]:
+    """A decision pair (a prefix closed with the end-of-sequence token against the sample it was
+    cut from, or a sample against its line-break variant, in either order) cut so that the two
+    differ by the decision's token alone: the side with `token_id` where they part keeps it, the
+    other keeps only the shared prefix. DPO's margin is then +-beta times that token's log-ratio,
+    and nothing else is trained: where the other side's own next token were in the pair, the
+    corner that prefers the decision would push down the text the policy writes (with
+    `stop_decisions` cut one token past the parting, the Conciseness corner's answers turned to
+    word salad within 20 steps, 44 nats from the reference)."""
     parting = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
-    stops = [
-        list(ids[: parting + 1]) if parting < len(ids) and ids[parting] == eos_id else list(ids[:parting]) for ids in (chosen, rejected)
+    cut = [
+        list(ids[: parting + 1]) if parting < len(ids) and ids[parting] == token_id else list(ids[:parting]) for ids in (chosen, rejected)
     ]
-    if len(stops[0]) == len(stops[1]):
-        raise ValueError(f"not a stop decision: neither answer ends with token {eos_id} where they part (position {parting})")
-    return stops[0], stops[1]
+    if len(cut[0]) == len(cut[1]):
+        raise ValueError(f"not a decision on token {token_id}: neither answer, or both, has it where they part (position {parting})")
+    return cut[0], cut[1]
 
 
 def _scored_lines(rewards: np.ndarray, lines: Sequence[np.ndarray]) -> tuple[int, list[tuple[np.ndarray, np.ndarray]]]:
@@ -309,25 +310,30 @@ def select_stop_decisions(
     """Warm-start pairs on the decision to stop: for each (B, n, K) prompt b and each weight set j
     of `lines` (the corners), the `per_line` sentence-end prefixes whose rewards under row b differ
     most from those of the samples they were cut from, each against its sample, the better one
-    chosen. The two share every token up to the prefix's end, so cut by `cut_to_stop_token` a pair
-    trains only the end-of-sequence token there: up under the Conciseness corner, down under the
-    Detail corner. A prompt with no prefix, or whose prefixes score as their samples do, gives no
-    pair (a tie); one with fewer differing prefixes than `per_line` gives what it has."""
+    chosen. The two share every token up to the prefix's end, so cut by `cut_to_decision_token` a
+    pair trains only the end-of-sequence token there: up under the Conciseness corner, down under
+    the Detail corner. Where the candidates hold line-break variants too
+    (`moalign.prefixes.with_line_break_variants`), the `per_line` variants that differ most from
+    their samples join, each against its sample: the decision to start a new line there. A prompt
+    with no prefix or variant, or whose own score as their samples do, gives no pair (a tie); one
+    with fewer differing than `per_line` gives what it has."""
     batch, scored = _scored_lines(rewards, lines)
     if len(candidates) != batch:
         raise ValueError(f"{len(candidates)} candidate groups for {batch} prompts")
-    parents = [{i: c["prefix_of"] for i, c in enumerate(group) if "prefix_of" in c} for group in candidates]
+    kinds = [[{i: c[key] for i, c in enumerate(group) if key in c} for group in candidates] for key in ("prefix_of", "break_of")]
     pairs: list[Pair] = []
     ties = 0
     for j, (w, scores) in enumerate(scored):
         for b in range(batch):
-            gaps = [(scores[b, i] - scores[b, p], i, p) for i, p in parents[b].items()]
-            # sorted is stable: among equal gaps the earlier prefix goes first, as max() picked.
-            kept = [g for g in sorted(gaps, key=lambda g: -abs(g[0])) if g[0] != 0][:per_line]
+            kept = []
+            for parents in kinds:
+                gaps = [(scores[b, i] - scores[b, p], i, p) for i, p in parents[b].items()]
+                # sorted is stable: among equal gaps the earlier candidate goes first, as max() picked.
+                kept += [g for g in sorted(gaps, key=lambda g: -abs(g[0])) if g[0] != 0][:per_line]
             if not kept:
                 ties += 1
                 continue
-            for gap, prefix, parent in kept:
-                chosen, rejected = (prefix, parent) if gap > 0 else (parent, prefix)
+            for gap, variant, parent in kept:
+                chosen, rejected = (variant, parent) if gap > 0 else (parent, variant)
                 pairs.append(Pair(j * batch + b, chosen, rejected, 1.0, corner_of(w[b]), abs(float(gap))))
     return PairSelection(pairs, ties, 0)

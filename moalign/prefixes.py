@@ -96,3 +96,65 @@ def closing_sentence(text: str) -> str:
     has; a text with no words closes with nothing."""
     pieces = [p for p in _TEXT_BREAK.split(text.strip()) if any(c.isalpha() for c in p)]
     return pieces[-1] if pieces else ""
+
+
+_NUMBER_POINT = re.compile(r"(?:^|\s)\d+[.)]$")
+
+
+def line_break_share(text: str) -> float:
+    """The share of the text's breaks between sentences (as `closing_sentence` splits it: a
+    sentence end, or a line break) that start a new line; 0 for a text with no break. A list
+    item's number (`1. Pack`) is no break."""
+    text = text.strip()
+    breaks = [m.group() for m in _TEXT_BREAK.finditer(text) if not _NUMBER_POINT.search(text[: m.start()])]
+    return sum("\n" in b for b in breaks) / len(breaks) if breaks else 0.0
+
+
+def newline_token(tokenizer: Any) -> int:
+    """The tokenizer's one token for a line break; a ValueError where it takes several."""
+    ids = tokenizer.encode("\n", add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"a line break encodes as {len(ids)} tokens ({ids}), not one; line-break decisions need one")
+    return int(ids[0])
+
+
+def with_line_break_variants(
+    candidates: list[list[Sample]], samples_per_prompt: int, tokenizer: Any, count: int, eos_id: int, seeds: Sequence[int]
+) -> list[list[Sample]]:
+    """Each prompt's candidates followed by `count` variants of its samples (the first
+    `samples_per_prompt`), each the sample with one sentence end's break flipped: a new line
+    where it went on in the same line, the same line where it started a new one. Drawn at random
+    (`seeds`), marked with the sample they flip (`break_of`), and topped up with copies of the
+    samples as `with_sentence_prefixes` does.
+
+    The variant is the policy's own text with one break changed, so against its sample it trains
+    one decision, the line-break token after that sentence end, as a prefix trains the decision
+    to stop (`moalign.pairs.cut_to_decision_token`)."""
+    if len(seeds) != len(candidates):
+        raise ValueError(f"{len(seeds)} seeds for {len(candidates)} prompts")
+    newline = newline_token(tokenizer)
+    out = []
+    for group, seed in zip(candidates, seeds):
+        found: list[Sample] = []
+        for k, s in enumerate(group[:samples_per_prompt]):
+            ids = list(s["token_ids"])
+            ended = bool(ids) and ids[-1] == eos_id
+            body = ids[:-1] if ended else ids
+            pieces = [tokenizer.decode([t]) for t in body]
+            for i in sentence_ends(pieces):
+                rest = tokenizer.decode(body[i + 1 :], skip_special_tokens=True)
+                flipped = (" " if body[i + 1] == newline else "\n") + rest.lstrip()
+                variant = [*body[: i + 1], *tokenizer.encode(flipped, add_special_tokens=False), *([eos_id] if ended else [])]
+                # Where the tokenizer merges the break into the next word differently, the two
+                # would not part at a line-break token; such a place is left out.
+                if len(variant) > i + 1 and (variant[i + 1] == newline) != (body[i + 1] == newline):
+                    text = tokenizer.decode(variant, skip_special_tokens=True)
+                    found.append(
+                        {"token_ids": variant, "text": text, "finish_reason": s["finish_reason"], "version": s["version"], "break_of": k}
+                    )
+        rng = np.random.default_rng([seed, 1])
+        picked = rng.choice(len(found), size=min(count, len(found)), replace=False) if found else []
+        extra: list[Sample] = [found[j] for j in sorted(int(j) for j in picked)]
+        extra += [dict(group[j % samples_per_prompt]) for j in range(count - len(extra))]
+        out.append([*group, *extra])
+    return out

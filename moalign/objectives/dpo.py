@@ -132,8 +132,8 @@ class DPOObjective(Objective):
             labels = torch.tensor([labels[i] if i >= 0 else 1.0 for i in index.tolist()], dtype=pc.dtype, device=pc.device)
         loss = dpo_loss(pc, pr, rc, rr, self.beta, self.kind, self.label_smoothing, labels)
         if batch.get("warm_start") and self.warm_start_prefix_kl:
-            # A stop decision: the side without the EOS is the shared prefix alone, and its
-            # log-ratio is how far the corner's own text has moved from the reference.
+            # A stop (or line-break) decision: the side without the decision's token is the shared
+            # prefix alone, and its log-ratio is how far the corner's own text has moved from the reference.
             shorter = torch.tensor(
                 [i >= 0 and len(batch["chosen_ids"][i]) < len(batch["rejected_ids"][i]) for i in index.tolist()], device=pc.device
             )

@@ -405,6 +405,15 @@ def test_learn_builds_the_warm_start_batch_and_the_kl_samples():
         assert batch["warm_start"] and "supervised" not in batch
     with pytest.raises(ValueError, match="stop_decisions cuts each pair at the end-of-sequence token; pass eos_id"):
         learn(cfg, learners, [[2, 0, 0]], stops, [pair], 3, stop_decisions=True)
+    # A line-break variant against its sample: cut at the line-break token (9 here), not the EOS.
+    breaks = [[*stops[0], {"token_ids": [5, 6, 9, 7, 8], "text": "x", "finish_reason": "stop", "version": 0, "break_of": 0}]]
+    learn(
+        cfg, learners, [[2, 0, 0]], breaks, [Pair(0, 2, 0, 1.0, 1), Pair(0, 1, 0, 1.0, 0)], 3, stop_decisions=True, eos_id=0, newline_id=9
+    )
+    cut = [(c, r) for b in learners.batches for c, r in zip(b["chosen_ids"], b["rejected_ids"])]
+    assert cut == [([5, 6, 9], [5, 6]), ([5, 6, 0], [5, 6])]
+    with pytest.raises(ValueError, match="a line-break pair is cut at the line-break token; pass newline_id"):
+        learn(cfg, learners, [[2, 0, 0]], breaks, [Pair(0, 2, 0, 1.0, 1)], 3, stop_decisions=True, eos_id=0)
     # Soft labels: each DPO pair (and stop decision) carries sigmoid(scale * gap); labels have none.
     soft = load_config(None, ["algorithm.preference_label_scale=0.5"])
     gapped = [dataclasses.replace(p, gap=g) for p, g in zip(pairs, (2.0, 0.0, 4.0, 1.0))]

@@ -6,7 +6,7 @@ from moalign.pairs import (
     RunningNormalizer,
     check_rewards,
     chosen_probability,
-    cut_to_stop_token,
+    cut_to_decision_token,
     select_pairs,
     select_relabelled_pairs,
     select_stop_decisions,
@@ -251,10 +251,10 @@ def test_stop_decisions_pair_each_prefix_with_its_own_sample():
     assert [(p.prompt, p.chosen, p.rejected, p.objective) for p in selection.pairs] == [(0, 2, 0, 0), (1, 0, 2, 1)]
     assert np.allclose([p.gap for p in selection.pairs], [1.0, 0.9])
     # Cut to the stop token, the pair differs by the end-of-sequence token alone, either way round.
-    assert cut_to_stop_token(group[2]["token_ids"], group[0]["token_ids"], eos) == ([5, 6, 0], [5, 6])
-    assert cut_to_stop_token(group[0]["token_ids"], group[2]["token_ids"], eos) == ([5, 6], [5, 6, 0])
-    with pytest.raises(ValueError, match="not a stop decision"):
-        cut_to_stop_token([5, 6, 7], [5, 6, 8], eos)
+    assert cut_to_decision_token(group[2]["token_ids"], group[0]["token_ids"], eos) == ([5, 6, 0], [5, 6])
+    assert cut_to_decision_token(group[0]["token_ids"], group[2]["token_ids"], eos) == ([5, 6], [5, 6, 0])
+    with pytest.raises(ValueError, match="not a decision on token 0"):
+        cut_to_decision_token([5, 6, 7], [5, 6, 8], eos)
     # Two a line: the next prefix by its gap joins, each against its own sample (under the Detail
     # corner candidate 3 parts from sample 1 by 0.2); a line with fewer differing prefixes gives what it has.
     two = select_stop_decisions(rewards, corners, [group], per_line=2)
@@ -265,3 +265,26 @@ def test_stop_decisions_pair_each_prefix_with_its_own_sample():
     flat = select_stop_decisions(np.ones((1, 5, 2)), corners, [group])
     assert flat.pairs == [] and flat.dropped_ties == 2
     assert select_stop_decisions(rewards[:, :2], corners, [group[:2]]).dropped_ties == 2
+
+
+def test_line_break_decisions_pair_each_variant_with_its_own_sample():
+    nl = 9
+    # Sample 0, a prefix of it, and a variant of it with a new line after its first sentence.
+    group = [_sample([5, 6, 7, 8]), _sample([5, 6, 0], 0), {**_sample([5, 6, nl, 7, 8]), "break_of": 0}]
+    # Objective 0 (a paragraph) prefers the sample to its variant, objective 1 (a line a sentence) the variant.
+    rewards = np.array([[[0.5, 0.2], [0.9, 0.3], [0.1, 0.8]]])
+    corners = [np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])]
+    selection = select_stop_decisions(rewards, corners, [group])
+    # Each corner: its stop decision, then its line-break decision.
+    assert [(p.prompt, p.chosen, p.rejected, p.objective) for p in selection.pairs] == [
+        (0, 1, 0, 0),
+        (0, 0, 2, 0),
+        (1, 1, 0, 1),
+        (1, 2, 0, 1),
+    ]
+    assert np.allclose([p.gap for p in selection.pairs], [0.4, 0.4, 0.1, 0.6])
+    # Cut to the line-break token: the side that starts a new line keeps it, the other the shared prefix.
+    assert cut_to_decision_token(group[2]["token_ids"], group[0]["token_ids"], nl) == ([5, 6, nl], [5, 6])
+    assert cut_to_decision_token(group[0]["token_ids"], group[2]["token_ids"], nl) == ([5, 6], [5, 6, nl])
+    with pytest.raises(ValueError, match="not a decision on token 9"):
+        cut_to_decision_token([5, 6, nl], [5, 6, nl, 4], nl)

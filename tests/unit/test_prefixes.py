@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from moalign.config import ConfigError, load_config
-from moalign.prefixes import sentence_ends, with_sentence_prefixes
+from moalign.prefixes import line_break_share, newline_token, sentence_ends, with_line_break_variants, with_sentence_prefixes
 
 EOS = 0
 
@@ -13,10 +15,19 @@ EOS = 0
 class PieceTokenizer:
     """Token id i is the piece VOCAB[i]; decoding joins pieces (id 0 is the end-of-sequence token)."""
 
-    VOCAB = ["<eos>", "Hi", " there", ".", " It", " rains", "!", " More", " words", " 1", "3", "5", '."', " Yes"]
+    VOCAB = ["<eos>", "Hi", " there", ".", " It", " rains", "!", " More", " words", " 1", "3", "5", '."', " Yes", "\n", "It", "More"]
 
     def decode(self, ids, skip_special_tokens=False):
         return "".join(self.VOCAB[i] for i in ids if not (skip_special_tokens and i == EOS))
+
+    def encode(self, text, add_special_tokens=True):
+        """Greedy longest match over the pieces (no special tokens either way)."""
+        ids = []
+        while text:
+            i = max((i for i, v in enumerate(self.VOCAB) if i and text.startswith(v)), key=lambda i: len(self.VOCAB[i]))
+            ids.append(i)
+            text = text[len(self.VOCAB[i]) :]
+        return ids
 
 
 def sample(ids, finish="stop", version=3):
@@ -103,3 +114,47 @@ def test_line_ends_need_prefixes():
         load_config(None, ["algorithm.prefix_ends=sentences_and_lines"])
     cfg = load_config(None, ["algorithm.sentence_prefixes=4", "algorithm.prefix_ends=sentences_and_lines"])
     assert cfg.algorithm.prefix_ends == "sentences_and_lines"
+
+
+def test_line_break_share_counts_the_breaks_that_start_a_new_line():
+    assert line_break_share("Hi there. It rains! More words.") == 0.0
+    assert line_break_share("Hi there.\nIt rains!\n\nMore words.") == 1.0
+    assert line_break_share("Hi there. It rains!\nMore words.\n") == 0.5
+    # A list item's number is no break; a list is one item a line.
+    assert line_break_share("Pack:\n1. Pack light today\n2. Roll the shirts") == 1.0
+    assert line_break_share("One sentence only.") == 0.0 and line_break_share("") == 0.0
+
+
+def test_line_break_variants_flip_one_break_of_a_sample():
+    tok = PieceTokenizer()
+    assert newline_token(tok) == 14
+    # "Hi there. It rains! More words" (cut off) and "Hi there.\nIt rains!" (ended).
+    groups = [[sample([1, 2, 3, 4, 5, 6, 7, 8], "length"), sample([1, 2, 3, 14, 15, 5, 6, EOS])]]
+    prefixed = with_sentence_prefixes(groups, tok, 1, EOS, seeds=[0])
+    out = with_line_break_variants(prefixed, 2, tok, 5, EOS, seeds=[0])
+    # The candidates so far are kept first; the variants follow, then copies of the samples.
+    assert out[0][:3] == prefixed[0]
+    variants = out[0][3:6]
+    assert [v["token_ids"] for v in variants] == [[1, 2, 3, 14, 15, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 14, 16, 8], [1, 2, 3, 4, 5, 6, EOS]]
+    assert [v["break_of"] for v in variants] == [0, 0, 1]
+    assert variants[0]["text"] == "Hi there.\nIt rains! More words" and variants[2]["text"] == "Hi there. It rains!"
+    # Each keeps its sample's ending and version; only the one break differs.
+    assert [v["finish_reason"] for v in variants] == ["length", "length", "stop"] and {v["version"] for v in variants} == {3}
+    assert out[0][6:] == groups[0] and all("break_of" not in s for s in out[0][6:])
+    # Seeded, and a draw of fewer than there are.
+    one = with_line_break_variants(prefixed, 2, tok, 1, EOS, seeds=[4])
+    assert one == with_line_break_variants(prefixed, 2, tok, 1, EOS, seeds=[4]) and one[0][3] in variants
+    with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
+        with_line_break_variants(prefixed * 2, 2, tok, 1, EOS, seeds=[0])
+
+
+def test_line_break_variants_need_stop_decisions():
+    with pytest.raises(
+        ConfigError, match=r"line_break_variants: 4 pairs line-break decisions in the warm start; it needs algorithm\.warm_start_pairs"
+    ):
+        load_config(None, ["algorithm.line_break_variants=4"])
+    preset = Path(__file__).resolve().parents[2] / "configs" / "steer_layout_cpu.yaml"
+    cfg = load_config(preset, [])
+    assert cfg.algorithm.line_break_variants == 8
+    # Two decisions a prompt and corner: the learner's batch is sized for both.
+    assert cfg.pairs_in_step(True) == 6 * 3 * 2 == load_config(preset, ["algorithm.line_break_variants=0"]).pairs_in_step(True) * 2

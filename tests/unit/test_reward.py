@@ -105,6 +105,27 @@ def test_length_peaks_at_its_target_and_two_targets_make_a_dial():
     assert looped[0, 0] < 0.5, "a loop of about the target's length does not score"
 
 
+def test_line_breaks_and_prose_lengths_trade_off():
+    """`line_breaks` scores an answer laid out a sentence a line over the same answer as a
+    paragraph; a `prose` length objective scores them the other way round, and without `prose`
+    alike."""
+    sentences = ["Pack the heavy shoes first.", "Roll every shirt tightly.", "Put the small things in the gaps."]
+    paragraph, lined, half = " ".join(sentences), "\n".join(sentences), sentences[0] + " " + sentences[1] + "\n" + sentences[2]
+    objs = [
+        ObjectiveConfig(name="Layout", source="line_breaks"),
+        ObjectiveConfig(name="Paragraph", source="length", target_words=16, prose=True),
+        ObjectiveConfig(name="Length", source="length", target_words=16),
+    ]
+    r = RewardScorer(objs).score(["How do I pack a suitcase?"] * 3, [paragraph, lined, half])
+    assert list(r[:, 0]) == pytest.approx([0.0, 1.0, 0.5])
+    assert r[0, 1] == pytest.approx(r[0, 2]) and r[1, 1] == 0.0 and r[2, 1] == pytest.approx(r[2, 2] / 2)
+    assert r[0, 2] == pytest.approx(r[1, 2]) == pytest.approx(r[2, 2]) and r[0, 2] > 0.9
+    # One sentence has no break to lay out.
+    assert RewardScorer(objs[:1]).score(["How do I pack a suitcase?"], [sentences[0]])[0, 0] == 0.0
+    with pytest.raises(ValueError, match="`prose` is a length objective's; source 'line_breaks' has none"):
+        ObjectiveConfig(name="Layout", source="line_breaks", prose=True)
+
+
 def test_closing_positivity_reads_the_last_sentence_not_the_length():
     """`closing_positivity` scores how warmly an answer closes: a warm last sentence beats a cold
     one after the same opening, and neutral sentences before the close leave it as it was; the
