@@ -63,6 +63,10 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
         raise ConfigError(
             f"algorithm.sentence_prefixes: the tokenizer of {model_path} names no end-of-sequence token to close a prefix with"
         )
+    try:
+        newline_id = newline_token(tokenizer) if cfg.algorithm.line_break_variants else None
+    except ValueError as e:
+        raise ConfigError(f"algorithm.line_break_variants: the tokenizer of {model_path}: {e}") from e
     prompts = load_fitted_prompts(cfg, cfg.data.train_path, tokenizer, run_dir / "data_report.json")
     prompts_sha256 = file_sha256(cfg.data.train_path)
     saved = read_state(resume_from) if resume_from is not None else None
@@ -118,9 +122,15 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                         )
                     # ... and, with `algorithm.line_break_variants`, samples with one break flipped
                     # between the same line and a new one (only the warm start trains on them).
-                    if cfg.algorithm.line_break_variants and step <= cfg.algorithm.warm_start_steps:
+                    if newline_id is not None and step <= cfg.algorithm.warm_start_steps:
                         candidates = with_line_break_variants(
-                            candidates, len(samples[0]), tokenizer, cfg.algorithm.line_break_variants, tokenizer.eos_token_id, seeds
+                            candidates,
+                            len(samples[0]),
+                            tokenizer,
+                            cfg.algorithm.line_break_variants,
+                            tokenizer.eos_token_id,
+                            newline_id,
+                            seeds,
                         )
                     raw = score(names, scorers, [p.prompt for p in batch], candidates, len(candidates[0]), step)
                     normalized = normalized_rewards(raw, cfg.algorithm.reward_normalization, state.normalizer)
@@ -167,7 +177,7 @@ def run(cfg: RunConfig, ray_address: str | None = None) -> dict[str, Any]:
                         kl_probes(cfg, rollout),
                         stop_decisions,
                         tokenizer.eos_token_id,
-                        newline_token(tokenizer) if cfg.algorithm.line_break_variants else None,
+                        newline_id,
                     )
                     timings["time/learn_s"] = time.perf_counter() - t
 

@@ -16,12 +16,14 @@ every other token), so a line can learn to stop early without drifting from what
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from moalign.actor_io import Sample
+
+T = TypeVar("T")
 
 _ENDS = (".", "!", "?")
 _CLOSERS = "\"')]*"
@@ -72,22 +74,36 @@ def with_sentence_prefixes(
     for group, seed in zip(samples, seeds):
         found = []
         for k, s in enumerate(group):
-            ids = list(s["token_ids"])
-            if ids and ids[-1] == eos_id:
-                ids = ids[:-1]
-            pieces = [tokenizer.decode([t]) for t in ids]
+            ids, pieces, _ = _body(s, tokenizer, eos_id)
             # sentence_ends leaves out the last piece, so every prefix's sample went on past it.
             found += [(k, s, ids[: i + 1]) for i in sentence_ends(pieces, lines)]
-        rng = np.random.default_rng(seed)
-        picked = rng.choice(len(found), size=min(count, len(found)), replace=False) if found else []
-        extra: list[Sample] = []
-        for j in sorted(int(j) for j in picked):
-            k, s, ids = found[j]
+
+        def prefix(found_one: tuple[int, Sample, list[int]]) -> Sample:
+            k, s, ids = found_one
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            extra.append({"token_ids": [*ids, eos_id], "text": text, "finish_reason": "stop", "version": s["version"], "prefix_of": k})
-        extra += [dict(group[j % len(group)]) for j in range(count - len(extra))]
-        out.append([*group, *extra])
+            return {"token_ids": [*ids, eos_id], "text": text, "finish_reason": "stop", "version": s["version"], "prefix_of": k}
+
+        out.append([*group, *_drawn(found, count, np.random.default_rng(seed), prefix, group)])
     return out
+
+
+def _body(sample: Sample, tokenizer: Any, eos_id: int) -> tuple[list[int], list[str], bool]:
+    """A sample's token ids without a closing `eos_id`, each token decoded alone, and whether it had one."""
+    ids = list(sample["token_ids"])
+    ended = bool(ids) and ids[-1] == eos_id
+    body = ids[:-1] if ended else ids
+    return body, [tokenizer.decode([t]) for t in body], ended
+
+
+def _drawn(
+    found: Sequence[T], count: int, rng: np.random.Generator, make: Callable[[T], Sample], samples: Sequence[Sample]
+) -> list[Sample]:
+    """`count` of `found` drawn without repeats, in their order, each made a candidate by `make`;
+    fewer than `count` are topped up with copies of `samples`, which add no pair of their own (a
+    copy ties with its original, which ranks first)."""
+    picked = rng.choice(len(found), size=min(count, len(found)), replace=False) if found else []
+    drawn = [make(found[j]) for j in sorted(int(j) for j in picked)]
+    return drawn + [dict(samples[j % len(samples)]) for j in range(count - len(drawn))]
 
 
 def closing_sentence(text: str) -> str:
@@ -119,42 +135,35 @@ def newline_token(tokenizer: Any) -> int:
 
 
 def with_line_break_variants(
-    candidates: list[list[Sample]], samples_per_prompt: int, tokenizer: Any, count: int, eos_id: int, seeds: Sequence[int]
+    candidates: list[list[Sample]], samples_per_prompt: int, tokenizer: Any, count: int, eos_id: int, newline_id: int, seeds: Sequence[int]
 ) -> list[list[Sample]]:
     """Each prompt's candidates followed by `count` variants of its samples (the first
     `samples_per_prompt`), each the sample with one sentence end's break flipped: a new line
-    where it went on in the same line, the same line where it started a new one. Drawn at random
-    (`seeds`), marked with the sample they flip (`break_of`), and topped up with copies of the
-    samples as `with_sentence_prefixes` does.
+    (`newline_id`, `newline_token`) where it went on in the same line, the same line where it
+    started a new one. Drawn at random (`seeds`), marked with the sample they flip (`break_of`),
+    and topped up with copies of the samples as `with_sentence_prefixes` is.
 
     The variant is the policy's own text with one break changed, so against its sample it trains
     one decision, the line-break token after that sentence end, as a prefix trains the decision
     to stop (`moalign.pairs.cut_to_decision_token`)."""
     if len(seeds) != len(candidates):
         raise ValueError(f"{len(seeds)} seeds for {len(candidates)} prompts")
-    newline = newline_token(tokenizer)
     out = []
     for group, seed in zip(candidates, seeds):
+        samples = group[:samples_per_prompt]
         found: list[Sample] = []
-        for k, s in enumerate(group[:samples_per_prompt]):
-            ids = list(s["token_ids"])
-            ended = bool(ids) and ids[-1] == eos_id
-            body = ids[:-1] if ended else ids
-            pieces = [tokenizer.decode([t]) for t in body]
+        for k, s in enumerate(samples):
+            body, pieces, ended = _body(s, tokenizer, eos_id)
             for i in sentence_ends(pieces):
                 rest = tokenizer.decode(body[i + 1 :], skip_special_tokens=True)
-                flipped = (" " if body[i + 1] == newline else "\n") + rest.lstrip()
+                flipped = (" " if body[i + 1] == newline_id else "\n") + rest.lstrip()
                 variant = [*body[: i + 1], *tokenizer.encode(flipped, add_special_tokens=False), *([eos_id] if ended else [])]
                 # Where the tokenizer merges the break into the next word differently, the two
                 # would not part at a line-break token; such a place is left out.
-                if len(variant) > i + 1 and (variant[i + 1] == newline) != (body[i + 1] == newline):
+                if len(variant) > i + 1 and (variant[i + 1] == newline_id) != (body[i + 1] == newline_id):
                     text = tokenizer.decode(variant, skip_special_tokens=True)
                     found.append(
                         {"token_ids": variant, "text": text, "finish_reason": s["finish_reason"], "version": s["version"], "break_of": k}
                     )
-        rng = np.random.default_rng([seed, 1])
-        picked = rng.choice(len(found), size=min(count, len(found)), replace=False) if found else []
-        extra: list[Sample] = [found[j] for j in sorted(int(j) for j in picked)]
-        extra += [dict(group[j % samples_per_prompt]) for j in range(count - len(extra))]
-        out.append([*group, *extra])
+        out.append([*group, *_drawn(found, count, np.random.default_rng([seed, 1]), lambda v: v, samples)])
     return out

@@ -444,6 +444,20 @@ def test_sentence_prefixes_need_an_eos_token_before_any_actor_starts(monkeypatch
     # Without prefixes the same tokenizer passes the check.
     with pytest.raises(AssertionError, match="reached past the check"):
         orchestrator.run(load_config(None, []))
+    # Line-break decisions need a line break that is one token: checked there too.
+
+    class TwoTokenBreak:
+        eos_token_id = 0
+
+        def encode(self, text, add_special_tokens=True):
+            return [5, 6]
+
+    monkeypatch.setattr(orchestrator, "open_run", lambda cfg, address: (tmp_path, None, "the/model", TwoTokenBreak()))
+    stops = ["steps=2", "algorithm.warm_start_steps=2", "algorithm.warm_start_pairs=stop_decisions", "algorithm.sentence_prefixes=2"]
+    with pytest.raises(ConfigError, match=r"algorithm.line_break_variants: the tokenizer of the/model: a line break encodes as 2 tokens"):
+        orchestrator.run(load_config(None, [*stops, "algorithm.line_break_variants=2"]))
+    with pytest.raises(AssertionError, match="reached past the check"):
+        orchestrator.run(load_config(None, stops))
 
 
 def test_training_lines_number_the_prompts_of_each_kind_of_step():

@@ -131,7 +131,7 @@ def test_line_break_variants_flip_one_break_of_a_sample():
     # "Hi there. It rains! More words" (cut off) and "Hi there.\nIt rains!" (ended).
     groups = [[sample([1, 2, 3, 4, 5, 6, 7, 8], "length"), sample([1, 2, 3, 14, 15, 5, 6, EOS])]]
     prefixed = with_sentence_prefixes(groups, tok, 1, EOS, seeds=[0])
-    out = with_line_break_variants(prefixed, 2, tok, 5, EOS, seeds=[0])
+    out = with_line_break_variants(prefixed, 2, tok, 5, EOS, 14, seeds=[0])
     # The candidates so far are kept first; the variants follow, then copies of the samples.
     assert out[0][:3] == prefixed[0]
     variants = out[0][3:6]
@@ -142,10 +142,10 @@ def test_line_break_variants_flip_one_break_of_a_sample():
     assert [v["finish_reason"] for v in variants] == ["length", "length", "stop"] and {v["version"] for v in variants} == {3}
     assert out[0][6:] == groups[0] and all("break_of" not in s for s in out[0][6:])
     # Seeded, and a draw of fewer than there are.
-    one = with_line_break_variants(prefixed, 2, tok, 1, EOS, seeds=[4])
-    assert one == with_line_break_variants(prefixed, 2, tok, 1, EOS, seeds=[4]) and one[0][3] in variants
+    one = with_line_break_variants(prefixed, 2, tok, 1, EOS, 14, seeds=[4])
+    assert one == with_line_break_variants(prefixed, 2, tok, 1, EOS, 14, seeds=[4]) and one[0][3] in variants
     with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
-        with_line_break_variants(prefixed * 2, 2, tok, 1, EOS, seeds=[0])
+        with_line_break_variants(prefixed * 2, 2, tok, 1, EOS, 14, seeds=[0])
 
 
 def test_line_break_variants_need_stop_decisions():
