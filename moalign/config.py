@@ -900,6 +900,27 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error: the
+    plain loader keeps the last silently, so a preset that sets `algorithm:` twice loses the
+    first section's settings without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            # `<<` merge keys may repeat and may be overridden; PyYAML resolves those itself.
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} on line {line} is already set on line {seen[key]}", key_node.start_mark
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_preset(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML preset as a mapping. A preset may start from another: `base: other.yaml` (a path
     relative to the preset) reads that one first and lays this one's keys over it, section by
@@ -911,7 +932,7 @@ def read_preset(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, An
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot read: {exc}") from exc
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: safe
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
     if loaded is not None and not isinstance(loaded, dict):

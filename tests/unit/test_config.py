@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moalign.config import ConfigError, RunConfig, ServeConfig, load_config, parse_config, save_resolved
+from moalign.config import ConfigError, RunConfig, ServeConfig, load_config, parse_config, read_preset, save_resolved
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "configs").glob("*.yaml"))
@@ -46,6 +46,20 @@ def test_a_preset_over_its_base(tmp_path):
     (tmp_path / "odd.yaml").write_text("base: [a.yaml]\n")
     with pytest.raises(ConfigError, match="odd.yaml.*`base` must be a preset's path"):
         load_config(tmp_path / "odd.yaml")
+
+
+def test_a_key_set_twice_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys silently; a preset that sets a section twice would
+    lose the first one's settings, so it is an error naming the file, the key and both lines.
+    YAML merge keys (`<<`) still work, and may be overridden."""
+    (tmp_path / "twice.yaml").write_text("steps: 7\nalgorithm: {beta: 0.5}\nrollout: {temperature: 0.5}\nalgorithm: {lr: 1.0e-4}\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml.*'algorithm' on line 4 is already set on line 2"):
+        load_config(tmp_path / "twice.yaml")
+    (tmp_path / "nested.yaml").write_text("rollout:\n  temperature: 0.5\n  temperature: 0.9\n")
+    with pytest.raises(ConfigError, match=r"'temperature' on line 3 is already set on line 2"):
+        load_config(tmp_path / "nested.yaml")
+    (tmp_path / "merge.yaml").write_text("x: &r {temperature: 0.5, prompts_per_step: 6}\nrollout: {<<: *r, temperature: 0.9}\n")
+    assert read_preset(tmp_path / "merge.yaml")["rollout"] == {"temperature": 0.9, "prompts_per_step": 6}
 
 
 def test_defaults_are_valid():
