@@ -16,7 +16,9 @@ Three sets:
 - `independent third`: the two length targets, and a third objective the length does not touch
   (Warmth), whose corner answers at the base's length (35 words);
 - `two axes`: the two length targets scored as paragraphs (`prose`: times one minus the layout
-  share) and Layout (`line_breaks`), whose corner answers at 30 words.
+  share) and Layout (`line_breaks`), whose corner answers at 30 words;
+- `two axes, Detail prose`: as `two axes`, but only Detail scored as a paragraph, so that one
+  corner trains the line break down and one up (Conciseness is indifferent to it).
 
 For each: the mean Spearman per objective and the share of draws in which all three reach 0.8.
 """
@@ -55,8 +57,9 @@ def rewards(kind: str, weights: np.ndarray, rng: np.random.Generator, sd: float)
         words = np.clip(rng.normal(w @ np.array([12.0, 48.0, third_words]), sd, ANSWERS), 1, 64)
         # The third objective's behaviour (warmth or layout) from the base's level to 1 at its corner.
         share = rng.binomial(BREAKS, BASE_SHARE + w[2] * (1 - BASE_SHARE), ANSWERS) / BREAKS
-        prose = 1.0 - share if kind == "two axes" else 1.0
-        rows.append([(quadratic(words, 12, 36) * prose).mean(), (quadratic(words, 48, 36) * prose).mean(), share.mean()])
+        prose = 1.0 - share if kind.startswith("two axes") else 1.0
+        short_prose = prose if kind == "two axes" else 1.0
+        rows.append([(quadratic(words, 12, 36) * short_prose).mean(), (quadratic(words, 48, 36) * prose).mean(), share.mean()])
     return np.array(rows)
 
 
@@ -69,11 +72,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     weights = eval_weights(3, 3, 1)
     rng = np.random.default_rng(args.seed)
-    log.info("%-18s %28s  %s", "set", "mean Spearman per objective", "all three >= 0.8")
-    for kind in ("one axis", "independent third", "two axes"):
+    log.info("%-24s %28s  %s", "set", "mean Spearman per objective", "all three >= 0.8")
+    for kind in ("one axis", "independent third", "two axes", "two axes, Detail prose"):
         spearman = np.array([steerability(weights, rewards(kind, weights, rng, args.sd))["per_objective"] for _ in range(args.draws)])
         mean = " / ".join(f"{v:+.2f}" for v in spearman.mean(axis=0))
-        log.info("%-18s %28s  %5.1f %%", kind, mean, 100 * float((spearman.min(axis=1) >= 0.8).mean()))
+        log.info("%-24s %28s  %5.1f %%", kind, mean, 100 * float((spearman.min(axis=1) >= 0.8).mean()))
 
 
 if __name__ == "__main__":
