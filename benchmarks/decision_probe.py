@@ -1,12 +1,13 @@
 """How far the weights move each decision the warm start trains, read from the policy's log-probs.
 
-    python -m benchmarks.decision_probe --run runs/t3 [--answers 48]
+    python -m benchmarks.decision_probe --run runs/t3 [--model runs/t3/export/step_30] [--answers 48]
 
 The sampled evaluation says whether the answers differ between weight vectors; this says, more
 finely, whether the two decisions the warm start trains (`algorithm.warm_start_pairs:
 stop_decisions` and `algorithm.line_break_variants`) depend on the weights at all. At each
 sentence end (`moalign.prefixes.sentence_ends`) of the base model's first ANSWERS held-out answers
-(RUN/eval/base/samples.jsonl, the first weight vector's), the exported policy (RUN/final) and the
+(RUN/eval/base/samples.jsonl, the first weight vector's), the exported policy (RUN/final, or a
+checkpoint's export by `make export`, `--model`) and the
 reference (RUN/base_model) give, under each corner's conditioning, the probability of the next
 token being the end of the sequence (stop) and the line-break token (a new line). The text is
 fixed, so a difference between corners is the control tokens' doing alone.
@@ -58,22 +59,31 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, type=Path)
+    ap.add_argument("--model", type=Path, help="the exported policy to probe (default RUN/final)")
+    ap.add_argument(
+        "--base-answers",
+        type=Path,
+        help="the base answers to probe (default RUN/eval/base/samples.jsonl; another run's, for a run without a base evaluation)",
+    )
     ap.add_argument("--answers", type=int, default=48, help="base answers whose sentence ends are probed (default 48)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    samples = args.run / "eval" / "base" / "samples.jsonl"
-    for need in (samples, args.run / "final", args.run / "base_model", args.run / "config.yaml"):
+    samples = args.base_answers or args.run / "eval" / "base" / "samples.jsonl"
+    policy = args.model or args.run / "final"
+    for need in (samples, policy, args.run / "base_model", args.run / "config.yaml"):
         if not need.exists():
-            raise SystemExit(f"decision_probe: {need} does not exist (a run with its base evaluation and final export)")
+            raise SystemExit(
+                f"decision_probe: {need} does not exist (a run with its base evaluation and final export, or --base-answers and --model)"
+            )
     cfg = load_config(args.run / "config.yaml")
     names = cfg.objective_names
-    tokenizer = AutoTokenizer.from_pretrained(args.run / "final")
-    manifest = read_manifest(args.run / "final")
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    manifest = read_manifest(policy)
     vocab = manifest.sampled_vocab if manifest is not None else None
     models = {
         "reference": AutoModelForCausalLM.from_pretrained(args.run / "base_model", dtype=torch.float32).eval(),
-        "policy": AutoModelForCausalLM.from_pretrained(args.run / "final", dtype=torch.float32).eval(),
+        "policy": AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval(),
     }
     decisions = {"stop": tokenizer.eos_token_id, "new line": newline_token(tokenizer)}
     corners = [w[0] for w in corner_weights(len(names), 1)]
@@ -100,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     n_sites = len(odds["policy"]["stop"][0])
     if n_sites < 2:
         raise SystemExit(f"decision_probe: {n_sites} sentence ends in {len(answers)} answers; too few to compare")
-    log.info("%d sentence ends in %d base answers of %s", n_sites, len(answers), args.run)
+    log.info("%s: %d sentence ends in %d base answers of %s", policy, n_sites, len(answers), args.run)
 
     def mean_p(values: list[float]) -> float:
         return float(np.mean(1 / (1 + np.exp(-np.asarray(values)))))
