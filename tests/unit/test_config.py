@@ -60,6 +60,9 @@ def test_a_key_set_twice_is_an_error(tmp_path):
         load_config(tmp_path / "nested.yaml")
     (tmp_path / "merge.yaml").write_text("x: &r {temperature: 0.5, prompts_per_step: 6}\nrollout: {<<: *r, temperature: 0.9}\n")
     assert read_preset(tmp_path / "merge.yaml")["rollout"] == {"temperature": 0.9, "prompts_per_step": 6}
+    (tmp_path / "listkey.yaml").write_text("? [1, 2]\n: x\n")
+    with pytest.raises(ConfigError, match=r"(?s)listkey.yaml: not valid YAML.*found unhashable key"):
+        load_config(tmp_path / "listkey.yaml")
 
 
 def test_defaults_are_valid():
