@@ -52,7 +52,11 @@ NAMES = ("Early", "Late")
 # The presets' weight signal: its run also evaluates every 10 steps, for the learning curve; the
 # other styles only before step 1 and after the last (each evaluation is time the suite waits).
 CURVE_STYLE = "control_tokens_system"
-CURVE_EVERY = 10
+
+
+def eval_every(style):
+    """Steps between the evaluations of a style's run."""
+    return 10 if style == CURVE_STYLE else STEPS
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +89,7 @@ def pathway_config(model, run_dir, style):
             f"steps={STEPS}",
             f"checkpoint.every_steps={STEPS}",
             "eval.at_start_and_end=true",
-            f"eval.every_steps={CURVE_EVERY if style == CURVE_STYLE else STEPS}",
+            f"eval.every_steps={eval_every(style)}",
             "eval.during_training_prompts=16",
             "ray_timeout_s=300",
             "logging.progress_bar=false",
@@ -165,9 +169,8 @@ def test_a_trained_toy_policy_follows_its_weights(trained, style):
     # Shown with `-o log_cli=true --log-cli-level=INFO`: the numbers a refactor must leave unchanged, to the digit.
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     log.info("learning curve (%s):\n%s\nlosses by step: %s", style, curve, losses)
-    every = CURVE_EVERY if style == CURVE_STYLE else STEPS
     rows = [line.split("|")[1].strip() for line in curve.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert rows == [str(s) for s in range(0, STEPS + 1, every)]
+    assert rows == [str(step) for step in range(0, STEPS + 1, eval_every(style))]
     assert (run_dir / "eval" / "learning_curve.png").stat().st_size > 0
 
 
