@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.policy_and_reference import PolicyAndReference
-from moalign.conditioning import corner_weights
+from moalign.conditioning import corner_weights, render_conditioned
+from moalign.config import load_config
+from moalign.control_tokens import read_manifest
 from moalign.prefixes import newline_token, sentence_ends
 
 log = logging.getLogger("decision_probe")
@@ -54,6 +55,8 @@ def separation(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, type=Path)
     ap.add_argument("--model", type=Path, help="the exported policy to probe (default RUN/final)")
@@ -73,8 +76,15 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(
                 f"decision_probe: {need} does not exist (a run with its base evaluation and final export, or --base-answers and --model)"
             )
-    pair = PolicyAndReference.load(args.run, policy)
-    names, tokenizer, models = pair.cfg.objective_names, pair.tokenizer, ("reference", "policy")
+    cfg = load_config(args.run / "config.yaml")
+    names = cfg.objective_names
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    manifest = read_manifest(policy)
+    vocab = manifest.sampled_vocab if manifest is not None else None
+    models = {
+        "reference": AutoModelForCausalLM.from_pretrained(args.run / "base_model", dtype=torch.float32).eval(),
+        "policy": AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval(),
+    }
     decisions = {"stop": tokenizer.eos_token_id, "new line": newline_token(tokenizer)}
     corners = [w[0] for w in corner_weights(len(names), 1)]
 
@@ -89,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         if not sites:
             continue
         for c, weights in enumerate(corners):
-            prompt = pair.prompt(row["prompt"], weights)
-            for m in models:
-                # Row i predicts the token after completion token i.
-                logps = pair.logps(m, prompt, completion)[1:]
+            prompt = render_conditioned(tokenizer, row["prompt"], names, weights, cfg.conditioning, cfg.model.max_prompt_tokens)
+            ids = torch.tensor([prompt + completion])
+            for m, model in models.items():
+                with torch.no_grad():
+                    # Row i predicts the token after completion token i.
+                    logps = model(ids).logits[0, len(prompt) :, :vocab].float().log_softmax(-1)
                 for d, token in decisions.items():
                     odds[m][d][c].extend(decision_logodds(logps, sites, token))
     n_sites = len(odds["policy"]["stop"][0])

@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.policy_and_reference import PolicyAndReference
+from moalign.conditioning import render_conditioned
+from moalign.config import load_config
+from moalign.control_tokens import read_manifest
 
 log = logging.getLogger("kl_parts")
 
@@ -50,6 +52,8 @@ def kl_parts(policy_logps: torch.Tensor, reference_logps: torch.Tensor, tokens: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, type=Path)
     ap.add_argument("--step", required=True, type=int, help="the evaluated step whose answers are split")
@@ -61,8 +65,13 @@ def main(argv: list[str] | None = None) -> int:
     for need in (samples, args.run / "final", args.run / "base_model", args.run / "config.yaml"):
         if not need.exists():
             raise SystemExit(f"kl_parts: {need} does not exist (train the run and `make eval RUN={args.run} STEP={args.step}` first)")
-    pair = PolicyAndReference.load(args.run, args.run / "final")
-    eos = pair.tokenizer.eos_token_id
+    cfg = load_config(args.run / "config.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(args.run / "final")
+    manifest = read_manifest(args.run / "final")
+    vocab = manifest.sampled_vocab if manifest is not None else None
+    policy = AutoModelForCausalLM.from_pretrained(args.run / "final", dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(args.run / "base_model", dtype=torch.float32).eval()
+    eos = tokenizer.eos_token_id
 
     by_weights: dict[tuple[float, ...], list[dict]] = {}
     for line in samples.read_text().splitlines():
@@ -72,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     for weights, rows in sorted(by_weights.items()):
         parts = []
         for row in rows[: args.answers]:
-            prompt = pair.prompt(row["prompt"], row["weights"])
-            completion = pair.tokenizer(row["text"], add_special_tokens=False)["input_ids"]
-            completion += [eos] if row["finish_reason"] == "stop" else []
-            lp, lr = (pair.logps(m, prompt, completion)[:-1] for m in ("policy", "reference"))
+            prompt = render_conditioned(
+                tokenizer, row["prompt"], cfg.objective_names, row["weights"], cfg.conditioning, cfg.model.max_prompt_tokens
+            )
+            completion = tokenizer(row["text"], add_special_tokens=False)["input_ids"] + ([eos] if row["finish_reason"] == "stop" else [])
+            ids = torch.tensor([prompt + completion])
+            with torch.no_grad():
+                lp, lr = (m(ids).logits[0, len(prompt) - 1 : -1, :vocab].float().log_softmax(-1) for m in (policy, reference))
             # An evaluation run without its KL (the base model's) leaves that column empty.
             evaluated = float("nan") if row.get("kl") is None else row["kl"]
             parts.append((evaluated, *kl_parts(lp, lr, torch.tensor(completion), eos)))
